@@ -1,0 +1,181 @@
+"""One Llama-style decoder for every phase: dense (n_experts=0) or mixture-of-experts (n_experts>0).
+
+    model = build_model(ModelConfig(dim=256, n_layers=4, n_heads=4))
+    logits = model(tokens)                          # (B, T, vocab_size)
+    out = model(tokens, return_details=True)        # + hidden states and router logits per layer
+
+Pre-norm blocks: RMSNorm -> causal self-attention (RoPE in Hugging Face Llama's rotate-half convention,
+scaled_dot_product_attention) -> residual; RMSNorm -> SwiGLU or MoE FFN -> residual. Final RMSNorm, LM head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from config import ModelConfig
+from models.moe import MoEFeedForward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in at least fp32 (bf16 under autocast loses too much), as HF Llama does.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (max_seq_len, head_dim) in HF Llama's layout: frequencies repeated over both halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x (B, H, T, hd); pairs are (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, T, hd) and keys/values expanded to H heads, RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # query head i reads kv head i // group
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return q, k, v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def attention_probs(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Explicit causal softmax(q k^T / sqrt(hd)), (B, H, T, T): the reference the RoPE check reads."""
+        q, k, _ = self.qkv(x, cos, sin)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.is_moe:
+            self.ffn = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.top_k)
+        else:
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def attention_residual(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The residual stream after the attention half of the block (the FFN's upstream state)."""
+        return x + self.attention(self.attention_norm(x), cos, sin)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None]:
+        h = self.attention_residual(x, cos, sin)
+        ffn_out, router_logits = self.ffn(self.ffn_norm(h))
+        return h + ffn_out, router_logits
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    hidden_states: list[Tensor] = field(default_factory=list)  # embedding output, then each block's output
+    router_logits: list[Tensor] = field(default_factory=list)  # one (B*T, E) per MoE block
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, tokens: Tensor, return_details: bool = False) -> Tensor | ModelOutput:
+        """tokens (B, T) int64 -> logits (B, T, V), or a ModelOutput with per-layer states when asked."""
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.embed(tokens)
+        hidden_states, router_logits = [x], []
+        for block in self.blocks:
+            x, logits = block(x, self.rope_cos, self.rope_sin)
+            hidden_states.append(x)
+            if logits is not None:
+                router_logits.append(logits)
+        logits = self.lm_head(self.norm(x))
+        if not return_details:
+            return logits
+        return ModelOutput(logits, hidden_states, router_logits)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Unique parameters; with active=True, those one token uses (top_k of n_experts experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        cfg = self.config
+        if active and cfg.is_moe:
+            per_expert = 3 * cfg.dim * cfg.ffn_dim
+            total -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
+        return total
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """The one constructor for every phase."""
+    return Transformer(cfg)

@@ -1,0 +1,79 @@
+"""Mixture-of-experts FFN: softmax router -> top-k -> renormalise (Mixtral), dropless, grouped by expert.
+
+With identical experts the output equals the dense FFN's exactly, because the kept weights sum to 1.
+The training losses (Switch balance loss, router z-loss) are computed from the router logits the layer
+returns, outside the layer, as Mixtral does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Combine weights (N, k), renormalised to sum to 1, and chosen expert ids (N, k)."""
+    probs = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)).softmax(dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def expert_load(router_logits: Tensor, top_k: int) -> Tensor:
+    """Tokens routed to each expert, (E,) int64."""
+    _, experts = route(router_logits, top_k)
+    return torch.bincount(experts.flatten(), minlength=router_logits.shape[-1])
+
+
+def load_balancing_loss(router_logits: Tensor, top_k: int) -> Tensor:
+    """Switch balance loss E * sum_i f_i * P_i, normalised so perfect balance reads 1.0 (Megatron's scale)."""
+    n_experts = router_logits.shape[-1]
+    probs = router_logits.float().softmax(dim=-1)
+    frac_assigned = expert_load(router_logits, top_k).float() / (router_logits.shape[0] * top_k)
+    return n_experts * (frac_assigned * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(router_logits: Tensor) -> Tensor:
+    """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE)."""
+    return router_logits.float().logsumexp(dim=-1).square().mean()
+
+
+def load_entropy(counts: Tensor) -> float:
+    """Entropy of the per-expert load divided by ln(E): 1.0 is perfectly balanced, 0 all on one expert."""
+    p = counts.double() / counts.sum().clamp(min=1)
+    h = -(p * p.clamp(min=1e-300).log()).sum().item()
+    return h / math.log(len(counts)) if len(counts) > 1 else 1.0
+
+
+class MoEFeedForward(nn.Module):
+    """n_experts SwiGLU experts stored as stacked tensors; tokens are sorted by expert, one matmul group each."""
+
+    def __init__(self, dim: int, ffn_dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        # (E, out, in) like nn.Linear weights, so every expert is an ordinary SwiGLU.
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, ffn_dim))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> output (B, T, D) and router logits (B*T, E)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        router_logits = self.router(x)  # (N, E)
+        weights, experts = route(router_logits, self.top_k)  # (N, k)
+        flat_experts = experts.flatten()  # (N*k,)
+        order = flat_experts.argsort(stable=True)
+        token_of = order // self.top_k  # token index of each sorted assignment
+        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()
+        x_sorted = x[token_of]  # (N*k, D), grouped by expert
+        outs = []
+        for e, segment in enumerate(x_sorted.split(counts)):
+            if segment.shape[0]:
+                h = F.silu(segment @ self.gate_proj[e].t()) * (segment @ self.up_proj[e].t())
+                outs.append(h @ self.down_proj[e].t())
+        y_sorted = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        y = torch.zeros_like(x).index_add_(0, token_of, y_sorted)
+        return y.reshape(shape), router_logits
