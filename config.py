@@ -102,3 +102,48 @@ class GrowthConfig:
 
 def config_to_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def _convert(raw: str, current, name: str):
+    """Parse raw to the type of the field's current value (nanoGPT's rule: no type changes)."""
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}={raw}: expected true or false")
+    for typ in (int, float):
+        if isinstance(current, typ):
+            try:
+                return typ(raw)
+            except ValueError:
+                raise ConfigError(f"--{name}={raw}: expected {'an integer' if typ is int else 'a number'}") from None
+    if current is None and raw.lower() in ("none", "null"):
+        return None
+    if current is None:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--{name}={raw}: expected an integer or none") from None
+    return raw
+
+
+def apply_overrides(args: list[str], *configs):
+    """Apply `--name=value` arguments to whichever config has that field; return new, validated configs.
+
+    An unknown name, a malformed value or a value the config rejects raises ConfigError before any work.
+    """
+    from dataclasses import replace
+
+    updates: list[dict] = [{} for _ in configs]
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{arg!r}: overrides are written --name=value")
+        name, raw = arg[2:].split("=", 1)
+        owners = [i for i, c in enumerate(configs) if name in {f.name for f in fields(c)}]
+        if not owners:
+            known = sorted({f.name for c in configs for f in fields(c)})
+            raise ConfigError(f"unknown setting --{name}; known: {', '.join(known)}")
+        for i in owners:
+            updates[i][name] = _convert(raw, getattr(configs[i], name), name)
+    return tuple(replace(c, **u) if u else c for c, u in zip(configs, updates))

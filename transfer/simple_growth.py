@@ -105,12 +105,18 @@ def dense_to_moe(
     top_k: int = 2,
     seed: int = 0,
     router_init_std: float = 0.02,
+    calibration_tokens: Tensor | None = None,
 ) -> nn.Module:
     """Sparse upcycling: every expert a copy of the dense FFN, router N(0, router_init_std^2).
 
     The output equals the dense model's: identical experts and combine weights that sum to 1. The LM loss
     gives the router no gradient while the experts are identical; the balance and z losses move it from the
     first step, and the experts drift apart because each is trained on the tokens routed to it.
+
+    A trained model's normalised hidden states share a large mean direction, so a plain random router sends
+    nearly every token to the same top-k experts. Given calibration_tokens (B, T), each router's rows are
+    made orthogonal to its layer's mean input on that batch: routing then follows what differs between
+    tokens and starts balanced. Any router is function-preserving here, since the experts are identical.
     """
     old_cfg = dense_model.config
     if old_cfg.is_moe:
@@ -129,7 +135,26 @@ def dense_to_moe(
         router = torch.randn(n_experts, new_cfg.dim, generator=gen, dtype=torch.float64) * router_init_std
         state[f"blocks.{i}.ffn.router.weight"] = router.to(next(dense_model.parameters()))
     new_model.load_state_dict(state, strict=True)
+    if calibration_tokens is not None:
+        _center_routers(new_model, calibration_tokens)
     return new_model
+
+
+@torch.no_grad()
+def _center_routers(model: nn.Module, tokens: Tensor, layers: list[int] | None = None) -> None:
+    """Remove from the routers' rows (of `layers`, default all) the component along their mean input on `tokens`.
+
+    Only valid where the router cannot change the function: identical experts, or an identity block.
+    """
+    hidden = model(tokens.to(model.embed.weight.device), return_details=True).hidden_states
+    for i, (block, x) in enumerate(zip(model.blocks, hidden)):
+        if layers is not None and i not in layers:
+            continue
+        h = block.attention_residual(x, model.rope_cos, model.rope_sin)
+        mean = block.ffn_norm(h).flatten(0, 1).double().mean(dim=0)
+        u = mean / mean.norm().clamp(min=1e-30)
+        w = block.ffn.router.weight
+        w.copy_(w.double() - (w.double() @ u)[:, None] * u[None, :])
 
 
 def grown_config(cfg: ModelConfig, scale_factor: int, extra_layers: int) -> ModelConfig:
@@ -190,17 +215,25 @@ def scale_bilaterally(
     extra_layers: int = 4,
     noise_std: float = 0.3,
     seed: int = 0,
+    calibration_tokens: Tensor | None = None,
 ) -> nn.Module:
     """Width x scale_factor (HyperCloning with cancelling noise) and extra_layers identity blocks.
 
     noise_std is relative to each weight block's RMS (0.3 is about 10 dB signal-to-noise, Apple's choice);
-    0 gives pure clones, which never diverge. The input model is not modified.
+    0 gives pure clones, which never diverge. An inserted MoE block's router is a copy of its source's but
+    reads a different input (its source's output), where it may send every token to the same experts;
+    given calibration_tokens it is centred on that input, as dense_to_moe does (free: the block is an
+    identity, so its routing cannot change the function). The input model is not modified.
     """
     GrowthConfig(scale_factor=scale_factor, extra_layers=extra_layers, noise_std=noise_std)  # validates
     old_cfg = old_model.config
     new_cfg = grown_config(old_cfg, scale_factor, extra_layers)
     state = _widen_state(old_model, scale_factor, noise_std, _generator(seed))
-    state = _deepen_state(state, layer_sources(old_cfg.n_layers, extra_layers))
+    layout = layer_sources(old_cfg.n_layers, extra_layers)
+    state = _deepen_state(state, layout)
     new_model = _new_model_like(old_model, new_cfg)
     new_model.load_state_dict(state, strict=True)
+    inserted = [i for i, (_, is_new) in enumerate(layout) if is_new]
+    if calibration_tokens is not None and new_cfg.is_moe and inserted:
+        _center_routers(new_model, calibration_tokens, inserted)
     return new_model

@@ -22,9 +22,11 @@ from transfer.simple_growth import layer_sources
 
 FIX_ROPE = "heads must scale with width: multiply n_heads (and n_kv_heads) by the scale factor, keep head_dim and rope_theta"
 FIX_ROUTER = "divide the router's widened input weights by the scale factor (W.repeat(1, s) / s)"
+FIX_INSERTED_COLLAPSE = "centre the inserted blocks' routers: scale_bilaterally(..., calibration_tokens=batch)"
 FIX_SYMMETRY = "raise noise_std (scale_bilaterally's symmetry-breaking noise, relative to each block's RMS; default 0.3)"
 FIX_FUNCTIONAL = "see GROWTH_VERIFICATION.md section 4 (debugging layer-wise drift)"
-FIX_COLLAPSE = "initialise the router with small random weights (router_init_std > 0) and train with the load-balancing loss"
+FIX_COLLAPSE = ("initialise the router with small random weights (router_init_std > 0), centred on real hidden "
+                "states (dense_to_moe(..., calibration_tokens=batch))")
 
 
 @dataclass
@@ -218,6 +220,19 @@ def _router(pair: _Pair, tolerance: float, min_load_entropy: float, max_dead_fra
                         f"{entropies[j]:.2f} of ln(E) (limit >= {min_load_entropy}), {dead[j]} of {nc.n_experts} "
                         f"experts get no token (limit {int(max_dead_fraction * nc.n_experts)}).")
         fix = FIX_COLLAPSE
+        if oc.is_moe and pair.layout[j][1]:
+            problems.append("That block is an inserted identity block: its router copies its neighbour's but reads "
+                            "the neighbour's output.")
+            fix = FIX_INSERTED_COLLAPSE
+        elif oc.is_moe:
+            src = pair.layout[j][0]
+            before = load_entropy(expert_load(old_out.router_logits[src], oc.top_k))
+            if before < min_load_entropy:
+                problems.append(f"The old model's block {src} was already this unbalanced (load entropy {before:.2f}): "
+                                f"growth kept it; training the MoE phase let it collapse.")
+                fix = "raise the load-balancing loss coefficient of the MoE phase and retrain it"
+            else:
+                fix = FIX_ROUTER
     else:
         fix = FIX_ROUTER
     compared = "old model is dense: routing checked for balance only"

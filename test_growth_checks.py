@@ -1,0 +1,90 @@
+"""Quick check of the growth mechanics: dense -> MoE, then bilateral growth, each verified.
+
+    python test_growth_checks.py                  # defaults from config.py
+    python test_growth_checks.py --noise_std=0    # see the symmetry check catch pure clones (exit 1)
+    python test_growth_checks.py --text-file ../shared/data/tinystories/train.txt
+
+Trains the dense model for a few steps on byte-level text (the project's own generated stories unless
+--text-file is given) so the checks see trained weights, upcycles it with a router centred on that text,
+and grows the MoE straight away (the pipeline, train_tinystories.py, trains the MoE in between).
+Exit code 0 when every check passes, 1 when one fails, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from config import ConfigError, GrowthConfig, ModelConfig, apply_overrides
+from data.synthetic import byte_token_batch, generate_stories
+from models import build_model, load_balancing_loss, router_z_loss
+from transfer import check_functional_equivalence, check_router_integrity, dense_to_moe, detailed_growth_check
+from transfer import scale_bilaterally
+
+
+def train_briefly(model: torch.nn.Module, tokens: torch.Tensor, steps: int, lr: float = 3e-3) -> float:
+    """A few AdamW steps of next-token loss (+ MoE balance and z losses) on one batch; returns the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        out = model(tokens[:, :-1], return_details=True)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        k = model.config.top_k
+        aux = sum(1e-2 * load_balancing_loss(r, k) + 1e-3 * router_z_loss(r) for r in out.router_logits)
+        opt.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        opt.step()
+    return loss.item()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--text-file", help="real text to draw the token batch from (default: generated stories)")
+    parser.add_argument("--steps", type=int, default=20, help="dense training steps before upcycling")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        model_cfg, growth = apply_overrides(overrides, ModelConfig(), GrowthConfig())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.text_file:
+        try:
+            text = open(args.text_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --text-file {args.text_file}: {e}", file=sys.stderr)
+            return 2
+    else:
+        text = " ".join(generate_stories(400, seed=growth.seed))
+    seq_len = min(model_cfg.max_seq_len, 128) + 1
+    tokens = byte_token_batch(text, 8, seq_len) % model_cfg.vocab_size
+    torch.manual_seed(growth.seed)
+    t0 = time.time()
+
+    print("=" * 72 + "\nTEST 1: Dense -> MoE transition (sparse upcycling)\n" + "=" * 72)
+    dense = build_model(model_cfg)
+    loss = train_briefly(dense, tokens, args.steps)
+    moe = dense_to_moe(dense, growth.n_experts, growth.top_k, growth.seed, growth.router_init_std, tokens)
+    functional = check_functional_equivalence(dense, moe, tokens)
+    router = check_router_integrity(dense, moe, tokens)
+    print(f"dense: {dense.num_parameters():,} params, loss {loss:.3f} after {args.steps} steps -> MoE "
+          f"{moe.num_parameters():,} params ({growth.top_k} of {growth.n_experts} experts active)")
+    print(functional)
+    print(router)
+    test1 = functional.passed and router.passed
+    print("✓ PASSED — functional equivalence confirmed" if test1 else "✗ FAILED — see the messages above")
+
+    print("\n" + "=" * 72 + f"\nTEST 2: Bilateral growth (width x{growth.scale_factor}, "
+          f"+{growth.extra_layers} layers, noise_std {growth.noise_std})\n" + "=" * 72)
+    grown = scale_bilaterally(moe, growth.scale_factor, growth.extra_layers, growth.noise_std, growth.seed, tokens)
+    c = grown.config
+    print(f"MoE dim {moe.config.dim}, {moe.config.n_layers} layers -> grown: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
+          f"{grown.num_parameters():,} params")
+    report = detailed_growth_check(moe, grown, tokens)
+    print(f"\n(total {time.time() - t0:.1f} s)")
+    return 0 if test1 and report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny configs and batches of real (byte-level) token ids from generated stories."""
+import pytest
+import torch
+
+from config import ModelConfig
+from data.synthetic import byte_token_batch, generate_stories
+
+TEXT = " ".join(generate_stories(200, seed=0))
+
+
+def tokens_for(batch: int = 4, seq_len: int = 64, offset: int = 0) -> torch.Tensor:
+    return byte_token_batch(TEXT[offset:], batch, seq_len)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=300, dim=32, n_layers=2, n_heads=4, max_seq_len=128)
+    return ModelConfig(**(base | overrides))
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return tokens_for()

@@ -1,0 +1,55 @@
+import pytest
+
+from config import ConfigError, GrowthConfig, ModelConfig, apply_overrides
+
+
+def test_defaults_derive_kv_heads_ffn_and_head_dim():
+    cfg = ModelConfig(dim=96, n_heads=3)
+    assert cfg.n_kv_heads == 3 and cfg.head_dim == 32 and cfg.ffn_dim % 32 == 0 and cfg.ffn_dim >= 8 * 96 // 3
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(dim=100, n_heads=3), "n_heads=3 must divide dim=100"),
+    (dict(dim=12, n_heads=4), "head_dim=3 must be even"),
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),
+    (dict(n_experts=4, top_k=5), "top_k=5 must be between 1 and n_experts=4"),
+    (dict(n_experts=4, top_k=0), "top_k=0"),
+    (dict(n_experts=-1), "n_experts=-1"),
+    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(vocab_size=0), "vocab_size=0"),
+])
+def test_invalid_model_config_is_rejected_with_the_reason(kwargs, text):
+    with pytest.raises(ConfigError, match=text.replace("(", r"\(")):
+        ModelConfig(**kwargs)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(dim=100, n_heads=3, vocab_size=0)
+    assert "vocab_size" in str(e.value) and "n_heads" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(scale_factor=0), "scale_factor=0"), (dict(scale_factor=1.5), "scale_factor=1.5"),
+    (dict(extra_layers=-1), "extra_layers=-1"), (dict(noise_std=-0.1), "noise_std=-0.1"),
+    (dict(top_k=9), "top_k=9"), (dict(router_init_std=0.0), "router_init_std"),
+])
+def test_invalid_growth_config_is_rejected(kwargs, text):
+    with pytest.raises(ConfigError, match=text):
+        GrowthConfig(**kwargs)
+
+
+def test_overrides_apply_to_the_owning_config_with_its_types():
+    m, g = apply_overrides(["--dim=64", "--noise_std=0", "--tie_embeddings=false", "--n_kv_heads=2"],
+                           ModelConfig(), GrowthConfig())
+    assert (m.dim, g.noise_std, m.tie_embeddings, m.n_kv_heads) == (64, 0.0, False, 2)
+    assert isinstance(g.noise_std, float)
+
+
+@pytest.mark.parametrize("arg, text", [
+    ("--nope=1", "unknown setting --nope"), ("--dim=abc", "expected an integer"), ("dim=3", "--name=value"),
+    ("--scale_factor=0", "scale_factor=0"), ("--tie_embeddings=maybe", "true or false"),
+])
+def test_bad_overrides_raise_config_error(arg, text):
+    with pytest.raises(ConfigError, match=text):
+        apply_overrides([arg], ModelConfig(), GrowthConfig())
