@@ -129,7 +129,7 @@ def _convert(raw: str, current, name: str):
 
 
 def apply_overrides(args: list[str], *configs):
-    """Apply `--name=value` arguments to whichever config has that field; return new, validated configs.
+    """Apply `--name=value` arguments to the first of `configs` that has that field; return new, validated configs.
 
     An unknown name, a malformed value or a value the config rejects raises ConfigError before any work.
     """
@@ -144,6 +144,5 @@ def apply_overrides(args: list[str], *configs):
         if not owners:
             known = sorted({f.name for c in configs for f in fields(c)})
             raise ConfigError(f"unknown setting --{name}; known: {', '.join(known)}")
-        for i in owners:
-            updates[i][name] = _convert(raw, getattr(configs[i], name), name)
+        updates[owners[0]][name] = _convert(raw, getattr(configs[owners[0]], name), name)
     return tuple(replace(c, **u) if u else c for c, u in zip(configs, updates))

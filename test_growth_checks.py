@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=20, help="dense training steps before upcycling")
     args, overrides = parser.parse_known_args(argv)
     try:
-        model_cfg, growth = apply_overrides(overrides, ModelConfig(), GrowthConfig())
+        growth, model_cfg = apply_overrides(overrides, GrowthConfig(), ModelConfig())  # n_experts, top_k: growth's
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

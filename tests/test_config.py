@@ -46,6 +46,11 @@ def test_overrides_apply_to_the_owning_config_with_its_types():
     assert isinstance(g.noise_std, float)
 
 
+def test_a_shared_name_goes_to_the_first_config_that_has_it():
+    g, m = apply_overrides(["--n_experts=4"], GrowthConfig(), ModelConfig())
+    assert g.n_experts == 4 and m.n_experts == 0
+
+
 @pytest.mark.parametrize("arg, text", [
     ("--nope=1", "unknown setting --nope"), ("--dim=abc", "expected an integer"), ("dim=3", "--name=value"),
     ("--scale_factor=0", "scale_factor=0"), ("--tie_embeddings=maybe", "true or false"),
