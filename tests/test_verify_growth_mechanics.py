@@ -986,3 +986,23 @@ def tokens() -> torch.Tensor:
     t = story_tokens(4, 64)
     assert t.shape == (4, 64) and int(t.max()) < 256
     return t
+
+
+def test_one_symmetric_neuron_pair_inside_an_expert_is_caught(tokens):
+    """A single expert neuron whose two copies are made exact twins (function kept: the twin rows produce the
+    same output and the down columns are averaged, so the noise still cancels) must fail symmetry alone."""
+    old = source("moe")
+    good = scale_bilaterally(old, 2, 1)
+    bad = copy.deepcopy(good)
+    f0 = old.config.ffn_dim
+    with torch.no_grad():
+        ffn = bad.blocks[0].ffn
+        for w in (ffn.gate_proj, ffn.up_proj):
+            w[1, 3 + f0] = w[1, 3]
+        mean = (ffn.down_proj[1, :, 3] + ffn.down_proj[1, :, 3 + f0]) / 2
+        ffn.down_proj[1, :, 3], ffn.down_proj[1, :, 3 + f0] = mean, mean
+    assert_all_pass(report(old, good, tokens))
+    rep = report(old, bad, tokens)
+    assert rep.results["functional"].passed and not rep.results["symmetry"].passed
+    assert rep.results["symmetry"].metrics["pairs_identical"] == 1
+    assert "block 0 FFN neurons" in rep.results["symmetry"].message
