@@ -1,0 +1,174 @@
+"""Token streams: stories tokenized once into a cached uint16 array, and the batches drawn from it.
+
+    from data.tokens import tokenize_to_cache, TokenBatches, eval_batches
+    train_ids = tokenize_to_cache(corpus.train, tok, "cache/")   # second call: read from the cache
+    batches = TokenBatches(train_ids, batch_size=8, seq_len=256, seed=0)
+    x, y = batches.next()                                         # (8, 256) int64; y is x shifted by one
+    val = eval_batches(tokenize_to_cache(corpus.val, tok, "cache/"), 8, 256, max_batches=20)
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+
+import numpy as np
+import torch
+
+from data.text import DataError
+
+CACHE_FORMAT = 1  # bump when the cached layout changes, so old caches are not read
+_ENCODE_CHUNK = 4096  # stories per batch call to the fast tokenizer
+_MAX_UINT16_VOCAB = 1 << 16
+
+
+def tokenize_to_cache(stories: list[str], tokenizer, cache_dir: str) -> np.ndarray:
+    """All stories' ids, each story followed by eos: a read-only uint16 memmap, cached under cache_dir.
+
+    The cache key hashes the stories and the tokenizer, so a changed input never reads a stale cache.
+    """
+    eos = _check_tokenizer(tokenizer)
+    if not stories:
+        raise DataError("tokenize_to_cache: no stories to tokenize; check the corpus")
+    key = _cache_key(stories, tokenizer)
+    bin_path, meta_path = (os.path.join(cache_dir, f"tokens-{key}{ext}") for ext in (".bin", ".json"))
+    if not _cache_is_valid(bin_path, meta_path):
+        os.makedirs(cache_dir, exist_ok=True)
+        n_tokens = _write_tokens(stories, tokenizer, eos, bin_path)
+        meta = dict(format=CACHE_FORMAT, key=key, n_stories=len(stories), n_tokens=n_tokens, dtype="uint16",
+                    vocab_size=len(tokenizer), eos_id=eos)
+        _write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: it marks a complete cache
+    return np.memmap(bin_path, dtype=np.uint16, mode="r")
+
+
+def _check_tokenizer(tokenizer) -> int:
+    """The eos id; DataError if the tokenizer has none or its ids do not fit uint16."""
+    if len(tokenizer) > _MAX_UINT16_VOCAB:
+        raise DataError(f"vocabulary of {len(tokenizer):,} tokens does not fit the uint16 token cache "
+                        f"(ids 0..65535); use vocab_size <= {_MAX_UINT16_VOCAB}")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token to end each story; set eos_token (train_tokenizer does)")
+    return tokenizer.eos_token_id
+
+
+def _cache_key(stories: list[str], tokenizer) -> str:
+    """16 hex digits of a SHA-256 over the format, the whole tokenizer definition and every story."""
+    h = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: vocab, merges, pre-tokenizer...
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    h.update(definition.encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    for story in stories:
+        data = story.encode()
+        h.update(len(data).to_bytes(8, "little") + data)  # length prefix: ["ab", "c"] != ["a", "bc"]
+    return h.hexdigest()[:16]
+
+
+def _cache_is_valid(bin_path: str, meta_path: str) -> bool:
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return meta.get("format") == CACHE_FORMAT and os.path.getsize(bin_path) == 2 * meta["n_tokens"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _write_tokens(stories: list[str], tokenizer, eos: int, path: str) -> int:
+    """Batch-encode stories into path (via a temporary file); return the number of tokens written."""
+    tmp, n_tokens = f"{path}.tmp-{os.getpid()}", 0
+    try:
+        with open(tmp, "wb") as f:
+            for start in range(0, len(stories), _ENCODE_CHUNK):
+                ids = _encode(stories[start:start + _ENCODE_CHUNK], tokenizer, eos)
+                f.write(ids.tobytes())
+                n_tokens += len(ids)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n_tokens
+
+
+def _encode(stories: list[str], tokenizer, eos: int) -> np.ndarray:
+    """(n,) uint16: the stories' ids, each followed by eos."""
+    ids = tokenizer(stories, add_special_tokens=False, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"]
+    n = sum(len(x) for x in ids) + len(ids)
+    return np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids), dtype=np.uint16, count=n)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _check_length(tokens: np.ndarray, seq_len: int) -> None:
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"too little text for one batch: {len(tokens):,} tokens, need {seq_len + 1:,}; "
+                        "add data or lower seq_len")
+
+
+class TokenBatches:
+    """Random (x, y) windows of a token array; deterministic per (seed, rank, step), so resume is exact."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
+            raise DataError(f"TokenBatches: need batch_size >= 1, seq_len >= 1 and 0 <= rank < world_size; got "
+                            f"batch_size={batch_size}, seq_len={seq_len}, rank={rank}, world_size={world_size}")
+        _check_length(tokens, seq_len)
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (batch_size, seq_len) int64 windows at random offsets; y is x shifted by one (the next tokens)."""
+        # a fresh generator per step, seeded by (seed, rank, step): the state to resume is just the step
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # (B, T + 1)
+        self.step += 1
+        return _split_xy(windows)
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                    batch_size=self.batch_size, seq_len=self.seq_len, n_tokens=len(self.tokens))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where state left off; DataError if it came from a differently configured stream."""
+        mine = self.state_dict()
+        differ = [f"{k}={state.get(k)} (now {mine[k]})" for k in mine if k != "step" and state.get(k) != mine[k]]
+        if differ:
+            raise DataError("cannot resume the batch stream exactly: it was saved with " + ", ".join(differ)
+                            + "; use the same data and settings, or start a fresh stream")
+        self.step = int(state["step"])
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to max_batches (x, y) batches of consecutive, non-overlapping windows from the start of tokens.
+
+    Full batches only, except that text too short for one full batch gives one smaller batch.
+    """
+    if batch_size < 1 or seq_len < 1 or max_batches < 1:
+        raise DataError(f"eval_batches: need batch_size, seq_len and max_batches >= 1; got {batch_size}, {seq_len}, "
+                        f"{max_batches}")
+    _check_length(tokens, seq_len)
+    n_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    sizes = [batch_size] * (n_windows // batch_size) or [n_windows]
+    offsets = np.arange(seq_len + 1)
+    batches, start = [], 0
+    for size in sizes:
+        starts = (start + np.arange(size)) * seq_len  # window i covers tokens[i*T : i*T + T + 1]
+        batches.append(_split_xy(np.asarray(tokens[starts[:, None] + offsets], dtype=np.int64)))
+        start += size
+    return batches
+
+
+def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) -> contiguous x = windows[:, :-1], y = windows[:, 1:]."""
+    t = torch.from_numpy(windows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
