@@ -35,15 +35,21 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the embedding matrix
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_dim is None:
-            self.ffn_dim = -(-(8 * self.dim // 3) // 32) * 32
         self.validate()
 
+    # Derived sizes are properties, not values filled in at construction, so that replace(cfg, dim=...) or
+    # an override of n_heads re-derives them instead of silently keeping the old ones.
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_dim if self.ffn_dim is not None else -(-(8 * self.dim // 3) // 32) * 32
 
     @property
     def is_moe(self) -> bool:
@@ -52,13 +58,13 @@ class ModelConfig:
     def validate(self) -> None:
         p: list[str] = []
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.n_heads >= 1 and self.dim % self.n_heads:
             p.append(f"n_heads={self.n_heads} must divide dim={self.dim} (head_dim = dim // n_heads)")
         elif self.n_heads >= 1 and self.head_dim % 2:
             p.append(f"head_dim={self.head_dim} must be even for RoPE: choose n_heads so dim // n_heads is even")
-        if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
+        if self.kv_heads >= 1 and self.n_heads >= 1 and self.n_heads % self.kv_heads:
             p.append(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if not self.rope_theta > 0:
             p.append(f"rope_theta={self.rope_theta} must be > 0")
@@ -98,6 +104,103 @@ class GrowthConfig:
         if not self.noise_std >= 0:
             p.append(f"noise_std={self.noise_std} must be >= 0")
         _raise_if(p, "GrowthConfig")
+
+
+@dataclass
+class TrainConfig:
+    """Per-phase training. Each phase starts a fresh AdamW (moments do not map through growth) with warm-up."""
+
+    batch_size: int = 16  # sequences per step (per process under DDP)
+    seq_len: int = 256  # tokens per sequence, <= max_seq_len
+    dense_steps: int = 1000
+    moe_steps: int = 500
+    grown_steps: int = 500
+    dense_lr: float = 2e-3
+    moe_lr: float = 1e-3
+    grown_lr: float = 6e-4  # lower after growth: HyperCloning reports early forgetting at high LR
+    warmup_steps: int = 50  # per phase
+    min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    balance_coef: float = 0.01  # Switch load-balancing loss (reads 1.0 at perfect balance)
+    z_coef: float = 0.001  # router z-loss
+    eval_interval: int = 100
+    eval_batches: int = 10
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    sample_tokens: int = 150  # length of the story sampled at each phase end
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("batch_size", "seq_len", "dense_steps", "moe_steps", "grown_steps", "eval_interval",
+                     "eval_batches", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("dense_lr", "moe_lr", "grown_lr"):
+            if not getattr(self, name) > 0:
+                p.append(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_coef", "sample_tokens"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"min_lr_ratio={self.min_lr_ratio} must be between 0 and 1")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            p.append(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
+        _raise_if(p, "TrainConfig")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenised (the tokenizer's vocab is ModelConfig.vocab_size)."""
+
+    val_fraction: float = 0.05  # stories held out for eval loss when the source has no validation split
+    max_stories: int = 0  # cap on training stories (0 = all)
+    offline_stories: int = 20000  # generated stories when neither the hub nor files are available
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if not 0 < self.val_fraction < 1:
+            p.append(f"val_fraction={self.val_fraction} must be between 0 and 1")
+        if self.max_stories < 0:
+            p.append(f"max_stories={self.max_stories} must be >= 0 (0 = all)")
+        if self.offline_stories < 10:
+            p.append(f"offline_stories={self.offline_stories} must be >= 10")
+        _raise_if(p, "DataConfig")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the training model (CUDA)
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"invalid RunConfig: device={self.device!r} must be auto, cpu, cuda or cuda:N")
+
+
+# Named presets: overrides on top of the dataclass defaults. `micro` is the smallest run that exercises
+# everything (tests use it); `cpu` trains readable little stories in about 15 minutes on 2 cores; `cuda`
+# is sized for one modern GPU.
+PRESETS: dict[str, dict[str, object]] = {
+    "micro": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=128, seq_len=64, batch_size=8,
+                  dense_steps=30, moe_steps=20, grown_steps=20, warmup_steps=5, eval_interval=10,
+                  eval_batches=2, log_interval=5, checkpoint_interval=15, n_experts=4, top_k=2,
+                  scale_factor=2, extra_layers=2, offline_stories=2000, max_stories=2000, sample_tokens=40),
+    "cpu": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, max_seq_len=256, seq_len=256, batch_size=16,
+                dense_steps=1200, moe_steps=400, grown_steps=300, n_experts=4, top_k=2, scale_factor=2,
+                extra_layers=2, eval_interval=100, checkpoint_interval=200),
+    "cuda": dict(vocab_size=4096, dim=512, n_layers=8, n_heads=8, max_seq_len=512, seq_len=512, batch_size=64,
+                 dense_steps=4000, moe_steps=2000, grown_steps=3000, n_experts=8, top_k=2, scale_factor=2,
+                 extra_layers=4, dense_lr=1e-3, moe_lr=6e-4, grown_lr=3e-4, warmup_steps=200,
+                 eval_interval=250, eval_batches=20, checkpoint_interval=1000, max_stories=0),
+}
+
+
+def settings_to_args(settings: dict[str, object]) -> list[str]:
+    return [f"--{k}={v}" for k, v in settings.items()]
 
 
 def config_to_dict(cfg) -> dict:

@@ -1,8 +1,9 @@
 """The project's one decoder definition (dense and MoE) and its MoE helpers."""
 from models.model import Attention, Block, FeedForward, ModelOutput, RMSNorm, Transformer, build_model
+from models.generate import generate
 from models.moe import MoEFeedForward, expert_load, load_balancing_loss, load_entropy, route, router_z_loss
 
 __all__ = [
-    "Attention", "Block", "FeedForward", "ModelOutput", "RMSNorm", "Transformer", "build_model",
+    "generate", "Attention", "Block", "FeedForward", "ModelOutput", "RMSNorm", "Transformer", "build_model",
     "MoEFeedForward", "expert_load", "load_balancing_loss", "load_entropy", "route", "router_z_loss",
 ]

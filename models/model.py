@@ -50,10 +50,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,9 +103,9 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.is_moe:
-            self.ffn = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.top_k)
+            self.ffn = MoEFeedForward(cfg.dim, cfg.hidden_dim, cfg.n_experts, cfg.top_k)
         else:
-            self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+            self.ffn = FeedForward(cfg.dim, cfg.hidden_dim)
 
     def attention_residual(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """The residual stream after the attention half of the block (the FFN's upstream state)."""
@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         cfg = self.config
         if active and cfg.is_moe:
-            per_expert = 3 * cfg.dim * cfg.ffn_dim
+            per_expert = 3 * cfg.dim * cfg.hidden_dim
             total -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 

@@ -5,7 +5,17 @@ from config import ConfigError, GrowthConfig, ModelConfig, apply_overrides
 
 def test_defaults_derive_kv_heads_ffn_and_head_dim():
     cfg = ModelConfig(dim=96, n_heads=3)
-    assert cfg.n_kv_heads == 3 and cfg.head_dim == 32 and cfg.ffn_dim % 32 == 0 and cfg.ffn_dim >= 8 * 96 // 3
+    assert cfg.kv_heads == 3 and cfg.head_dim == 32 and cfg.hidden_dim % 32 == 0 and cfg.hidden_dim >= 8 * 96 // 3
+
+
+def test_derived_sizes_follow_replace_and_overrides():
+    """A derived value frozen at construction would silently survive replace(dim=...) (a GQA-by-accident trap)."""
+    from dataclasses import replace
+
+    small = replace(ModelConfig(), dim=64, n_heads=8)
+    assert small.kv_heads == 8 and small.hidden_dim == 192 and small.head_dim == 8
+    (m,) = apply_overrides(["--dim=64", "--n_heads=2"], ModelConfig())
+    assert m.kv_heads == 2 and m.hidden_dim == 192
 
 
 @pytest.mark.parametrize("kwargs, text", [

@@ -58,7 +58,7 @@ def test_sequence_longer_than_max_seq_len_is_rejected():
 def test_parameter_counts_total_and_active():
     cfg = tiny_config(n_experts=4, top_k=1)
     model = build_model(cfg)
-    per_expert = 3 * cfg.dim * cfg.ffn_dim
+    per_expert = 3 * cfg.dim * cfg.hidden_dim
     assert model.num_parameters() - model.num_parameters(active=True) == cfg.n_layers * 3 * per_expert
 
 
@@ -70,8 +70,8 @@ def test_matches_hugging_face_llama_with_the_same_weights():
     torch.manual_seed(0)
     model = build_model(cfg)
     hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False))
     sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,

@@ -116,7 +116,7 @@ def test_bilateral_growth_is_exact(s, extra):
     new = scale_bilaterally(old, scale_factor=s, extra_layers=extra, seed=extra)
     c = new.config
     assert (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers) == (32 * s, 4 * s, 2 * s, 8, 2 + extra)
-    assert c.ffn_dim == old.config.ffn_dim * s and c.n_experts == 4
+    assert c.hidden_dim == old.config.hidden_dim * s and c.n_experts == 4
     assert rel_logit_drift(old, new, tokens) < 1e-6
     assert rel_logit_drift(old, new, tokens, torch.float32) < 1e-5
     hidden_old = copy.deepcopy(old).double()(tokens, return_details=True).hidden_states

@@ -995,7 +995,7 @@ def test_one_symmetric_neuron_pair_inside_an_expert_is_caught(tokens):
     old = source("moe")
     good = scale_bilaterally(old, 2, 1)
     bad = copy.deepcopy(good)
-    f0 = old.config.ffn_dim
+    f0 = old.config.hidden_dim
     with torch.no_grad():
         ffn = bad.blocks[0].ffn
         for w in (ffn.gate_proj, ffn.up_proj):

@@ -168,8 +168,8 @@ def grown_config(cfg: ModelConfig, scale_factor: int, extra_layers: int) -> Mode
         cfg,
         dim=cfg.dim * s,
         n_heads=cfg.n_heads * s,
-        n_kv_heads=cfg.n_kv_heads * s,
-        ffn_dim=cfg.ffn_dim * s,
+        n_kv_heads=cfg.kv_heads * s,
+        ffn_dim=cfg.hidden_dim * s,
         n_layers=cfg.n_layers + extra_layers,
         tie_embeddings=cfg.tie_embeddings and s == 1,
     )

@@ -138,10 +138,10 @@ def _rope(pair: _Pair, tolerance: float) -> CheckResult:
     if nc.head_dim != oc.head_dim:
         problems.append(f"head_dim changed from {oc.head_dim} to {nc.head_dim}, which re-pairs RoPE's rotated "
                         f"dimensions and changes its frequencies (limit: unchanged).")
-    kv_ok = nc.n_kv_heads == oc.n_kv_heads * s or nc.n_kv_heads == oc.n_kv_heads == 1  # MQA may keep one
+    kv_ok = nc.kv_heads == oc.kv_heads * s or nc.kv_heads == oc.kv_heads == 1  # MQA may keep one
     if nc.n_heads != oc.n_heads * s or not kv_ok:
-        problems.append(f"heads went {oc.n_heads}/{oc.n_kv_heads} (q/kv) -> {nc.n_heads}/{nc.n_kv_heads} while "
-                        f"width grew x{s} (expected {oc.n_heads * s}/{oc.n_kv_heads * s}).")
+        problems.append(f"heads went {oc.n_heads}/{oc.kv_heads} (q/kv) -> {nc.n_heads}/{nc.kv_heads} while "
+                        f"width grew x{s} (expected {oc.n_heads * s}/{oc.kv_heads * s}).")
     if nc.rope_theta != oc.rope_theta:
         problems.append(f"rope_theta changed from {oc.rope_theta} to {nc.rope_theta}.")
     if problems:
@@ -316,7 +316,7 @@ def _clone_pairs(model: nn.Module, s: int) -> list[tuple[str, Tensor]]:
     fams = [("residual dims (embedding columns)", model.embed.weight.grad.t().reshape(s, cfg.dim // s, -1))]
     for j, b in enumerate(model.blocks):
         a = b.attention
-        for proj, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
+        for proj, heads in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
             if heads % s:  # a single shared KV head (MQA) kept as it is: nothing cloned
                 continue
             g = getattr(a, f"{proj}_proj").weight.grad
@@ -326,7 +326,7 @@ def _clone_pairs(model: nn.Module, s: int) -> list[tuple[str, Tensor]]:
             E, F_, D = g.shape
             g = g.reshape(E, s, F_ // s, D).transpose(0, 1).reshape(s, E * (F_ // s), D)
         else:
-            g = b.ffn.gate_proj.weight.grad.reshape(s, cfg.ffn_dim // s, -1)
+            g = b.ffn.gate_proj.weight.grad.reshape(s, cfg.hidden_dim // s, -1)
         fams.append((f"block {j} FFN neurons", g))
     return fams
 
@@ -363,7 +363,7 @@ def _symmetry(pair_new: nn.Module, tokens: Tensor, scale_factor: int | None, min
     name, model = "Symmetry breaking", pair_new
     cfg = model.config
     s = scale_factor or infer_scale_factor(model)
-    if cfg.dim % s or cfg.n_heads % s or cfg.ffn_dim % s:
+    if cfg.dim % s or cfg.n_heads % s or cfg.hidden_dim % s:
         return CheckResult(name, False, f"scale_factor {s} does not divide the model's widths.", {"fix": "pass the right scale_factor"})
     if s == 1 and not cfg.is_moe:
         return CheckResult(name, True, "width unchanged and no experts: no cloned units to compare", {"fix": ""})
