@@ -416,7 +416,7 @@ def test_router_not_divided_by_scale_factor_fails_router(tokens, s):
             b.ffn.router.weight.mul_(s)
     rep = assert_caught(old, good, bad, tokens, "router", (ROUTER_FIX, FIX_ROUTER))
     res = rep.results["router"]
-    assert res.metrics["router_logit_drift"] > 0.5 * (s - 1)  # logits are s times too large
+    assert res.metrics["router_logit_drift"] > 1e3 * TOL  # logits s times too large: far past the limit
     assert res.metrics["fix"] == FIX_ROUTER
     assert f"  - router: {FIX_ROUTER}" in rep.summary()
 

@@ -254,7 +254,7 @@ def _router(pair: _Pair, tolerance: float, min_load_entropy: float, max_dead_fra
         metrics.update(router_logit_drift=drift, topk_disagreements=disagree, near_ties_excluded=ambiguous,
                        max_load_difference=load_diff)
         if drift > tolerance or disagree or load_diff > ambiguous:
-            problems.append(f"router logits drifted by {drift:.2e} relative to their RMS (limit {tolerance:.0e}), worst "
+            problems.append(f"router logits drifted by {drift:.2e} relative to |w_e||x_t| (limit {tolerance:.0e}), worst "
                             f"in {_block_label(pair.layout, worst)}; top-k agreement misses {disagree} token(s) "
                             f"(limit 0); per-expert load differs by up to {load_diff} token(s).")
             fix = FIX_ROUTER
@@ -275,9 +275,14 @@ def _compare_routers(pair: _Pair, old_out, tolerance: float):
             ob, nb = pair.old.blocks[src], pair.new.blocks[j]
             x = old_out.hidden_states[src]
             h_old = ob.attention_residual(x, pair.old.rope_cos, pair.old.rope_sin)
-            old_logits = ob.ffn.router(ob.ffn_norm(h_old)).flatten(0, 1)
+            x_old = ob.ffn_norm(h_old).flatten(0, 1)  # (N, D)
+            old_logits = ob.ffn.router(x_old)
             new_logits = nb.ffn.router(nb.ffn_norm(pair.tile(h_old))).flatten(0, 1)
-            drift = _rel_drift(new_logits, old_logits)
+            # Each logit is a dot product w_e . x_t: its error is judged against |w_e| |x_t|, the scale its
+            # rounding lives on. Against the logits' own RMS it would be inflated wherever w_e is nearly
+            # orthogonal to x_t (a router centred on the mean hidden state gives logits ~1e-3 of that scale).
+            scale = torch.outer(x_old.norm(dim=-1), ob.ffn.router.weight.norm(dim=-1)).clamp(min=1e-300)
+            drift = ((new_logits - old_logits).abs() / scale).max().item()
             if drift > worst_drift:
                 worst_drift, worst_block = drift, j
             top = old_logits.topk(min(k + 1, old_logits.shape[-1]), dim=-1).values
