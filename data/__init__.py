@@ -8,7 +8,7 @@ import importlib
 
 # name -> submodule; imported on first use so `import data.synthetic` stays free of torch and transformers
 _EXPORTS = {
-    "Corpus": "text", "DataError": "text", "load_corpus": "text", "split_stories": "text",
+    "Corpus": "text", "DataError": "text", "check_files": "text", "load_corpus": "text", "split_stories": "text",
     "train_tokenizer": "tokenizer", "save_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "tokenize_to_cache": "tokens", "TokenBatches": "tokens", "eval_batches": "tokens",
     "generate_stories": "synthetic",

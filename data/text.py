@@ -101,12 +101,17 @@ def _one_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- local files
 
-def _load_local(paths: list[str], val_fraction: float, max_stories: int | None, seed: int) -> Corpus:
-    """Check every file, then parse them all, then split."""
+def check_files(paths: list[str]) -> None:
+    """Raise DataError for the first missing, unreadable, empty or unsupported file: cheap, before any work."""
     if not paths:
         raise DataError("no data files given: pass at least one .txt, .json or .jsonl file (or none for the hub)")
     for path in paths:
         _check_file(path)
+
+
+def _load_local(paths: list[str], val_fraction: float, max_stories: int | None, seed: int) -> Corpus:
+    """Check every file, then parse them all, then split."""
+    check_files(paths)
     per_file = [(path, _read_file(path)) for path in paths]
     stories = [s for _, file_stories in per_file for s in file_stories]
     train, val = split_stories(stories, val_fraction, seed)

@@ -1,0 +1,1 @@
+"""Training machinery: runtime (device, DDP), checkpoints, the per-phase loop, logs and plots."""

@@ -1,0 +1,146 @@
+"""The training loop, written once and called for each phase."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from config import TrainConfig
+from models import load_balancing_loss, router_z_loss
+from training.runtime import Runtime
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class Phase:
+    name: str  # dense | moe | grown
+    title: str
+    steps: int
+    lr: float
+
+
+@dataclass
+class PhaseRun:
+    """What a phase needs besides its model: data, logging, saving; `global_step` counts all phases."""
+
+    rt: Runtime
+    train: TrainConfig
+    batches: object  # data.TokenBatches
+    val_batches: list
+    log: object  # training.report.MetricsLog
+    save: Callable[..., str | None]  # save(model, optimizer, phase, step, done, eval_loss, global_step)
+    global_step: int = 0
+    compile: bool = False
+
+
+def lr_at(step: int, steps: int, lr: float, tc: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < tc.warmup_steps:
+        return lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, steps - tc.warmup_steps)
+    return lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: nn.Module, lr: float, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms); fused on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy, total objective including the MoE balance and z losses)."""
+    out = model(x, return_details=True)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    total = loss
+    for logits in out.router_logits:
+        top_k = _config(model).top_k
+        total = total + tc.balance_coef * load_balancing_loss(logits, top_k) + tc.z_coef * router_z_loss(logits)
+    return loss, total
+
+
+def _config(model: nn.Module):
+    return getattr(model, "module", model).config
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, rt: Runtime) -> float:
+    total = 0.0
+    for x, y in batches:
+        with rt.autocast():
+            logits = model(x.to(rt.device))
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(rt.device).flatten()).item()
+    return total / len(batches)
+
+
+def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
+    """The module the loop steps through: compiled and/or DDP-wrapped; growth always sees the raw model."""
+    wrapped = torch.compile(model) if run.compile else model
+    if run.rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [run.rt.device.index] if run.rt.device.type == "cuda" else None
+        # Experts that get no token in a step have no gradient: DDP must be told to expect that.
+        wrapped = DDP(wrapped, device_ids=ids, find_unused_parameters=model.config.is_moe)
+    return wrapped
+
+
+def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int = 0,
+                optimizer_state: dict | None = None) -> float:
+    """Train `model` (raw, on the run's device) for the phase's remaining steps; return the final eval loss."""
+    rt, tc = run.rt, run.train
+    net = _wrap(model, run)
+    opt = make_optimizer(model, phase.lr, tc, rt.device)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+    eval_loss, t_last, last_logged = float("nan"), time.perf_counter(), start_step
+    bar = tqdm(range(start_step, phase.steps), initial=start_step, total=phase.steps, desc=phase.name,
+               disable=not rt.is_master or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    for step in bar:
+        lr = lr_at(step, phase.steps, phase.lr, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = run.batches.next()
+        with rt.autocast():
+            loss, total = lm_loss(net, x.to(rt.device), y.to(rt.device), tc)
+        total.backward()
+        nonfinite |= ~torch.isfinite(total.detach())
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        run.global_step += 1
+        done = step + 1 == phase.steps
+        due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
+        if any(due) and nonfinite.item():  # checked before anything after the divergence is logged or saved
+            raise TrainingDiverged(f"loss became {total.item()} at {phase.name} step {step + 1}")
+        if due[0]:
+            now = time.perf_counter()
+            ms, t_last, last_logged = 1000 * (now - t_last) / (step + 1 - last_logged), now, step + 1
+            value = loss.item()
+            if rt.is_master:
+                bar.write(f"step {step + 1} | loss {value:.4f} | lr {lr:.2e} | {ms:.0f} ms/step")
+            run.log.write(kind="train", phase=phase.name, step=step + 1, global_step=run.global_step,
+                          loss=value, lr=lr, time=time.time())
+        if (step + 1) % tc.eval_interval == 0 or done:
+            eval_loss = evaluate(model, run.val_batches, rt)
+            if rt.is_master:
+                bar.write(f"step {step + 1} | eval loss {eval_loss:.4f}")
+            run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=run.global_step,
+                          loss=eval_loss, time=time.time())
+        if (step + 1) % tc.checkpoint_interval == 0 or done:
+            run.save(model, opt, phase, step + 1, done, eval_loss, run.global_step)
+    bar.close()
+    return eval_loss

@@ -1,0 +1,86 @@
+"""What the run tells the user: phase headers, metrics.jsonl, the loss-curve picture."""
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from training.checkpoint import write_text_atomic
+
+BAR = "=" * 72
+
+
+def phase_header(title: str, steps: int, lr: float, device: str, model: nn.Module) -> str:
+    cfg = model.config
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    experts = f" (top-{cfg.top_k} of {cfg.n_experts} experts)" if cfg.is_moe else " (dense)"
+    return "\n".join([BAR, f"{title} | {steps} steps | lr {lr:.1e} | device {device}",
+                      f"Model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads"
+                      + (f", {cfg.n_experts} experts" if cfg.is_moe else ""),
+                      f"Total parameters: {total:,}",
+                      f"Active parameters per token: {active:,}{experts}",
+                      f"Efficiency: {100 * active / total:.1f}% active per forward pass", BAR])
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, records past the checkpoint's global step are dropped first."""
+
+    def __init__(self, path: str, resume_global_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_global_step is not None and os.path.exists(path):
+            kept = [line for line in open(path) if line.strip()
+                    and json.loads(line).get("global_step", 0) <= resume_global_step]
+            write_text_atomic(path, "".join(kept))
+        elif enabled and resume_global_step is None and os.path.exists(path):
+            os.remove(path)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        return [json.loads(line) for line in open(self.path) if line.strip()]
+
+
+PHASE_LABELS = {"dense": "Phase 1: dense", "moe": "Phase 2: MoE", "grown": "Phase 3: grown MoE"}
+
+
+def plot_losses(records: list[dict], path: str, title: str = "") -> str | None:
+    """Train and eval loss of every phase on one axis, transitions marked; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    starts = {}
+    for i, phase in enumerate(PHASE_LABELS):
+        train = [r for r in records if r["phase"] == phase and r["kind"] == "train"]
+        evals = [r for r in records if r["phase"] == phase and r["kind"] == "eval"]
+        if train:
+            starts[phase] = min(r["global_step"] for r in train)
+            ax.plot([r["global_step"] for r in train], [r["loss"] for r in train], color=f"C{i}", alpha=0.6,
+                    label=f"{PHASE_LABELS[phase]} train")
+        if evals:
+            ax.plot([r["global_step"] for r in evals], [r["loss"] for r in evals], "o-", color=f"C{i}",
+                    label=f"{PHASE_LABELS[phase]} eval")
+    for phase, name in (("moe", "dense → MoE"), ("grown", "bilateral growth")):
+        if phase in starts:
+            ax.axvline(starts[phase] - 0.5, color="grey", linestyle="--")
+            ax.text(starts[phase], ax.get_ylim()[1], f" {name}", va="top", color="grey")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title or "growth-verified training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,71 @@
+"""Where and how the run executes: device, precision, and DDP under torchrun (NCCL on GPU, gloo on CPU)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" else None  # CPU trains in fp32
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's value of flag on every rank (e.g. whether a check passed)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Pick the device; under torchrun (RANK/WORLD_SIZE set) join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch.cuda.is_available() is False; use --device=cpu")
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world_size, local_rank)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
