@@ -70,10 +70,11 @@ def plot_losses(records: list[dict], path: str, title: str = "") -> str | None:
         if evals:
             ax.plot([r["global_step"] for r in evals], [r["loss"] for r in evals], "o-", color=f"C{i}",
                     label=f"{PHASE_LABELS[phase]} eval")
-    for phase, name in (("moe", "dense → MoE"), ("grown", "bilateral growth")):
-        if phase in starts:
-            ax.axvline(starts[phase] - 0.5, color="grey", linestyle="--")
-            ax.text(starts[phase], ax.get_ylim()[1], f" {name}", va="top", color="grey")
+    for previous, phase, name in (("dense", "moe", "dense → MoE"), ("moe", "grown", "bilateral growth")):
+        before = [r["global_step"] for r in records if r["phase"] == previous]
+        if phase in starts and before:  # the transition happens right after the previous phase's last step
+            ax.axvline(max(before), color="grey", linestyle="--")
+            ax.text(max(before), ax.get_ylim()[1], f" {name}", va="top", color="grey")
     ax.set_xlabel("global step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title or "growth-verified training")

@@ -1,0 +1,149 @@
+"""The main job end to end on the micro preset: three phases, verified transitions, halting, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_tinystories
+from data.synthetic import generate_stories
+from training.checkpoint import latest_checkpoint, list_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Never reach for the hub in tests: the offline fallback (generated stories) is deterministic."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def run(out_dir, *args) -> int:
+    return train_tinystories.main(["--preset", "micro", "--out-dir", str(out_dir), *args])
+
+
+def records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(out)]) == 0
+    return out
+
+
+def test_micro_pipeline_runs_all_phases_with_outputs(finished_run, capsys):
+    out = finished_run
+    recs = records(out)
+    assert [p for p in ("dense", "moe", "grown") if any(r["phase"] == p for r in recs)] == ["dense", "moe", "grown"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert all(r["loss"] == r["loss"] for r in evals) and evals[-1]["loss"] < evals[0]["loss"]
+    assert os.path.getsize(out / "loss_curve.png") > 10_000
+    done = {c.phase for c in list_checkpoints(str(out / "checkpoints")) if c.meta["phase_done"]}
+    assert done == {"dense", "moe", "grown"}
+    assert (out / "tokenizer" / "tokenizer.json").exists() and (out / "settings.json").exists()
+    assert run(out, "--resume") == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_output_shows_headers_checks_and_summary(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    out = capsys.readouterr().out
+    for text in ("Phase 1: dense", "Phase 2: MoE", "Phase 3: grown MoE", "Total parameters:",
+                 "Active parameters per token:", "(top-2 of 4 experts)", "Efficiency:", "step 5 | loss",
+                 "TRANSITION 1", "✓ PASSED — functional equivalence confirmed", "VERIFICATION SUMMARY",
+                 "✓ ALL CHECKS PASSED", "TRAINING SUMMARY", "Sample: Once upon a time", "NOT TinyStories"):
+        assert text in out, text
+
+
+def test_zero_noise_halts_at_transition_2_then_resume_matches_uninterrupted(tmp_path, finished_run, capsys):
+    assert run(tmp_path, "--noise_std=0") == 1
+    out = capsys.readouterr().out
+    assert "✗ FAILED  Symmetry breaking" in out and "✗ HALTED" in out and "raise noise_std" in out
+    assert f"--out-dir {tmp_path} --resume --noise_std=0.3" in out
+    assert latest_checkpoint(str(tmp_path)).meta["phase"] == "moe"  # the trained phases are kept
+    assert (tmp_path / "loss_curve.png").exists()
+    assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--noise_std=0.3"]) == 0
+    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
+    got = [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)]
+    assert got == ref  # data order, RNG and optimizer state restored: bit-identical losses
+
+
+def test_resume_mid_phase_reproduces_the_uninterrupted_losses(tmp_path, finished_run):
+    """Keep only an early mid-phase checkpoint, as if the process died there, and resume."""
+    assert run(tmp_path) == 0
+    root = tmp_path / "checkpoints"
+    keep = "dense-000015"
+    for c in list_checkpoints(str(root), verify=False):
+        if os.path.basename(c.path) != keep:
+            import shutil
+
+            shutil.rmtree(c.path)
+    (root / "LATEST").write_text(keep)
+    assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume"]) == 0
+    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
+    assert [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)] == ref
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    assert run(tmp_path, "--noise_std=0") == 1
+    latest = latest_checkpoint(str(tmp_path))
+    with open(os.path.join(latest.path, "model.safetensors"), "r+b") as f:
+        f.seek(200)
+        f.write(b"garbage")
+    fallback = latest_checkpoint(str(tmp_path), log=print)
+    assert fallback is not None and fallback.path != latest.path
+    assert "corrupted" in capsys.readouterr().out
+
+
+def test_local_text_files_in_the_official_layout(tmp_path, capsys):
+    data = tmp_path / "stories.txt"
+    data.write_text("\n<|endoftext|>\n".join(generate_stories(1500, seed=3)) + "\n<|endoftext|>\n")
+    assert run(tmp_path / "run", "--data-files", str(data)) == 0
+    assert "local files: stories.txt (1,500 stories)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--bogus=1"], "unknown setting --bogus"),
+    (["--seq_len=999"], "seq_len=999 exceeds max_seq_len=128"),
+    (["--scale_factor=0"], "scale_factor=0"),
+    (["--top_k=9"], "top_k=9"),
+    (["--noise_std=-1"], "noise_std=-1"),
+    (["--dense_steps=0"], "dense_steps=0"),
+    (["--dense_lr=0"], "dense_lr=0"),
+    (["--n_heads=3"], "n_heads=3 must divide dim=64"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--data-files", "/no/such/file.txt"], "no such file"),
+    (["--resume"], "holds no run"),
+])
+def test_bad_input_exits_2_before_any_work(tmp_path, capsys, args, text):
+    out = tmp_path / "run"
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert text in err and err.count("\n") == 1  # one line
+    assert not (out / "checkpoints").exists()
+
+
+def test_existing_run_is_not_overwritten_and_its_model_is_fixed(finished_run, capsys):
+    before = sorted(os.listdir(finished_run / "checkpoints"))
+    assert run(finished_run) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train_tinystories.main(["--out-dir", str(finished_run), "--resume", "--dim=128"]) == 2
+    assert "cannot change on --resume" in capsys.readouterr().err
+    assert sorted(os.listdir(finished_run / "checkpoints")) == before
+
+
+def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "train_tinystories.py", "--preset", "micro", "--out-dir", str(tmp_path), "--dense_steps=10",
+           "--moe_steps=6", "--grown_steps=6", "--eval_interval=5", "--checkpoint_interval=5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("VERIFICATION SUMMARY") == 1  # checks run once, on rank 0
+    assert proc.stdout.count("TRAINING SUMMARY") == 1 and "✓ ALL CHECKS PASSED" in proc.stdout
+    assert {r["phase"] for r in records(tmp_path)} == {"dense", "moe", "grown"}
