@@ -190,7 +190,7 @@ PRESETS: dict[str, dict[str, object]] = {
                   eval_batches=2, log_interval=5, checkpoint_interval=15, n_experts=4, top_k=2,
                   scale_factor=2, extra_layers=2, offline_stories=2000, max_stories=2000, sample_tokens=40),
     "cpu": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, max_seq_len=256, seq_len=256, batch_size=16,
-                dense_steps=1200, moe_steps=400, grown_steps=300, n_experts=4, top_k=2, scale_factor=2,
+                dense_steps=1200, moe_steps=400, grown_steps=250, n_experts=4, top_k=2, scale_factor=2,
                 extra_layers=2, eval_interval=100, checkpoint_interval=200),
     "cuda": dict(vocab_size=4096, dim=512, n_layers=8, n_heads=8, max_seq_len=512, seq_len=512, batch_size=64,
                  dense_steps=4000, moe_steps=2000, grown_steps=3000, n_experts=8, top_k=2, scale_factor=2,

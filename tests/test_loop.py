@@ -1,0 +1,39 @@
+import math
+
+import pytest
+import torch
+
+from config import TrainConfig
+from models import build_model
+from tests.conftest import tiny_config, tokens_for
+from training.loop import evaluate, lm_loss, lr_at, make_optimizer
+from training.runtime import Runtime
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    tc = TrainConfig(warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 110, 1.0, tc) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55) and lrs[-1] > 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(500, 110, 1.0, tc) == pytest.approx(0.1)
+
+
+def test_optimizer_decays_matrices_but_not_norm_weights():
+    model = build_model(tiny_config())
+    opt = make_optimizer(model, 1e-3, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_moe_objective_adds_balance_and_z_losses_and_eval_matches_lm_loss():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_experts=4))
+    x = tokens_for(2, 33)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    tc = TrainConfig(balance_coef=0.01, z_coef=0.001)
+    loss, total = lm_loss(model, inputs, targets, tc)
+    assert total.item() > loss.item() and math.isfinite(total.item())
+    assert lm_loss(model, inputs, targets, TrainConfig(balance_coef=0, z_coef=0))[1].item() == pytest.approx(loss.item())
+    assert evaluate(model, [(inputs, targets)], Runtime(torch.device("cpu"))) == pytest.approx(loss.item(), rel=1e-6)
