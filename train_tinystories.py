@@ -144,13 +144,16 @@ def resume_hint(out_dir: str, failed: list[str], s: Settings) -> str:
     return f"python train_tinystories.py --out-dir {out_dir} --resume{extra}"
 
 
-def halt(why: str, out_dir: str, last: Checkpoint | None, hint: str, log: MetricsLog) -> int:
-    print(f"\n✗ HALTED: {why}")
-    if last is not None:
-        print(f"Last good checkpoint: {last.path} ({last.phase}, step {last.meta['step']}"
-              f"{', end of phase' if last.meta.get('phase_done') else ''}). Nothing trained is lost.")
-    print(f"After fixing, resume with:\n  {hint}")
-    plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"))
+def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> int:
+    """Exit code 1 with the diagnosis, the last good checkpoint and the command to resume (printed by rank 0)."""
+    if rt.is_master:
+        print(f"\n✗ HALTED: {why}")
+        last = latest_checkpoint(out_dir)
+        if last is not None:
+            print(f"Last good checkpoint: {last.path} ({last.phase}, step {last.meta['step']}"
+                  f"{', end of phase' if last.meta.get('phase_done') else ''}). Nothing trained is lost.")
+        print(f"After fixing, resume with:\n  {hint}")
+        plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"))
     return 1
 
 
@@ -168,6 +171,23 @@ def make_saver(out_dir: str, s: Settings, data: Data, rt: Runtime, evals: dict):
         return save_checkpoint(out_dir, model, state, meta)
 
     return save
+
+
+def start_point(ckpt: Checkpoint | None, s: Settings, data: Data, rt: Runtime):
+    """(model, phase index, step within it, optimizer state): a fresh dense model, the middle of a phase, or
+    the model of a finished phase, whose successor then begins with its transition."""
+    if ckpt is None:
+        torch.manual_seed(s.run.seed)
+        return build_model(s.model).to(rt.device), 0, 0, None
+    state = ckpt.load_state()
+    data.batches.load_state_dict({**state["batches"], "rank": rt.rank})
+    torch.set_rng_state(state["rng"])
+    if rt.is_master:
+        print(f"Resuming from {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']})")
+    index = PHASE_NAMES.index(ckpt.phase)
+    if ckpt.meta["phase_done"]:
+        return ckpt.load_model(rt.device), index + 1, 0, None
+    return ckpt.load_model(rt.device), index, ckpt.meta["step"], state["optimizer"]
 
 
 def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int:
@@ -188,35 +208,21 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int
     phases = [Phase("dense", "Phase 1: dense", tc.dense_steps, tc.dense_lr),
               Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr),
               Phase("grown", "Phase 3: grown MoE", tc.grown_steps, tc.grown_lr)]
-    # Where to start: a fresh dense model, the middle of a phase, or the transition after a finished one.
-    index, start_step, opt_state, pending = 0, 0, None, False
-    torch.manual_seed(s.run.seed)
-    model = build_model(s.model)
-    if ckpt is not None:
-        model, index = ckpt.load_model(), PHASE_NAMES.index(ckpt.phase)
-        state = ckpt.load_state()
-        data.batches.load_state_dict({**state["batches"], "rank": rt.rank})
-        torch.set_rng_state(state["rng"])
-        if ckpt.meta["phase_done"]:
-            index, pending = index + 1, True
-        else:
-            start_step, opt_state = ckpt.meta["step"], state["optimizer"]
-        say(f"Resuming from {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']})")
-    model = model.to(rt.device)
+    model, index, start_step, opt_state = start_point(ckpt, s, data, rt)
     for i in range(index, 3):
-        if i > 0 and (pending or i > index):
+        if i > 0 and start_step == 0:  # a phase that starts from the previous one's model: grow, then verify
             model, passed, failed = transition(i, model, data, s, rt)
             if not passed:
                 return halt(f"transition {i} failed the {', '.join(failed)} check(s); see the summary above.",
-                            out_dir, latest_checkpoint(out_dir, log=say), resume_hint(out_dir, failed, s), log)
+                            out_dir, resume_hint(out_dir, failed, s), log, rt)
         phase = phases[i]
         say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
         try:
             train_phase(model, phase, run, start_step, opt_state)
         except TrainingDiverged as e:
             return halt(f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps.", out_dir,
-                        latest_checkpoint(out_dir, log=say), f"python train_tinystories.py --out-dir {out_dir} --resume "
-                        f"--{phase.name}_lr={phase.lr / 3:.1e}", log)
+                        f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 3:.1e}",
+                        log, rt)
         start_step, opt_state = 0, None
         if rt.is_master:
             print(f"{phase.title} finished: eval loss {evals[phase.name]:.4f}\nSample: {sample_story(model, data, s, rt)}")
