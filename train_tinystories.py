@@ -70,7 +70,7 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str]) -> tuple[Se
     settings = build_settings(None if saved else preset, overrides, saved)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # per process: torchrun ranks probe at once
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
