@@ -92,7 +92,8 @@ def _prune(root: str, keep_periodic: int) -> None:
         shutil.rmtree(c.path, ignore_errors=True)
 
 
-def _read(path: str, verify: bool) -> Checkpoint | None:
+def read_checkpoint(path: str, verify: bool = True) -> Checkpoint | None:
+    """The checkpoint in path, or None if it is unreadable or (with verify) its files fail their hashes."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -107,7 +108,7 @@ def list_checkpoints(root: str, verify: bool = True) -> list[Checkpoint]:
     """Readable checkpoints, oldest first (by global step, then phase-end last)."""
     if not os.path.isdir(root):
         return []
-    found = [_read(os.path.join(root, n), verify) for n in os.listdir(root) if not n.startswith(".")]
+    found = [read_checkpoint(os.path.join(root, n), verify) for n in os.listdir(root) if not n.startswith(".")]
     found = [c for c in found if c is not None and os.path.isdir(c.path)]
     return sorted(found, key=lambda c: (c.meta["global_step"], bool(c.meta.get("phase_done"))))
 

@@ -1,0 +1,57 @@
+"""Export a checkpoint to Hugging Face `transformers`: dense -> LlamaForCausalLM, MoE -> MixtralForCausalLM.
+
+    python export_hf.py --checkpoint runs/cpu/checkpoints/grown-000250 --out hf/grown
+    python export_hf.py --checkpoint runs/cpu --out hf/latest          # a run directory: its newest checkpoint
+
+The directory holds config.json, model.safetensors and the run's tokenizer, and loads offline with
+AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from training.checkpoint import Checkpoint, latest_checkpoint, read_checkpoint
+
+
+def find_checkpoint(path: str) -> tuple[Checkpoint, str]:
+    """(checkpoint, run directory) for a checkpoint directory or a run directory."""
+    if os.path.exists(os.path.join(path, "meta.json")):
+        ckpt = read_checkpoint(path)
+        if ckpt is None:
+            raise ValueError(f"{path}: checkpoint is incomplete or corrupted (hash mismatch)")
+        return ckpt, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    ckpt = latest_checkpoint(path, log=lambda _: None)
+    if ckpt is None:
+        raise ValueError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return ckpt, path
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    args = p.parse_args(argv)
+    try:
+        if os.path.exists(args.out) and os.listdir(args.out):
+            raise ValueError(f"{args.out} exists and is not empty; choose a new --out (nothing is overwritten)")
+        ckpt, run_dir = find_checkpoint(args.checkpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from data import load_tokenizer
+    from transfer.hf_format import export_hf
+
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+    model = ckpt.load_model()
+    export_hf(model, args.out, tokenizer)
+    kind = "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM"
+    print(f"exported {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']}, {model.num_parameters():,} parameters) "
+          f"as {kind} to {args.out}" + ("" if tokenizer else " (no tokenizer found beside the checkpoints)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,129 @@
+"""Every phase's model exports to transformers (Llama / Mixtral), computes the same logits and greedy
+tokens there, and imports back exactly."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import export_hf
+from data import generate_stories, train_tokenizer
+from models import build_model, generate
+from tests.conftest import tiny_config, tokens_for
+from transfer import dense_to_moe, scale_bilaterally
+from transfer.hf_format import UnsupportedModel, export_hf as export, from_hf, to_hf
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(generate_stories(300), 300)
+
+
+def trained_like_moe(dense):
+    """An upcycled MoE whose experts and router have moved apart, so routing changes the function."""
+    moe = dense_to_moe(dense, 4, 2)
+    with torch.no_grad():
+        for b in moe.blocks:
+            for p in (b.ffn.gate_proj, b.ffn.up_proj, b.ffn.down_proj):
+                p.add_(torch.randn_like(p) * 0.02)
+            b.ffn.router.weight.mul_(30)
+    return moe
+
+
+def phase_models():
+    torch.manual_seed(0)
+    dense = build_model(tiny_config(n_kv_heads=2, rope_theta=5000.0, norm_eps=1e-5))
+    moe = trained_like_moe(dense)
+    return {"dense": dense, "moe": moe, "grown": scale_bilaterally(moe, 2, 1)}
+
+
+@pytest.mark.parametrize("phase", ["dense", "moe", "grown"])
+def test_exported_model_matches_logits_and_greedy_tokens_and_round_trips(tmp_path, tokenizer, phase):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = phase_models()[phase]
+    export(model, str(tmp_path), tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == ("LlamaForCausalLM" if phase == "dense" else "MixtralForCausalLM")
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).encode("Once upon a time") == tokenizer.encode("Once upon a time")
+    tokens = tokens_for(2, model.config.max_seq_len)  # full context length
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+    prompt = tokens[:1, :12]
+    ours = generate(model, prompt, 40, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(ours, theirs)
+    back = from_hf(str(tmp_path))
+    resolved = lambda c: replace(c, ffn_dim=c.hidden_dim, n_kv_heads=c.kv_heads)  # noqa: E731
+    assert resolved(back.config) == resolved(model.config)
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_config_fields_that_differ_from_hf_defaults_are_written(tmp_path):
+    model = phase_models()["grown"]
+    export(model, str(tmp_path))
+    import json
+
+    cfg = json.load(open(tmp_path / "config.json"))
+    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
+    assert theta == 5000.0 and cfg["rms_norm_eps"] == 1e-5 and cfg["tie_word_embeddings"] is False
+    assert cfg["num_key_value_heads"] == 4 and cfg["num_experts_per_tok"] == 2 and cfg["num_local_experts"] == 4
+    assert cfg["max_position_embeddings"] == 128 and cfg["head_dim"] == 8
+
+
+def test_the_comparison_can_fail_a_wrong_expert_layout_is_visible():
+    model = phase_models()["moe"]
+    hf = to_hf(model)
+    tokens = tokens_for(2, 64)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "gate_up_proj" in name or name.endswith("w1.weight"):
+                p.copy_(p.flip(-2))  # rows in the wrong order: gate and up mixed
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() > 1e-3
+
+
+def test_tied_model_exports_tied_and_keeps_its_embedding(tmp_path):
+    torch.manual_seed(1)
+    model = build_model(tiny_config())
+    export(model, str(tmp_path))
+    back = from_hf(str(tmp_path))
+    assert back.config.tie_embeddings and back.lm_head.weight is back.embed.weight
+    assert torch.equal(back.embed.weight, model.embed.weight)
+
+
+def test_unrepresentable_models_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    for extra, text in [(dict(attention_bias=True), "biases"),
+                        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling"),
+                        (dict(hidden_act="gelu"), "activation")]:
+        with pytest.raises(UnsupportedModel, match=text):
+            from_hf(LlamaForCausalLM(LlamaConfig(**base, **extra)))
+
+
+def test_export_leaves_the_model_untouched():
+    model = phase_models()["grown"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_hf(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_export_cli_from_a_run_directory(tmp_path, capsys):
+    import train_tinystories
+
+    run = tmp_path / "run"
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(run), "--dense_steps=5", "--moe_steps=5",
+                                   "--grown_steps=5", "--eval_interval=5", "--checkpoint_interval=5"]) == 0
+    out = tmp_path / "hf"
+    assert export_hf.main(["--checkpoint", str(run), "--out", str(out)]) == 0
+    assert "MixtralForCausalLM" in capsys.readouterr().out
+    assert os.path.exists(out / "config.json") and os.path.exists(out / "tokenizer.json")
+    assert export_hf.main(["--checkpoint", str(run), "--out", str(out)]) == 2  # never overwrites
+    assert export_hf.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

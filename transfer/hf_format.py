@@ -1,0 +1,172 @@
+"""Hugging Face `transformers` interop: a dense model is a LlamaForCausalLM, an MoE a MixtralForCausalLM.
+
+    hf = to_hf(model)                      # an in-memory transformers model with the same function
+    export_hf(model, "out/", tokenizer)    # save_pretrained: config.json, safetensors, tokenizer
+    model = from_hf("out/")                # back into the project's model, exactly
+
+The layouts already agree (rotate-half RoPE, [out, in] weights, RMSNorm with eps inside the root, Mixtral's
+softmax -> top-k -> renormalise routing), so conversion renames tensors; Mixtral's experts are packed
+per transformers version (v5: experts.gate_up_proj [E, 2F, D]; v4: experts.N.w1/w2/w3).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from config import ModelConfig
+from models import build_model
+
+
+class UnsupportedModel(ValueError):
+    """A transformers model this project cannot represent exactly."""
+
+
+def hf_config(cfg: ModelConfig, eos_token_id: int | None = None):
+    """LlamaConfig or MixtralConfig with every field that differs from the HF default written explicitly."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+                  head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+                  bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    if cfg.is_moe:
+        return MixtralConfig(**common, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                             sliding_window=None, output_router_logits=False)
+    return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+
+
+def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The project's weights under the transformers model's own key names."""
+    cfg, sd = model.config, {}
+    sd["model.embed_tokens.weight"] = model.embed.weight
+    sd["model.norm.weight"] = model.norm.weight
+    sd["lm_head.weight"] = model.lm_head.weight
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = b.attention_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = b.ffn_norm.weight
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = getattr(b.attention, n).weight
+        if not cfg.is_moe:
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                sd[p + f"mlp.{n}.weight"] = getattr(b.ffn, n).weight
+        elif p + "mlp.experts.gate_up_proj" in hf_keys:  # transformers 5: packed experts
+            sd[p + "mlp.gate.weight"] = b.ffn.router.weight
+            sd[p + "mlp.experts.gate_up_proj"] = torch.cat([b.ffn.gate_proj, b.ffn.up_proj], dim=1)
+            sd[p + "mlp.experts.down_proj"] = b.ffn.down_proj
+        else:  # transformers 4: one module per expert
+            sd[p + "block_sparse_moe.gate.weight"] = b.ffn.router.weight
+            for e in range(cfg.n_experts):
+                q = p + f"block_sparse_moe.experts.{e}."
+                sd[q + "w1.weight"], sd[q + "w3.weight"] = b.ffn.gate_proj[e], b.ffn.up_proj[e]
+                sd[q + "w2.weight"] = b.ffn.down_proj[e]
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items() if k in hf_keys}
+
+
+def to_hf(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
+    """A transformers LlamaForCausalLM / MixtralForCausalLM computing what `model` computes (fp32, CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model.config, eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        hf = AutoModelForCausalLM.from_config(config)
+    keys = set(hf.state_dict())
+    missing, unexpected = hf.load_state_dict(_hf_state(model, keys), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:  # a silently random lm_head or expert is the trap this guards against
+        raise RuntimeError(f"export left tensors unset {missing} or unused {unexpected}")
+    return hf.eval()
+
+
+def export_hf(model: nn.Module, out_dir: str, tokenizer=None) -> str:
+    """save_pretrained the converted model (and the run's tokenizer) into out_dir; loadable offline."""
+    eos = None if tokenizer is None else tokenizer.eos_token_id
+    hf = to_hf(model, eos)
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _supported(c) -> ModelConfig:
+    """The project's ModelConfig for a transformers config, or UnsupportedModel naming what differs."""
+    problems = []
+    if c.model_type not in ("llama", "mixtral"):
+        problems.append(f"model_type {c.model_type!r} (only llama and mixtral)")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        problems.append("attention or MLP biases")
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    if getattr(c, "hidden_act", "silu") != "silu":
+        problems.append(f"activation {c.hidden_act!r}")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        problems.append(f"head_dim {head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}")
+    if c.model_type == "mixtral" and getattr(c, "sliding_window", None):
+        problems.append(f"sliding-window attention ({c.sliding_window})")
+    if problems:
+        raise UnsupportedModel("cannot represent this transformers model exactly: " + "; ".join(problems))
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    return ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+                       n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, ffn_dim=c.intermediate_size,
+                       max_seq_len=c.max_position_embeddings, rope_theta=float(theta), norm_eps=c.rms_norm_eps,
+                       n_experts=getattr(c, "num_local_experts", 0) if c.model_type == "mixtral" else 0,
+                       top_k=getattr(c, "num_experts_per_tok", 2), tie_embeddings=bool(c.tie_word_embeddings))
+
+
+def from_hf(path_or_model) -> nn.Module:
+    """The project's model from a transformers directory (or loaded model), weights copied exactly."""
+    from transformers import AutoModelForCausalLM
+
+    hf = path_or_model
+    if isinstance(path_or_model, (str, os.PathLike)):
+        hf = AutoModelForCausalLM.from_pretrained(path_or_model, torch_dtype=torch.float32)
+    cfg = _supported(hf.config)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg)
+    hf_sd = hf.state_dict()
+    with torch.no_grad():
+        for key, write in _targets(model, set(hf_sd)).items():
+            write(hf_sd[key].float())
+    return model
+
+
+def _targets(model: nn.Module, hf_keys: set[str]) -> dict:
+    """For each HF key, a function writing that tensor into the project's model."""
+    def into(param: torch.Tensor, index=None):
+        return lambda t: (param if index is None else param[index]).copy_(t)
+
+    cfg, out = model.config, {}
+    out["model.embed_tokens.weight"] = into(model.embed.weight)
+    out["model.norm.weight"] = into(model.norm.weight)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = into(model.lm_head.weight)
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = into(b.attention_norm.weight)
+        out[p + "post_attention_layernorm.weight"] = into(b.ffn_norm.weight)
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{n}.weight"] = into(getattr(b.attention, n).weight)
+        if not cfg.is_moe:
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                out[p + f"mlp.{n}.weight"] = into(getattr(b.ffn, n).weight)
+        elif p + "mlp.experts.gate_up_proj" in hf_keys:
+            f = b.ffn
+            out[p + "mlp.gate.weight"] = into(f.router.weight)
+            out[p + "mlp.experts.gate_up_proj"] = lambda t, f=f: (f.gate_proj.copy_(t[:, :cfg.hidden_dim]),
+                                                                   f.up_proj.copy_(t[:, cfg.hidden_dim:]))
+            out[p + "mlp.experts.down_proj"] = into(f.down_proj)
+        else:
+            out[p + "block_sparse_moe.gate.weight"] = into(b.ffn.router.weight)
+            for e in range(cfg.n_experts):
+                q = p + f"block_sparse_moe.experts.{e}."
+                out[q + "w1.weight"], out[q + "w3.weight"] = into(b.ffn.gate_proj, e), into(b.ffn.up_proj, e)
+                out[q + "w2.weight"] = into(b.ffn.down_proj, e)
+    missing = set(out) - hf_keys
+    if missing:
+        raise UnsupportedModel(f"the transformers model lacks {sorted(missing)[:3]}: not a Llama/Mixtral layout")
+    return out
