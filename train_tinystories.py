@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +29,8 @@ from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from training.loop import Phase, PhaseRun, TrainingDiverged, train_phase
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime, setup_runtime, teardown_runtime
-from training.settings import Settings, build_settings, default_preset, load_saved_settings, save_settings
+from training.settings import (Settings, build_settings, check_consistency, default_preset, load_saved_settings,
+                               save_settings)
 from transfer import check_functional_equivalence, check_router_integrity, dense_to_moe, detailed_growth_check
 from transfer import scale_bilaterally
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out-dir", help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     p.add_argument("--seed", type=int, help="random seed (same as --seed=N)")
+    p.add_argument("--init-from-hf", metavar="PATH", help="start phase 1 from a Llama-architecture transformers "
+                   "checkpoint on disk (its weights and tokenizer) instead of a fresh model")
     args, rest = p.parse_known_args(argv)
     if args.seed is not None:
         rest.append(f"--seed={args.seed}")
@@ -68,6 +71,8 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str]) -> tuple[Se
     if not args.resume and latest_checkpoint(out_dir, log=lambda _: None) is not None:
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
     settings = build_settings(None if saved else preset, overrides, saved)
+    if args.init_from_hf and not args.resume:
+        settings = with_hf_model(settings, args.init_from_hf, overrides)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # per process: torchrun ranks probe at once
@@ -78,7 +83,33 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str]) -> tuple[Se
     return settings, out_dir
 
 
-def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime) -> Data:
+def with_hf_model(s: Settings, path: str, overrides: list[str]) -> Settings:
+    """Settings whose phase-1 model is the transformers checkpoint's (ConfigError if it cannot be used)."""
+    from transfer.hf_format import UnsupportedModel, read_hf_config
+
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"--init-from-hf {path}: not a transformers model directory (no config.json)")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise ConfigError(f"--init-from-hf {path}: no tokenizer.json beside the model; save its fast tokenizer there")
+    model_fields = set(config_to_dict(s.model)) - {"n_experts", "top_k"}
+    clash = [a for a in overrides if a[2:].split("=", 1)[0] in model_fields]
+    if clash:
+        raise ConfigError(f"{' '.join(clash)}: the model comes from --init-from-hf and cannot be changed")
+    try:
+        cfg = read_hf_config(path)
+    except (UnsupportedModel, OSError, ValueError) as e:
+        raise ConfigError(f"--init-from-hf {path}: {e}") from None
+    if cfg.is_moe:
+        raise ConfigError(f"--init-from-hf {path}: a Mixtral (MoE) model; phase 1 needs a dense Llama model")
+    settings = replace(s, model=cfg)
+    if settings.train.seq_len > cfg.max_seq_len:
+        settings = replace(settings, train=replace(settings.train, seq_len=cfg.max_seq_len))
+    check_consistency(settings)
+    return settings
+
+
+def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime,
+              hf_path: str | None = None) -> Data:
     """Corpus -> tokenizer (trained once, kept beside the checkpoints) -> cached token arrays -> batches."""
     log = print if rt.is_master else (lambda _: None)
     corpus = load_corpus(data_files, s.data.val_fraction, s.data.max_stories or None, s.run.seed,
@@ -87,7 +118,9 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     tok_dir, cache = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "cache")
     if rt.is_master:
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            save_tokenizer(train_tokenizer(corpus.train, s.model.vocab_size), tok_dir)
+            # A model brought in with --init-from-hf keeps its own tokenizer; otherwise train one on the text.
+            tokenizer = load_tokenizer(hf_path) if hf_path else train_tokenizer(corpus.train, s.model.vocab_size)
+            save_tokenizer(tokenizer, tok_dir)
         tokenize_to_cache(corpus.train, load_tokenizer(tok_dir), cache)
         tokenize_to_cache(corpus.val, load_tokenizer(tok_dir), cache)
     rt.barrier()
@@ -173,11 +206,15 @@ def make_saver(out_dir: str, s: Settings, data: Data, rt: Runtime, evals: dict):
     return save
 
 
-def start_point(ckpt: Checkpoint | None, s: Settings, data: Data, rt: Runtime):
-    """(model, phase index, step within it, optimizer state): a fresh dense model, the middle of a phase, or
-    the model of a finished phase, whose successor then begins with its transition."""
+def start_point(ckpt: Checkpoint | None, s: Settings, data: Data, rt: Runtime, hf_path: str | None = None):
+    """(model, phase index, step within it, optimizer state): a fresh (or --init-from-hf) dense model, the middle
+    of a phase, or the model of a finished phase, whose successor then begins with its transition."""
     if ckpt is None:
         torch.manual_seed(s.run.seed)
+        if hf_path:
+            from transfer.hf_format import from_hf
+
+            return from_hf(hf_path).to(rt.device), 0, 0, None
         return build_model(s.model).to(rt.device), 0, 0, None
     state = ckpt.load_state()
     data.batches.load_state_dict({**state["batches"], "rank": rt.rank})
@@ -199,7 +236,7 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int
         return 0
     if rt.is_master:
         save_settings(s, out_dir)
-    data = load_data(s, args.data_files, out_dir, rt)
+    data = load_data(s, args.data_files, out_dir, rt, None if args.resume else args.init_from_hf)
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
     evals = dict(ckpt.meta["eval_losses"]) if ckpt else {}
     run = PhaseRun(rt, s.train, data.batches, data.val_batches, log, make_saver(out_dir, s, data, rt, evals),
@@ -208,7 +245,7 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int
     phases = [Phase("dense", "Phase 1: dense", tc.dense_steps, tc.dense_lr),
               Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr),
               Phase("grown", "Phase 3: grown MoE", tc.grown_steps, tc.grown_lr)]
-    model, index, start_step, opt_state = start_point(ckpt, s, data, rt)
+    model, index, start_step, opt_state = start_point(ckpt, s, data, rt, None if args.resume else args.init_from_hf)
     for i in range(index, 3):
         if i > 0 and start_step == 0:  # a phase that starts from the previous one's model: grow, then verify
             model, passed, failed = transition(i, model, data, s, rt)

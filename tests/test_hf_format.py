@@ -127,3 +127,39 @@ def test_export_cli_from_a_run_directory(tmp_path, capsys):
     assert os.path.exists(out / "config.json") and os.path.exists(out / "tokenizer.json")
     assert export_hf.main(["--checkpoint", str(run), "--out", str(out)]) == 2  # never overwrites
     assert export_hf.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_init_from_hf_starts_phase_1_from_a_llama_checkpoint(tmp_path, tokenizer, capsys):
+    """A small Llama saved by transformers (with its tokenizer) is upcycled and grown by the pipeline."""
+    import train_tinystories
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, rope_theta=5000.0, tie_word_embeddings=False))
+    src = tmp_path / "llama"
+    llama.save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    run = tmp_path / "run"
+    args = ["--preset", "micro", "--out-dir", str(run), "--init-from-hf", str(src), "--dense_steps=3",
+            "--moe_steps=3", "--grown_steps=3", "--eval_interval=3", "--checkpoint_interval=3", "--dense_lr=1e-9"]
+    assert train_tinystories.main(args) == 0
+    assert "✓ ALL CHECKS PASSED" in capsys.readouterr().out
+    from training.checkpoint import read_checkpoint
+
+    dense = read_checkpoint(str(run / "checkpoints" / "dense-000003")).load_model()  # barely moved (lr 1e-9)
+    assert torch.allclose(dense.embed.weight, llama.model.embed_tokens.weight, atol=1e-6)
+    assert torch.allclose(dense.blocks[1].attention.k_proj.weight, llama.model.layers[1].self_attn.k_proj.weight, atol=1e-6)
+    import json
+
+    settings = json.load(open(run / "settings.json"))["model"]
+    assert (settings["dim"], settings["n_kv_heads"], settings["rope_theta"], settings["vocab_size"]) == (64, 2, 5000.0, 300)
+    bad = tmp_path / "bad"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, attention_bias=True)).save_pretrained(str(bad))
+    tokenizer.save_pretrained(str(bad))
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(tmp_path / "r2"), "--init-from-hf", str(bad)]) == 2
+    assert "biases" in capsys.readouterr().err
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(tmp_path / "r3"), "--init-from-hf", str(src),
+                                   "--dim=32"]) == 2

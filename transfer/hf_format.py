@@ -118,6 +118,13 @@ def _supported(c) -> ModelConfig:
                        top_k=getattr(c, "num_experts_per_tok", 2), tie_embeddings=bool(c.tie_word_embeddings))
 
 
+def read_hf_config(path: str) -> ModelConfig:
+    """The ModelConfig of a transformers directory, from its config.json alone (UnsupportedModel if it cannot be)."""
+    from transformers import AutoConfig
+
+    return _supported(AutoConfig.from_pretrained(path, local_files_only=True))
+
+
 def from_hf(path_or_model) -> nn.Module:
     """The project's model from a transformers directory (or loaded model), weights copied exactly."""
     from transformers import AutoModelForCausalLM
