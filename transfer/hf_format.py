@@ -38,32 +38,49 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None = None):
     return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
 
 
-def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
-    """The project's weights under the transformers model's own key names."""
-    cfg, sd = model.config, {}
-    sd["model.embed_tokens.weight"] = model.embed.weight
-    sd["model.norm.weight"] = model.norm.weight
-    sd["lm_head.weight"] = model.lm_head.weight
+def _mapping(model: nn.Module, hf_keys: set[str]) -> dict[str, tuple]:
+    """For each transformers key: (read, write) of the matching tensor of the project's model.
+
+    One table serves export (read) and import (write), so the two directions cannot disagree.
+    """
+    def plain(t: torch.Tensor) -> tuple:
+        return (lambda: t, lambda v: t.copy_(v))
+
+    cfg, out = model.config, {}
+    out["model.embed_tokens.weight"] = plain(model.embed.weight)
+    out["model.norm.weight"] = plain(model.norm.weight)
+    if not cfg.tie_embeddings or "lm_head.weight" in hf_keys:
+        out["lm_head.weight"] = plain(model.lm_head.weight)
     for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = b.attention_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = b.ffn_norm.weight
+        p, f = f"model.layers.{i}.", b.ffn
+        out[p + "input_layernorm.weight"] = plain(b.attention_norm.weight)
+        out[p + "post_attention_layernorm.weight"] = plain(b.ffn_norm.weight)
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = getattr(b.attention, n).weight
+            out[p + f"self_attn.{n}.weight"] = plain(getattr(b.attention, n).weight)
         if not cfg.is_moe:
             for n in ("gate_proj", "up_proj", "down_proj"):
-                sd[p + f"mlp.{n}.weight"] = getattr(b.ffn, n).weight
-        elif p + "mlp.experts.gate_up_proj" in hf_keys:  # transformers 5: packed experts
-            sd[p + "mlp.gate.weight"] = b.ffn.router.weight
-            sd[p + "mlp.experts.gate_up_proj"] = torch.cat([b.ffn.gate_proj, b.ffn.up_proj], dim=1)
-            sd[p + "mlp.experts.down_proj"] = b.ffn.down_proj
-        else:  # transformers 4: one module per expert
-            sd[p + "block_sparse_moe.gate.weight"] = b.ffn.router.weight
+                out[p + f"mlp.{n}.weight"] = plain(getattr(f, n).weight)
+        elif p + "mlp.experts.gate_up_proj" in hf_keys:  # transformers 5: packed experts, gate rows first
+            out[p + "mlp.gate.weight"] = plain(f.router.weight)
+            out[p + "mlp.experts.gate_up_proj"] = (
+                lambda f=f: torch.cat([f.gate_proj, f.up_proj], dim=1),
+                lambda v, f=f: (f.gate_proj.copy_(v[:, :cfg.hidden_dim]), f.up_proj.copy_(v[:, cfg.hidden_dim:])))
+            out[p + "mlp.experts.down_proj"] = plain(f.down_proj)
+        else:  # transformers 4: one module per expert (w1 gate, w3 up, w2 down)
+            out[p + "block_sparse_moe.gate.weight"] = plain(f.router.weight)
             for e in range(cfg.n_experts):
                 q = p + f"block_sparse_moe.experts.{e}."
-                sd[q + "w1.weight"], sd[q + "w3.weight"] = b.ffn.gate_proj[e], b.ffn.up_proj[e]
-                sd[q + "w2.weight"] = b.ffn.down_proj[e]
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items() if k in hf_keys}
+                out[q + "w1.weight"], out[q + "w3.weight"] = plain(f.gate_proj[e]), plain(f.up_proj[e])
+                out[q + "w2.weight"] = plain(f.down_proj[e])
+    missing = set(out) - hf_keys
+    if missing:
+        raise UnsupportedModel(f"the transformers model lacks {sorted(missing)[:3]}: not a Llama/Mixtral layout")
+    return out
+
+
+def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The project's weights under the transformers model's own key names (fp32 CPU copies)."""
+    return {k: read().detach().float().cpu().clone() for k, (read, _) in _mapping(model, hf_keys).items()}
 
 
 def to_hf(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
@@ -137,43 +154,6 @@ def from_hf(path_or_model) -> nn.Module:
         model = build_model(cfg)
     hf_sd = hf.state_dict()
     with torch.no_grad():
-        for key, write in _targets(model, set(hf_sd)).items():
+        for key, (_, write) in _mapping(model, set(hf_sd)).items():
             write(hf_sd[key].float())
     return model
-
-
-def _targets(model: nn.Module, hf_keys: set[str]) -> dict:
-    """For each HF key, a function writing that tensor into the project's model."""
-    def into(param: torch.Tensor, index=None):
-        return lambda t: (param if index is None else param[index]).copy_(t)
-
-    cfg, out = model.config, {}
-    out["model.embed_tokens.weight"] = into(model.embed.weight)
-    out["model.norm.weight"] = into(model.norm.weight)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = into(model.lm_head.weight)
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = into(b.attention_norm.weight)
-        out[p + "post_attention_layernorm.weight"] = into(b.ffn_norm.weight)
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[p + f"self_attn.{n}.weight"] = into(getattr(b.attention, n).weight)
-        if not cfg.is_moe:
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                out[p + f"mlp.{n}.weight"] = into(getattr(b.ffn, n).weight)
-        elif p + "mlp.experts.gate_up_proj" in hf_keys:
-            f = b.ffn
-            out[p + "mlp.gate.weight"] = into(f.router.weight)
-            out[p + "mlp.experts.gate_up_proj"] = lambda t, f=f: (f.gate_proj.copy_(t[:, :cfg.hidden_dim]),
-                                                                   f.up_proj.copy_(t[:, cfg.hidden_dim:]))
-            out[p + "mlp.experts.down_proj"] = into(f.down_proj)
-        else:
-            out[p + "block_sparse_moe.gate.weight"] = into(b.ffn.router.weight)
-            for e in range(cfg.n_experts):
-                q = p + f"block_sparse_moe.experts.{e}."
-                out[q + "w1.weight"], out[q + "w3.weight"] = into(b.ffn.gate_proj, e), into(b.ffn.up_proj, e)
-                out[q + "w2.weight"] = into(b.ffn.down_proj, e)
-    missing = set(out) - hf_keys
-    if missing:
-        raise UnsupportedModel(f"the transformers model lacks {sorted(missing)[:3]}: not a Llama/Mixtral layout")
-    return out
