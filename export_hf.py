@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from training.checkpoint import Checkpoint, latest_checkpoint, read_checkpoint
+from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
 
 
 def find_checkpoint(path: str) -> tuple[Checkpoint, str]:
@@ -45,7 +45,11 @@ def main(argv: list[str]) -> int:
 
     tok_dir = os.path.join(run_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
-    model = ckpt.load_model()
+    try:
+        model = ckpt.load_model()
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     export_hf(model, args.out, tokenizer)
     kind = "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM"
     print(f"exported {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']}, {model.num_parameters():,} parameters) "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -25,8 +26,8 @@ from config import ConfigError, config_to_dict
 from data import DataError, TokenBatches, check_files, eval_batches, load_corpus, load_tokenizer, save_tokenizer
 from data import tokenize_to_cache, train_tokenizer
 from models import build_model, generate
-from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from training.loop import Phase, PhaseRun, TrainingDiverged, train_phase
+from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingInterrupted, train_phase
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime, setup_runtime, teardown_runtime
 from training.settings import (Settings, build_settings, check_consistency, default_preset, load_saved_settings,
@@ -227,7 +228,7 @@ def start_point(ckpt: Checkpoint | None, s: Settings, data: Data, rt: Runtime, h
     return ckpt.load_model(rt.device), index, ckpt.meta["step"], state["optimizer"]
 
 
-def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int:
+def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime, stop: "StopSignals | None" = None) -> int:
     started = time.time()
     say = print if rt.is_master else (lambda *a, **k: None)
     ckpt = latest_checkpoint(out_dir, log=say) if args.resume else None
@@ -240,7 +241,8 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime) -> int
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
     evals = dict(ckpt.meta["eval_losses"]) if ckpt else {}
     run = PhaseRun(rt, s.train, data.batches, data.val_batches, log, make_saver(out_dir, s, data, rt, evals),
-                   ckpt.meta["global_step"] if ckpt else 0, s.run.compile)
+                   ckpt.meta["global_step"] if ckpt else 0, s.run.compile,
+                   (lambda: stop.received) if stop else (lambda: None))
     tc = s.train
     phases = [Phase("dense", "Phase 1: dense", tc.dense_steps, tc.dense_lr),
               Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr),
@@ -282,6 +284,26 @@ def summary(evals: dict, seconds: float, out_dir: str, log: MetricsLog) -> None:
     print(f"  Outputs in {out_dir}: metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, tokenizer/\n{BAR}")
 
 
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the training loop reads between steps (it then saves and stops)."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def __enter__(self) -> "StopSignals":
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -293,10 +315,17 @@ def main(argv: list[str]) -> int:
         return 2
     rt = setup_runtime(settings.run.device)
     try:
-        return run(args, settings, out_dir, rt)
-    except DataError as e:
+        with StopSignals() as stop:
+            return run(args, settings, out_dir, rt, stop)
+    except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if rt.is_master:
+            where = f"checkpoint saved: {e.checkpoint}" if e.checkpoint else "nothing new to save since the last checkpoint"
+            print(f"\nStopped by {e.signal_name}; {where}.\nResume with:\n  python train_tinystories.py "
+                  f"--out-dir {out_dir} --resume")
+        return 130 if e.signal_name == "SIGINT" else 143
     finally:
         teardown_runtime(rt)
 

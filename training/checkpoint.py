@@ -25,6 +25,10 @@ from models import build_model
 PHASES = ("dense", "moe", "grown")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming it and the problem."""
+
+
 @dataclass
 class Checkpoint:
     path: str
@@ -36,8 +40,14 @@ class Checkpoint:
 
     def load_model(self, device: torch.device | str = "cpu") -> nn.Module:
         """The checkpoint's model, built from its own config and loaded strictly."""
-        model = build_model(ModelConfig(**self.meta["model_config"]))
-        load_model(model, os.path.join(self.path, "model.safetensors"), strict=True)
+        try:
+            model = build_model(ModelConfig(**self.meta["model_config"]))
+            load_model(model, os.path.join(self.path, "model.safetensors"), strict=True)
+        except (RuntimeError, TypeError, ValueError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            first = next((line for line in lines if "mismatch" in line), lines[0])
+            raise CheckpointError(f"{self.path}: its weights do not match its recorded architecture ({first[:160]}); "
+                                  "it was not written by this project's model") from None
         return model.to(device)
 
     def load_state(self) -> dict:

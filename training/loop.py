@@ -21,6 +21,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last completed step was written (path in .checkpoint)."""
+
+    def __init__(self, signal_name: str, checkpoint: str | None):
+        super().__init__(signal_name)
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+
+
 @dataclass
 class Phase:
     name: str  # dense | moe | grown
@@ -41,6 +49,7 @@ class PhaseRun:
     save: Callable[..., str | None]  # save(model, optimizer, phase, step, done, eval_loss, global_step)
     global_step: int = 0
     compile: bool = False
+    stop_requested: Callable[[], str | None] = lambda: None  # name of a pending SIGINT/SIGTERM, if any
 
 
 def lr_at(step: int, steps: int, lr: float, tc: TrainConfig) -> float:
@@ -109,6 +118,12 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int =
     bar = tqdm(range(start_step, phase.steps), initial=start_step, total=phase.steps, desc=phase.name,
                disable=not rt.is_master or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
     for step in bar:
+        signal_name = run.stop_requested()
+        if rt.distributed:  # every rank must stop at the same step, or the next collective hangs
+            signal_name = signal_name or ("SIGTERM" if rt.broadcast_flag(bool(signal_name)) else None)
+        if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
+            path = run.save(model, opt, phase, step, False, eval_loss, run.global_step) if step > start_step else None
+            raise TrainingInterrupted(signal_name, path)
         lr = lr_at(step, phase.steps, phase.lr, tc)
         for group in opt.param_groups:
             group["lr"] = lr

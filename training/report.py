@@ -29,8 +29,7 @@ class MetricsLog:
     def __init__(self, path: str, resume_global_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if enabled and resume_global_step is not None and os.path.exists(path):
-            kept = [line for line in open(path) if line.strip()
-                    and json.loads(line).get("global_step", 0) <= resume_global_step]
+            kept = [line for line in open(path) if (r := _parse(line)) and r.get("global_step", 0) <= resume_global_step]
             write_text_atomic(path, "".join(kept))
         elif enabled and resume_global_step is None and os.path.exists(path):
             os.remove(path)
@@ -43,7 +42,15 @@ class MetricsLog:
     def records(self) -> list[dict]:
         if not os.path.exists(self.path):
             return []
-        return [json.loads(line) for line in open(self.path) if line.strip()]
+        return [r for line in open(self.path) if (r := _parse(line))]
+
+
+def _parse(line: str) -> dict | None:
+    """One record, or None for a blank line or the half-written last line of a killed process."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 PHASE_LABELS = {"dense": "Phase 1: dense", "moe": "Phase 2: MoE", "grown": "Phase 3: grown MoE"}
