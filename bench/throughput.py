@@ -1,0 +1,143 @@
+"""Training-step throughput of the project's models against transformers' Llama / Mixtral, and MoE layer cost.
+
+    python bench/throughput.py                  # CPU here; CUDA (bf16 autocast) when available
+    python bench/throughput.py --reps=10 --dim=256
+
+Same configs, same weights (exported with transfer.hf_format.to_hf), same batches, one process, contenders
+alternated step by step after warm-up; medians. Model FLOPs = 6 x active parameters x tokens (+ attention
+12 x layers x T x dim per token); utilisation against the fp32 (CPU) / bf16 (CUDA) matmul peak measured in
+the same run. Figures, not assertions: run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import ModelConfig  # noqa: E402
+from models import FeedForward, MoEFeedForward, build_model, load_balancing_loss, router_z_loss  # noqa: E402
+from transfer.hf_format import to_hf  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, reps=10) -> float:
+    """GFLOP/s of an n x n matmul, best of reps."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 2):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_fn(model, hf: bool, device, autocast_dtype):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if hf:
+                loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+            else:
+                out = model(x, return_details=True)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+                k = model.config.top_k
+                loss = loss + sum(0.01 * load_balancing_loss(r, k) + 0.001 * router_z_loss(r) for r in out.router_logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def model_flops_per_token(cfg: ModelConfig, model) -> float:
+    active = model.num_parameters(active=True) - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    return 6 * (active + cfg.vocab_size * cfg.dim) + 12 * cfg.n_layers * cfg.max_seq_len * cfg.dim
+
+
+def race(contenders: dict, batch, reps: int, device) -> dict[str, float]:
+    """Median seconds per step, contenders alternated every step after 3 warm-up steps each."""
+    times = {k: [] for k in contenders}
+    for i in range(reps + 3):
+        for name, step in contenders.items():
+            sync(device)
+            t = time.perf_counter()
+            step(*batch)
+            sync(device)
+            if i >= 3:
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def moe_layer_costs(dim: int, ffn: int, tokens: int, device, reps: int) -> list[tuple]:
+    """ms per forward+backward of an MoE layer (top-2) vs a dense SwiGLU with the same active parameters."""
+    rows = []
+    for n_experts in (4, 8, 16):
+        moe = MoEFeedForward(dim, ffn, n_experts, 2).to(device)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        dense = FeedForward(dim, 2 * ffn).to(device)
+        x = torch.randn(tokens, dim, device=device, requires_grad=True)
+
+        def run(layer):
+            def go(_x, _y):
+                out = layer(x)[0]
+                out.square().mean().backward()
+            return go
+
+        t = race({"moe": run(moe), "dense": run(dense)}, (None, None), reps, device)
+        rows.append((n_experts, 1000 * t["moe"], 1000 * t["dense"]))
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n_layers", type=int, default=4)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=8)
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ac = torch.bfloat16 if device.type == "cuda" else None
+    peak = matmul_peak(device, ac or torch.float32)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"matmul peak {peak:.1f} GFLOP/s ({'bf16' if ac else 'fp32'})")
+    x = torch.randint(0, a.vocab_size, (a.batch, a.seq + 1), device=device)
+    batch = (x[:, :-1], x[:, 1:])
+    tokens = a.batch * a.seq
+    for kind, n_experts in (("dense", 0), ("MoE", 8)):
+        cfg = ModelConfig(vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.dim // 64,
+                          max_seq_len=a.seq, n_experts=n_experts, top_k=2, tie_embeddings=False)
+        torch.manual_seed(0)
+        ours = build_model(cfg).to(device)
+        hf = to_hf(ours).to(device).train()
+        times = race({"ours": step_fn(ours, False, device, ac), "hf": step_fn(hf, True, device, ac)}, batch, a.reps, device)
+        flops = model_flops_per_token(cfg, ours) * tokens
+        for name, sec in times.items():
+            label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
+            print(f"{kind:<5} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
+                  f"{flops / sec / 1e9:6.1f} GFLOP/s  MFU {100 * flops / sec / 1e9 / peak:5.1f}%")
+        print(f"{kind:<5} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
+    print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
+          f"{tokens} tokens, dim {a.dim}:")
+    ffn = -(-(8 * a.dim // 3) // 32) * 32
+    for n_experts, moe_ms, dense_ms in moe_layer_costs(a.dim, ffn, tokens, device, a.reps):
+        print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  (+{100 * (moe_ms / dense_ms - 1):.0f}%)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
