@@ -235,8 +235,6 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime, stop: 
     if ckpt is not None and ckpt.phase == "grown" and ckpt.meta["phase_done"]:
         say(f"Run in {out_dir} already finished (final eval loss {ckpt.meta['eval_losses'].get('grown'):.4f}).")
         return 0
-    if rt.is_master:
-        save_settings(s, out_dir)
     data = load_data(s, args.data_files, out_dir, rt, None if args.resume else args.init_from_hf)
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
     evals = dict(ckpt.meta["eval_losses"]) if ckpt else {}
@@ -248,6 +246,8 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime, stop: 
               Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr),
               Phase("grown", "Phase 3: grown MoE", tc.grown_steps, tc.grown_lr)]
     model, index, start_step, opt_state = start_point(ckpt, s, data, rt, None if args.resume else args.init_from_hf)
+    if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
+        save_settings(s, out_dir)
     for i in range(index, 3):
         if i > 0 and start_step == 0:  # a phase that starts from the previous one's model: grow, then verify
             model, passed, failed = transition(i, model, data, s, rt)

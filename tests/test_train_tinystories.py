@@ -140,6 +140,15 @@ def test_existing_run_is_not_overwritten_and_its_model_is_fixed(finished_run, ca
     assert sorted(os.listdir(finished_run / "checkpoints")) == before
 
 
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+    assert run(tmp_path, "--noise_std=0") == 1
+    settings = (tmp_path / "settings.json").read_text()
+    assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--seed=9", "--noise_std=0.3"]) == 2
+    assert "cannot resume the batch stream exactly" in capsys.readouterr().err
+    assert (tmp_path / "settings.json").read_text() == settings
+    assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--noise_std=0.3"]) == 0
+
+
 def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
