@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import data.text as text_mod
-import data.tokens as tokens_mod
 from data.synthetic import generate_stories
 from data.text import EOT, DataError, load_corpus, split_stories
 from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer

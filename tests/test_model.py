@@ -1,8 +1,6 @@
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import build_model
 from tests.conftest import tiny_config, tokens_for

@@ -8,11 +8,9 @@ import sys
 import time
 
 import pytest
-import torch
 
 import export_hf
 import train_tinystories
-from data.synthetic import generate_stories
 from training.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,4 @@
-import json
 
-import torch
 
 from models import build_model
 from tests.conftest import tiny_config

@@ -12,7 +12,6 @@ cloned units while cancelling exactly on tiled input. See VERIFICATION_SUMMARY.m
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
