@@ -16,25 +16,21 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from config import ConfigError, GrowthConfig, ModelConfig, apply_overrides
+from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig, apply_overrides
 from data.synthetic import byte_token_batch, generate_stories
-from models import build_model, load_balancing_loss, router_z_loss
-from transfer import check_functional_equivalence, check_router_integrity, dense_to_moe, detailed_growth_check
-from transfer import scale_bilaterally
+from models import build_model
+from training.loop import lm_loss
+from transfer import dense_to_moe, detailed_growth_check, scale_bilaterally, upcycling_check
 
 
 def train_briefly(model: torch.nn.Module, tokens: torch.Tensor, steps: int, lr: float = 3e-3) -> float:
-    """A few AdamW steps of next-token loss (+ MoE balance and z losses) on one batch; returns the last loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    """A few AdamW steps of the pipeline's objective on one batch; returns the last next-token loss."""
+    opt, tc = torch.optim.AdamW(model.parameters(), lr=lr), TrainConfig()
     for _ in range(steps):
-        out = model(tokens[:, :-1], return_details=True)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
-        k = model.config.top_k
-        aux = sum(1e-2 * load_balancing_loss(r, k) + 1e-3 * router_z_loss(r) for r in out.router_logits)
+        loss, total = lm_loss(model, tokens[:, :-1], tokens[:, 1:], tc)
         opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
+        total.backward()
         opt.step()
     return loss.item()
 
@@ -66,14 +62,9 @@ def main(argv: list[str]) -> int:
     dense = build_model(model_cfg)
     loss = train_briefly(dense, tokens, args.steps)
     moe = dense_to_moe(dense, growth.n_experts, growth.top_k, growth.seed, growth.router_init_std, tokens)
-    functional = check_functional_equivalence(dense, moe, tokens)
-    router = check_router_integrity(dense, moe, tokens)
     print(f"dense: {dense.num_parameters():,} params, loss {loss:.3f} after {args.steps} steps -> MoE "
           f"{moe.num_parameters():,} params ({growth.top_k} of {growth.n_experts} experts active)")
-    print(functional)
-    print(router)
-    test1 = functional.passed and router.passed
-    print("✓ PASSED — functional equivalence confirmed" if test1 else "✗ FAILED — see the messages above")
+    test1 = upcycling_check(dense, moe, tokens).passed
 
     print("\n" + "=" * 72 + f"\nTEST 2: Bilateral growth (width x{growth.scale_factor}, "
           f"+{growth.extra_layers} layers, noise_std {growth.noise_std})\n" + "=" * 72)

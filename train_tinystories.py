@@ -26,16 +26,14 @@ from config import ConfigError, config_to_dict
 from data import DataError, TokenBatches, check_files, eval_batches, load_corpus, load_tokenizer, save_tokenizer
 from data import tokenize_to_cache, train_tokenizer
 from models import build_model, generate
-from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from training.checkpoint import PHASES, Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
 from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingInterrupted, train_phase
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime, setup_runtime, teardown_runtime
 from training.settings import (Settings, build_settings, check_consistency, default_preset, load_saved_settings,
                                save_settings)
-from transfer import check_functional_equivalence, check_router_integrity, dense_to_moe, detailed_growth_check
-from transfer import scale_bilaterally
+from transfer import dense_to_moe, detailed_growth_check, scale_bilaterally, upcycling_check
 
-PHASE_NAMES = ("dense", "moe", "grown")
 
 
 @dataclass
@@ -156,17 +154,9 @@ def transition(index: int, model: torch.nn.Module, data: Data, s: Settings, rt: 
     passed, failed = True, []
     if rt.is_master:
         print(f"\n{BAR}\n{title}\n{BAR}")
-        if index == 1:
-            results = {"functional": check_functional_equivalence(raw, new, calib),
-                       "router": check_router_integrity(raw, new, calib)}
-            for r in results.values():
-                print(r)
-            passed = all(r.passed for r in results.values())
-            print("✓ PASSED — functional equivalence confirmed" if passed else "✗ FAILED")
-        else:
-            results = detailed_growth_check(raw, new, calib).results
-            passed = all(r.passed for r in results.values())
-        failed = [k for k, r in results.items() if not r.passed]
+        report = upcycling_check(raw, new, calib) if index == 1 else detailed_growth_check(raw, new, calib)
+        passed = report.passed
+        failed = [k for k, r in report.results.items() if not r.passed]
     return new, rt.broadcast_flag(passed), failed
 
 
@@ -222,7 +212,7 @@ def start_point(ckpt: Checkpoint | None, s: Settings, data: Data, rt: Runtime, h
     torch.set_rng_state(state["rng"])
     if rt.is_master:
         print(f"Resuming from {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']})")
-    index = PHASE_NAMES.index(ckpt.phase)
+    index = PHASES.index(ckpt.phase)
     if ckpt.meta["phase_done"]:
         return ckpt.load_model(rt.device), index + 1, 0, None
     return ckpt.load_model(rt.device), index, ckpt.meta["step"], state["optimizer"]

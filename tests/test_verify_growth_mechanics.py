@@ -1007,3 +1007,14 @@ def test_one_symmetric_neuron_pair_inside_an_expert_is_caught(tokens):
     assert rep.results["functional"].passed and not rep.results["symmetry"].passed
     assert rep.results["symmetry"].metrics["pairs_identical"] == 1
     assert "block 0 FFN neurons" in rep.results["symmetry"].message
+
+
+def test_upcycling_check_passes_correct_upcycling_and_fails_a_collapsed_router(tokens, capsys):
+    from transfer.verify_growth_mechanics import upcycling_check
+
+    old = source("dense")
+    assert upcycling_check(old, dense_to_moe(old, 4, 2), tokens).passed
+    assert "✓ PASSED — functional equivalence confirmed" in capsys.readouterr().out
+    rep = upcycling_check(old, zero_routers(dense_to_moe(old, 8, 2)), tokens)
+    assert not rep.passed and not rep.results["router"].passed and rep.results["functional"].passed
+    assert "✗ FAILED" in capsys.readouterr().out

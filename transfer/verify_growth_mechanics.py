@@ -488,6 +488,20 @@ def check_functional_equivalence(old_model: nn.Module, new_model: nn.Module, tok
     return _functional(_Pair(old_model, new_model, tokens, dtype), tolerance)
 
 
+# ------------------------------------------------------------------------------------------ Upcycling
+def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
+                    verbose: bool = True) -> GrowthReport:
+    """Dense -> MoE: functional equivalence and routing health (RoPE and symmetry have nothing to compare)."""
+    _require_tokens(tokens, min_len=1)
+    pair = _Pair(dense_model, moe_model, tokens, torch.float64)
+    results = {"functional": _functional(pair, tolerance), "router": _router(pair, tolerance, 0.5, 0.25)}
+    report = GrowthReport(all(r.passed for r in results.values()), results)
+    if verbose:
+        print("\n".join(str(r) for r in results.values()))
+        print("✓ PASSED — functional equivalence confirmed" if report.passed else "✗ FAILED — see the messages above")
+    return report
+
+
 # ------------------------------------------------------------------------------------------ All four
 def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
