@@ -175,6 +175,17 @@ class Transformer(nn.Module):
             total -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 x matmul weights a token uses + attention.
+
+        Norm weights and the embedding lookup are not matmuls (a tied table counts once, as the LM head); attention
+        scores and weighted values add 12 x layers x seq_len x dim, PaLM's convention (no causal discount).
+        """
+        cfg = self.config
+        norms = (2 * cfg.n_layers + 1) * cfg.dim
+        matmul = self.num_parameters(active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+        return 6 * matmul + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
 
 def build_model(cfg: ModelConfig) -> Transformer:
     """The one constructor for every phase."""

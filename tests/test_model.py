@@ -1,6 +1,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import build_model
 from tests.conftest import tiny_config, tokens_for
@@ -58,6 +59,21 @@ def test_parameter_counts_total_and_active():
     model = build_model(cfg)
     per_expert = 3 * cfg.dim * cfg.hidden_dim
     assert model.num_parameters() - model.num_parameters(active=True) == cfg.n_layers * 3 * per_expert
+
+
+@pytest.mark.parametrize("n_experts,tie,kv", [(0, False, None), (0, True, 2), (4, False, None), (4, True, 1)])
+def test_flops_per_token_equals_counted_training_flops(n_experts, tie, kv):
+    """The benchmarks' FLOP count equals what torch's FlopCounterMode counts for one forward + backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = tiny_config(n_experts=n_experts, top_k=2, tie_embeddings=tie, n_kv_heads=kv, max_seq_len=32)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    # The math backend is made of counted matmuls; the fused CPU kernel is invisible to the counter.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    assert counter.get_total_flops() == model.flops_per_token(32) * x.numel()
 
 
 def test_matches_hugging_face_llama_with_the_same_weights():
