@@ -21,10 +21,25 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 
 def test_optimizer_decays_matrices_but_not_norm_weights():
     model = build_model(tiny_config())
-    opt = make_optimizer(model, 1e-3, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = make_optimizer(model, 1e-3, TrainConfig(weight_decay=0.1))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_optimizer_is_fused_where_torch_has_the_kernel_and_falls_back_where_not(monkeypatch):
+    model = build_model(tiny_config())
+    assert make_optimizer(model, 1e-3, TrainConfig()).defaults["fused"]  # CPU kernel: torch >= 2.4
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    opt = make_optimizer(model, 1e-3, TrainConfig())
+    assert not opt.defaults["fused"] and len(opt.param_groups) == 2
 
 
 def test_moe_objective_adds_balance_and_z_losses_and_eval_matches_lm_loss():
