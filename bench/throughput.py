@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ModelConfig  # noqa: E402
-from models import FeedForward, MoEFeedForward, build_model, load_balancing_loss, router_z_loss  # noqa: E402
+from config import ModelConfig, TrainConfig  # noqa: E402
+from models import FeedForward, MoEFeedForward, build_model  # noqa: E402
+from training.loop import lm_loss, make_optimizer  # noqa: E402
 from transfer.hf_format import to_hf  # noqa: E402
 
 
@@ -45,26 +46,21 @@ def matmul_peak(device, dtype, n=2048, reps=10) -> float:
 
 
 def step_fn(model, hf: bool, device, autocast_dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    """One training step: the project's objective (training.loop.lm_loss: cross-entropy + MoE balance and z
+    losses) for our models, plain cross-entropy for HF's; the pipeline's AdamW for both."""
+    tc = TrainConfig()
+    opt = make_optimizer(model, 1e-4, tc)  # the pipeline's optimizer for both contenders
 
     def step(x, y):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if hf:
                 loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
             else:
-                out = model(x, return_details=True)
-                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-                k = model.config.top_k
-                loss = loss + sum(0.01 * load_balancing_loss(r, k) + 0.001 * router_z_loss(r) for r in out.router_logits)
+                loss = lm_loss(model, x, y, tc)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def model_flops_per_token(cfg: ModelConfig, model) -> float:
-    active = model.num_parameters(active=True) - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return 6 * (active + cfg.vocab_size * cfg.dim) + 12 * cfg.n_layers * cfg.max_seq_len * cfg.dim
 
 
 def race(contenders: dict, batch, reps: int, device) -> dict[str, float]:
@@ -110,7 +106,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ac = torch.bfloat16 if device.type == "cuda" else None
     peak = matmul_peak(device, ac or torch.float32)
@@ -126,7 +125,7 @@ def main(argv: list[str]) -> None:
         ours = build_model(cfg).to(device)
         hf = to_hf(ours).to(device).train()
         times = race({"ours": step_fn(ours, False, device, ac), "hf": step_fn(hf, True, device, ac)}, batch, a.reps, device)
-        flops = model_flops_per_token(cfg, ours) * tokens
+        flops = ours.flops_per_token(a.seq) * tokens
         for name, sec in times.items():
             label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
             print(f"{kind:<5} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
