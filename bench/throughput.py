@@ -6,11 +6,13 @@
 Same configs, same weights (exported with transfer.hf_format.to_hf), same batches, one process, contenders
 alternated step by step after warm-up; medians. Model FLOPs = 6 x active parameters x tokens (+ attention
 12 x layers x T x dim per token); utilisation against the fp32 (CPU) / bf16 (CUDA) matmul peak measured in
-the same run. Figures, not assertions: run it on a quiet machine.
+the same run. Figures, not assertions: run it on a quiet machine. Writes throughput.json and throughput.png
+to --out-dir (default bench/results).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -98,6 +100,38 @@ def moe_layer_costs(dim: int, ffn: int, tokens: int, device, reps: int) -> list[
     return rows
 
 
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows = result["steps"]
+    names = [f"{r['model']}\n{r['contender']}" for r in rows]
+    bars = a1.bar(names, [r["ms"] for r in rows], color=["C0" if r["contender"] == "project" else "C7" for r in rows])
+    for b, r in zip(bars, rows):
+        a1.annotate(f"MFU {r['mfu']:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    a1.set_ylabel("ms per training step")
+    a1.set_title(f"Training step, {result['config']}", fontsize=9)
+    layers = result["moe_layer"]
+    xs = [str(r["experts"]) for r in layers]
+    a2.plot(xs, [r["moe_ms"] for r in layers], "o-", label="MoE layer (top-2)")
+    a2.plot(xs, [r["dense_ms"] for r in layers], "s--", label="dense SwiGLU, same active parameters")
+    a2.set_ylim(0, 1.3 * max(r["moe_ms"] for r in layers))
+    a2.set_xlabel("experts")
+    a2.set_ylabel("ms, forward + backward")
+    a2.set_title("MoE layer cost against a dense FFN", fontsize=9)
+    a2.legend(fontsize=8)
+    fig.suptitle(f"{result['device']}, {result['threads']} thread(s), matmul peak {result['peak_gflops']:.0f} GFLOP/s",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dim", type=int, default=256)
@@ -107,6 +141,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -115,6 +150,9 @@ def main(argv: list[str]) -> None:
     peak = matmul_peak(device, ac or torch.float32)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"matmul peak {peak:.1f} GFLOP/s ({'bf16' if ac else 'fp32'})")
+    result = dict(device=f"{device.type} ({'bf16' if ac else 'fp32'})", torch=torch.__version__,
+                  threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[],
+                  config=f"dim {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}, batch {a.batch}x{a.seq}")
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq + 1), device=device)
     batch = (x[:, :-1], x[:, 1:])
     tokens = a.batch * a.seq
@@ -130,12 +168,20 @@ def main(argv: list[str]) -> None:
             label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
             print(f"{kind:<5} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
                   f"{flops / sec / 1e9:6.1f} GFLOP/s  MFU {100 * flops / sec / 1e9 / peak:5.1f}%")
+            result["steps"].append(dict(model=kind, contender=label, ms=1000 * sec, tokens_per_s=tokens / sec,
+                                        mfu=flops / sec / 1e9 / peak))
         print(f"{kind:<5} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
     print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
           f"{tokens} tokens, dim {a.dim}:")
     ffn = -(-(8 * a.dim // 3) // 32) * 32
     for n_experts, moe_ms, dense_ms in moe_layer_costs(a.dim, ffn, tokens, device, a.reps):
-        print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  (+{100 * (moe_ms / dense_ms - 1):.0f}%)")
+        print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  ({100 * (moe_ms / dense_ms - 1):+.0f}%)")
+        result["moe_layer"].append(dict(experts=n_experts, moe_ms=moe_ms, dense_ms=dense_ms))
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "throughput.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(a.out_dir, "throughput.png"))
+    print(f"wrote {a.out_dir}/throughput.json and throughput.png")
 
 
 if __name__ == "__main__":

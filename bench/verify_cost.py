@@ -5,22 +5,25 @@
 For each size: time of each check and of detailed_growth_check on a batch of 8 x seq tokens, and the time of
 one training step (forward, backward, AdamW) of the grown model on the same batch; the share is
 check time / step time, i.e. how many training steps the verification costs. Figures, not assertions.
+Writes verify_cost.json and verify_cost.png to --out-dir (default bench/results).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ModelConfig  # noqa: E402
+from config import ModelConfig, TrainConfig  # noqa: E402
 from data.synthetic import byte_token_batch, generate_stories  # noqa: E402
 from models import build_model  # noqa: E402
+from training.loop import lm_loss, make_optimizer  # noqa: E402
 from transfer import (check_functional_equivalence, check_rope_integrity, check_router_integrity,  # noqa: E402
                       check_symmetry_breaking, dense_to_moe, detailed_growth_check, scale_bilaterally)
 
@@ -35,22 +38,54 @@ def seconds(fn, reps: int = 3) -> float:
 
 
 def train_step_seconds(model, tokens) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    """Median seconds of one training step with the pipeline's objective and optimizer."""
+    tc = TrainConfig()
+    opt = make_optimizer(model, 1e-5, tc)
 
     def step():
-        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
+        lm_loss(model, tokens[:, :-1], tokens[:, 1:], tc)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()  # warm-up (optimizer state allocation)
     return seconds(step)
 
 
-def main() -> None:
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['params'] / 1e6:.0f}M" for r in rows]
+    bottom = [0.0] * len(rows)
+    for name in ("rope", "router", "symmetry", "functional"):
+        vals = [r["seconds"][name] / r["step_seconds"] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.plot(labels, [r["seconds"]["all"] / r["step_seconds"] for r in rows], "k_", ms=40, mew=2,
+            label="detailed_growth_check (all four, shared forwards)")
+    ax.set_xlabel("grown MoE parameters")
+    ax.set_ylabel("cost in phase-3 training steps")
+    ax.set_title("Verification cost at transition 2 (one batch of 8 x 256 tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", default=os.path.join("bench", "results"))
+    p.add_argument("--grown_steps", type=int, default=250, help="phase-3 length the share is quoted against "
+                   "(the cpu preset's)")
+    a = p.parse_args(argv)
     text = " ".join(generate_stories(1500))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; growth x2 +4 layers, 8 experts top-2")
     print(f"{'dim':>5} {'grown params':>13} {'step s':>7} " + " ".join(f"{n:>10}" for n in
           ("rope", "router", "symmetry", "functional", "all four", "share")))
+    rows = []
     for dim in (64, 128, 256):
         seq = 256
         tokens = byte_token_batch(text, 8, seq + 1) % 4096
@@ -64,9 +99,16 @@ def main() -> None:
              "symmetry": seconds(lambda: check_symmetry_breaking(big, tokens), 1),
              "functional": seconds(lambda: check_functional_equivalence(moe, big, tokens), 1),
              "all": seconds(lambda: detailed_growth_check(moe, big, tokens, verbose=False), 1)}
+        rows.append(dict(dim=dim, params=big.num_parameters(), step_seconds=step, seconds=t))
         print(f"{dim:>5} {big.num_parameters():>13,} {step:>7.2f} " + " ".join(f"{v:>9.2f}s" for v in t.values())
-              + f" {t['all'] / step:>9.1f} steps")
+              + f" {t['all'] / step:>9.1f} steps ({100 * t['all'] / step / a.grown_steps:.1f}% of a "
+              f"{a.grown_steps}-step phase 3)")
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "verify_cost.json"), "w") as f:
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+    plot(rows, os.path.join(a.out_dir, "verify_cost.png"))
+    print(f"wrote {a.out_dir}/verify_cost.json and verify_cost.png")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
