@@ -6,8 +6,8 @@
 
 Every arm uses the same tokenizer, the same held-out stories for eval loss and the same batch stream, and
 trains with the pipeline's own code (train_tinystories.load_data / transition, training.loop.train_phase):
-  pipeline     dense -> upcycle -> MoE -> grow (both transitions verified) -> grown MoE, once per --grown_lrs
-               value (phase 3 restarts from the same phase-2 model and batch position);
+  pipeline     dense -> upcycle -> MoE -> grow (both transitions verified) -> grown MoE, once per --grown_lrs x
+               --noise_stds pair (growth and phase 3 restart from the same phase-2 model and batch position);
   scratch      the grown MoE's architecture from a fresh init, once per --scratch_lrs value, for as many
                FLOPs as the pipeline spends (or --scratch_steps);
   dense_grown  (--arms) the phase-1 model grown without the MoE phase, trained to the same FLOP budget.
@@ -102,8 +102,9 @@ def grown_phase_with_clock(curve: Curve, grow, s: Settings, rt, data, steps: int
     return model
 
 
-def pipeline_arms(s: Settings, rt, data, grown_lrs: list[float], want_dense_grown: bool) -> list[Curve]:
-    """Phases 1-2 once, phase 3 once per LR; optionally the dense model grown without MoE (same FLOP budget)."""
+def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], want_dense_grown: bool) -> list[Curve]:
+    """Phases 1-2 once, growth + phase 3 once per (LR, noise_std) variant; optionally the dense model grown
+    without MoE with the first variant (same FLOP budget)."""
     tc, start = s.train, data.batches.state_dict()
     torch.manual_seed(s.run.seed)
     base = Curve("pipeline")
@@ -120,15 +121,15 @@ def pipeline_arms(s: Settings, rt, data, grown_lrs: list[float], want_dense_grow
     run_phase(moe, Phase("moe", "moe", tc.moe_steps, tc.moe_lr), s, rt, data, base)
     after_moe, rng = data.batches.state_dict(), torch.get_rng_state()
     curves = []
-    for lr in grown_lrs:
-        curve = replace(base, name=f"pipeline, grown lr {lr:g}", flops=list(base.flops), wall=list(base.wall),
-                        loss=list(base.loss), phase_starts=list(base.phase_starts), lr=dict(dense=tc.dense_lr,
-                        moe=tc.moe_lr, grown=lr))
+    for lr, noise in variants:
+        curve = replace(base, name=f"pipeline, grown lr {lr:g}, noise {noise:g}", flops=list(base.flops),
+                        wall=list(base.wall), loss=list(base.loss), phase_starts=list(base.phase_starts),
+                        lr=dict(dense=tc.dense_lr, moe=tc.moe_lr, grown=lr, noise_std=noise))
         data.batches.load_state_dict(after_moe)
         torch.set_rng_state(rng)
 
         def grow():
-            new, ok, _ = transition(2, moe, data, s, rt)
+            new, ok, _ = transition(2, moe, data, with_noise(s, noise), rt)
             if not ok:
                 raise SystemExit("transition 2 failed its checks; see above")
             return new
@@ -139,17 +140,22 @@ def pipeline_arms(s: Settings, rt, data, grown_lrs: list[float], want_dense_grow
         dense.load_state_dict(dense_state)
         data.batches.load_state_dict(after_dense)
         n = sum(1 for f in base.flops if f <= base.phase_starts[0])  # phase 1's eval points
+        lr, noise = variants[0]
         curve = Curve("dense grown (no MoE)", base.flops[:n], base.wall[:n], base.loss[:n],
-                      lr=dict(dense=tc.dense_lr, grown=grown_lrs[0]), elapsed=dense_elapsed)
+                      lr=dict(dense=tc.dense_lr, grown=lr, noise_std=noise), elapsed=dense_elapsed)
         g = s.growth
-        grow = lambda: transition(2, dense, data, s, rt)[0]  # noqa: E731  (grown and checked like the pipeline)
+        grow = lambda: transition(2, dense, data, with_noise(s, noise), rt)[0]  # noqa: E731  (checked too)
         big = build_model(grown_config(s.model, g.scale_factor, g.extra_layers))
         per_step = big.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
         steps = max(1, round((curves[0].flops[-1] - curve.flops[-1]) / per_step))
-        grown_phase_with_clock(curve, grow, s, rt, data, steps, grown_lrs[0])
+        grown_phase_with_clock(curve, grow, s, rt, data, steps, lr)
         curves.append(curve)
     data.batches.load_state_dict(start)
     return curves
+
+
+def with_noise(s: Settings, noise_std: float) -> Settings:
+    return replace(s, growth=replace(s.growth, noise_std=noise_std))
 
 
 def scratch_arm(s: Settings, rt, data, lr: float, flops_budget: float, steps: int | None) -> Curve:
@@ -246,6 +252,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--out-dir", default=None, help="default bench/results/growth_<scale>")
     p.add_argument("--arms", default="pipeline,scratch", help="comma list of pipeline, scratch, dense_grown")
     p.add_argument("--grown_lrs", default=None, help="phase-3 LRs, comma separated (default: the preset's grown_lr)")
+    p.add_argument("--noise_stds", default=None, help="growth noise_std values, comma separated; every LR is "
+                   "tried with every value (default: the preset's noise_std)")
     p.add_argument("--scratch_lrs", default=None, help="scratch LRs, comma separated (default: the preset's moe_lr)")
     p.add_argument("--scratch_steps", type=int, default=None, help="default: as many FLOPs as the pipeline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -264,6 +272,8 @@ def main(argv: list[str]) -> int:
         if arms - {"pipeline", "scratch", "dense_grown"} or "pipeline" not in arms:
             raise ConfigError(f"--arms={args.arms}: choose from pipeline, scratch, dense_grown (pipeline required)")
         grown_lrs = [float(x) for x in (args.grown_lrs or str(s.train.grown_lr)).split(",")]
+        noise_stds = [float(x) for x in (args.noise_stds or str(s.growth.noise_std)).split(",")]
+        variants = [(lr, with_noise(s, noise).growth.noise_std) for lr in grown_lrs for noise in noise_stds]
         scratch_lrs = [float(x) for x in (args.scratch_lrs or str(s.train.moe_lr)).split(",")]
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -274,14 +284,14 @@ def main(argv: list[str]) -> int:
     rt = setup_runtime(s.run.device)
     data = load_data(s, args.data_files, out_dir, rt)
     t0 = time.time()
-    curves = pipeline_arms(s, rt, data, grown_lrs, "dense_grown" in arms)
+    curves = pipeline_arms(s, rt, data, variants, "dense_grown" in arms)
     budget = curves[0].flops[-1]
     scratch = [scratch_arm(s, rt, data, lr, budget, args.scratch_steps) for lr in scratch_lrs] if "scratch" in arms else []
     all_curves = curves + scratch
     results = dict(settings=s.to_dict(), scale=args.scale, data_files=args.data_files, threads=torch.get_num_threads(),
                    device=str(rt.device), torch=torch.__version__, minutes=(time.time() - t0) / 60,
                    curves=[c.__dict__ for c in all_curves],
-                   comparisons=[compare(p, sc) for p in curves[:len(grown_lrs)] for sc in scratch])
+                   comparisons=[compare(p, sc) for p in curves[:len(variants)] for sc in scratch])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(all_curves, os.path.join(out_dir, "growth_vs_scratch.png"),

@@ -52,9 +52,9 @@ def test_micro_run_of_every_arm_spends_equal_flops_and_shares_phases_one_and_two
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     curves = {c["name"]: c for c in results["curves"]}
-    assert set(curves) == {"pipeline, grown lr 0.001", "pipeline, grown lr 0.0003", "dense grown (no MoE)",
-                           "scratch, lr 0.001"}
-    a, b = curves["pipeline, grown lr 0.001"], curves["pipeline, grown lr 0.0003"]
+    assert set(curves) == {"pipeline, grown lr 0.001, noise 0.3", "pipeline, grown lr 0.0003, noise 0.3",
+                           "dense grown (no MoE)", "scratch, lr 0.001"}
+    a, b = curves["pipeline, grown lr 0.001, noise 0.3"], curves["pipeline, grown lr 0.0003, noise 0.3"]
     n = len(a["flops"]) - 3  # micro: 30 grown steps, eval every 10
     assert a["loss"][:n] == b["loss"][:n] and a["flops"] == b["flops"] and a["loss"][n:] != b["loss"][n:]
     assert len(a["phase_starts"]) == 2 and len(curves["dense grown (no MoE)"]["phase_starts"]) == 1
