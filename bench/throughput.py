@@ -49,14 +49,19 @@ def matmul_peak(device, dtype, n=2048, reps=10) -> float:
 
 def step_fn(model, hf: bool, device, autocast_dtype):
     """One training step: the project's objective (training.loop.lm_loss: cross-entropy + MoE balance and z
-    losses) for our models, plain cross-entropy for HF's; the pipeline's AdamW for both."""
+    losses) for our models; cross-entropy + Mixtral's own load-balancing loss for HF's (as its trainer does);
+    the pipeline's AdamW for both."""
     tc = TrainConfig()
     opt = make_optimizer(model, 1e-4, tc)  # the pipeline's optimizer for both contenders
+    hf_moe = hf and getattr(model.config, "num_local_experts", 0) > 0
 
     def step(x, y):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if hf:
-                loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+                out = model(x, output_router_logits=True) if hf_moe else model(x)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+                if hf_moe:
+                    loss = loss + tc.balance_coef * out.aux_loss
             else:
                 loss = lm_loss(model, x, y, tc)[1]
         loss.backward()
@@ -142,21 +147,22 @@ def main(argv: list[str]) -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 16], help="MoE step races at these expert counts")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ac = torch.bfloat16 if device.type == "cuda" else None
-    peak = matmul_peak(device, ac or torch.float32)
+    peak = matmul_peak(device, ac or torch.float32, n=8192 if device.type == "cuda" else 2048)  # big enough to saturate
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"matmul peak {peak:.1f} GFLOP/s ({'bf16' if ac else 'fp32'})")
     result = dict(device=f"{device.type} ({'bf16' if ac else 'fp32'})", torch=torch.__version__,
-                  threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[],
+                  threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[], speedup={},
                   config=f"dim {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}, batch {a.batch}x{a.seq}")
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq + 1), device=device)
     batch = (x[:, :-1], x[:, 1:])
     tokens = a.batch * a.seq
-    for kind, n_experts in (("dense", 0), ("MoE", 8)):
+    for kind, n_experts in [("dense", 0)] + [(f"MoE-{e}", e) for e in a.experts]:
         cfg = ModelConfig(vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.dim // 64,
                           max_seq_len=a.seq, n_experts=n_experts, top_k=2, tie_embeddings=False)
         torch.manual_seed(0)
@@ -166,11 +172,12 @@ def main(argv: list[str]) -> None:
         flops = ours.flops_per_token(a.seq) * tokens
         for name, sec in times.items():
             label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
-            print(f"{kind:<5} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
+            print(f"{kind:<6} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
                   f"{flops / sec / 1e9:6.1f} GFLOP/s  MFU {100 * flops / sec / 1e9 / peak:5.1f}%")
             result["steps"].append(dict(model=kind, contender=label, ms=1000 * sec, tokens_per_s=tokens / sec,
                                         mfu=flops / sec / 1e9 / peak))
-        print(f"{kind:<5} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
+        print(f"{kind:<6} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
+        result["speedup"][kind] = times["hf"] / times["ours"]
     print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
           f"{tokens} tokens, dim {a.dim}:")
     ffn = -(-(8 * a.dim // 3) // 32) * 32
