@@ -120,6 +120,9 @@ class TrainConfig:
     grown_lr: float = 6e-4  # lower after growth: HyperCloning reports early forgetting at high LR
     warmup_steps: int = 50  # per phase
     min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * lr
+    # every_phase: each phase decays its LR (cosine). final_phase: phases 1-2 hold their LR after warm-up and
+    # only phase 3 decays (warmup-stable-decay): growing from a decayed model re-warms it, which costs loss.
+    decay: str = "every_phase"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -144,6 +147,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_coef", "sample_tokens"):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} must be >= 0")
+        if self.decay not in ("every_phase", "final_phase"):
+            p.append(f"decay={self.decay!r} must be every_phase or final_phase")
         if not 0 <= self.min_lr_ratio <= 1:
             p.append(f"min_lr_ratio={self.min_lr_ratio} must be between 0 and 1")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -181,6 +181,14 @@ def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> int
     return 1
 
 
+def pipeline_phases(tc) -> list[Phase]:
+    """The three phases; with decay=final_phase only phase 3 decays its LR."""
+    held = tc.decay == "final_phase"
+    return [Phase("dense", "Phase 1: dense", tc.dense_steps, tc.dense_lr, decays=not held),
+            Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr, decays=not held),
+            Phase("grown", "Phase 3: grown MoE", tc.grown_steps, tc.grown_lr)]
+
+
 def make_saver(out_dir: str, s: Settings, data: Data, rt: Runtime, evals: dict):
     """The loop's checkpoint callback: rank 0 writes weights, optimizer, data position and RNG state."""
     def save(model, optimizer, phase: Phase, step: int, done: bool, eval_loss: float, global_step: int):
@@ -232,9 +240,7 @@ def run(args: argparse.Namespace, s: Settings, out_dir: str, rt: Runtime, stop: 
                    ckpt.meta["global_step"] if ckpt else 0, s.run.compile,
                    (lambda: stop.received) if stop else (lambda: None))
     tc = s.train
-    phases = [Phase("dense", "Phase 1: dense", tc.dense_steps, tc.dense_lr),
-              Phase("moe", "Phase 2: MoE (upcycled)", tc.moe_steps, tc.moe_lr),
-              Phase("grown", "Phase 3: grown MoE", tc.grown_steps, tc.grown_lr)]
+    phases = pipeline_phases(tc)
     model, index, start_step, opt_state = start_point(ckpt, s, data, rt, None if args.resume else args.init_from_hf)
     if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
         save_settings(s, out_dir)

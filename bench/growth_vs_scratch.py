@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError  # noqa: E402
 from data import check_files  # noqa: E402
 from models import build_model  # noqa: E402
-from train_tinystories import load_data, transition  # noqa: E402
+from train_tinystories import load_data, pipeline_phases, transition  # noqa: E402
 from training.loop import Phase, PhaseRun, train_phase  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.settings import Settings, build_settings  # noqa: E402
@@ -109,7 +109,8 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], wa
     torch.manual_seed(s.run.seed)
     base = Curve("pipeline")
     dense = build_model(s.model).to(rt.device)
-    run_phase(dense, Phase("dense", "dense", tc.dense_steps, tc.dense_lr), s, rt, data, base)
+    dense_phase, moe_phase, _ = pipeline_phases(tc)  # decay=final_phase holds their LR
+    run_phase(dense, dense_phase, s, rt, data, base)
     dense_state, after_dense = {k: v.clone() for k, v in dense.state_dict().items()}, data.batches.state_dict()
     dense_elapsed = base.elapsed
     t = time.perf_counter()
@@ -118,7 +119,7 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], wa
     if not passed:
         raise SystemExit("transition 1 failed its checks; see above")
     base.phase_starts.append(base.flops[-1])
-    run_phase(moe, Phase("moe", "moe", tc.moe_steps, tc.moe_lr), s, rt, data, base)
+    run_phase(moe, moe_phase, s, rt, data, base)
     after_moe, rng = data.batches.state_dict(), torch.get_rng_state()
     curves = []
     for lr, noise in variants:

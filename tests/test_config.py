@@ -1,6 +1,6 @@
 import pytest
 
-from config import ConfigError, GrowthConfig, ModelConfig, apply_overrides
+from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig, apply_overrides
 
 
 def test_defaults_derive_kv_heads_ffn_and_head_dim():
@@ -68,3 +68,9 @@ def test_a_shared_name_goes_to_the_first_config_that_has_it():
 def test_bad_overrides_raise_config_error(arg, text):
     with pytest.raises(ConfigError, match=text):
         apply_overrides([arg], ModelConfig(), GrowthConfig())
+
+
+def test_decay_schedule_is_validated():
+    assert TrainConfig(decay="final_phase").decay == "final_phase"
+    with pytest.raises(ConfigError, match="decay='cosine' must be every_phase or final_phase"):
+        TrainConfig(decay="cosine")

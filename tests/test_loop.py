@@ -19,6 +19,12 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert lr_at(500, 110, 1.0, tc) == pytest.approx(0.1)
 
 
+def test_a_held_phase_keeps_its_lr_after_warm_up():
+    tc = TrainConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert [lr_at(s, 100, 1.0, tc, decays=False) for s in (0, 9, 10, 50, 99)] == [0.1, 1.0, 1.0, 1.0, 1.0]
+    assert lr_at(99, 100, 1.0, tc) < 0.11
+
+
 def test_optimizer_decays_matrices_but_not_norm_weights():
     model = build_model(tiny_config())
     opt = make_optimizer(model, 1e-3, TrainConfig(weight_decay=0.1))

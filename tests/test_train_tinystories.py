@@ -159,3 +159,11 @@ def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     assert proc.stdout.count("VERIFICATION SUMMARY") == 1  # checks run once, on rank 0
     assert proc.stdout.count("TRAINING SUMMARY") == 1 and "✓ ALL CHECKS PASSED" in proc.stdout
     assert {r["phase"] for r in records(tmp_path)} == {"dense", "moe", "grown"}
+
+
+def test_decay_final_phase_holds_phase_one_and_two_lr_and_decays_phase_three(tmp_path):
+    assert run(tmp_path, "--decay=final_phase") == 0
+    lrs = {p: [r["lr"] for r in records(tmp_path) if r["kind"] == "train" and r["phase"] == p and r["step"] > 5]
+           for p in ("dense", "moe", "grown")}
+    assert set(lrs["dense"]) == {2e-3} and set(lrs["moe"]) == {1e-3}  # micro: warm-up 5 steps, preset LRs
+    assert lrs["grown"][-1] < 0.2 * 6e-4

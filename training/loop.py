@@ -35,6 +35,7 @@ class Phase:
     title: str
     steps: int
     lr: float
+    decays: bool = True  # False: hold lr after warm-up (TrainConfig.decay="final_phase", phases 1-2)
 
 
 @dataclass
@@ -52,10 +53,12 @@ class PhaseRun:
     stop_requested: Callable[[], str | None] = lambda: None  # name of a pending SIGINT/SIGTERM, if any
 
 
-def lr_at(step: int, steps: int, lr: float, tc: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+def lr_at(step: int, steps: int, lr: float, tc: TrainConfig, decays: bool = True) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr (or, with decays=False, lr held)."""
     if step < tc.warmup_steps:
         return lr * (step + 1) / tc.warmup_steps
+    if not decays:
+        return lr
     progress = (step - tc.warmup_steps) / max(1, steps - tc.warmup_steps)
     return lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -131,7 +134,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int =
         if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
             path = run.save(model, opt, phase, step, False, eval_loss, run.global_step) if step > start_step else None
             raise TrainingInterrupted(signal_name, path)
-        lr = lr_at(step, phase.steps, phase.lr, tc)
+        lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = run.batches.next()
