@@ -218,7 +218,8 @@ def compare(pipe: Curve, scratch: Curve) -> dict:
     return out
 
 
-def plot(curves: list[Curve], path: str, title: str) -> None:
+def plot(curves: list[Curve], path: str, title: str, from_flops: float = 0.0) -> None:
+    """Eval loss against training FLOPs (left) and wall time (right); dots mark growth points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,16 +228,20 @@ def plot(curves: list[Curve], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, axis, scale, label in ((axes[0], "flops", 1e12, "training TFLOPs"), (axes[1], "wall", 60, "wall minutes")):
         for c in curves:
-            style = "--" if c.name.startswith("scratch") else "-"
-            (line,) = ax.plot([x / scale for x in getattr(c, axis)], c.loss, style, label=c.name, lw=1.6)
+            style = "--" if "scratch" in c.name else "-"
+            keep = [i for i, f in enumerate(c.flops) if f >= from_flops]
+            xs = getattr(c, axis)
+            (line,) = ax.plot([xs[i] / scale for i in keep], [c.loss[i] for i in keep], style, label=c.name, lw=1.6)
             for f in c.phase_starts:  # growth points, drawn at their x on this axis
                 i = next(j for j, x in enumerate(c.flops) if x >= f)
-                ax.plot(getattr(c, axis)[i] / scale, c.loss[i], "o", color=line.get_color(), ms=4)
+                if i in keep:
+                    ax.plot(xs[i] / scale, c.loss[i], "o", color=line.get_color(), ms=4)
         ax.set_xlabel(label)
         ax.set_ylabel("eval loss (held-out stories)")
         ax.grid(alpha=0.3)
         lo = min(min(c.loss) for c in curves)
-        ax.set_ylim(lo - 0.05, lo + 1.2)
+        hi = max(max(y for y, f in zip(c.loss, c.flops) if f >= from_flops) for c in curves)
+        ax.set_ylim(lo - 0.05, min(hi, lo + 1.2) + 0.05)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -258,13 +263,35 @@ def parse_args(argv: list[str]):
     p.add_argument("--scratch_lrs", default=None, help="scratch LRs, comma separated (default: the preset's moe_lr)")
     p.add_argument("--scratch_steps", type=int, default=None, help="default: as many FLOPs as the pipeline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--plot-runs", nargs="+", metavar="DIR", help="no training: draw the curves of earlier runs' "
+                   "results.json together into --out-dir/runs_compared.png")
+    p.add_argument("--from-tflop", type=float, default=0.0, help="with --plot-runs: start the x axis here")
     return p.parse_known_args(argv)
+
+
+def plot_runs(dirs: list[str], out_dir: str, from_tflop: float) -> int:
+    """Overlay the curves of several finished runs (each labelled with its directory name)."""
+    curves = []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.exists(path):
+            print(f"error: {path} not found; --plot-runs takes directories of finished runs", file=sys.stderr)
+            return 2
+        for c in json.load(open(path))["curves"]:
+            curves.append(Curve(**{**c, "name": f"{os.path.basename(os.path.normpath(d))}: {c['name']}"}))
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, "runs_compared.png")
+    plot(curves, png, "eval loss of several runs", from_tflop * 1e12)
+    print(f"wrote {png}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     preset, scale_overrides = SCALES[args.scale]
     out_dir = args.out_dir or os.path.join("bench", "results", f"growth_{args.scale}")
+    if args.plot_runs:
+        return plot_runs(args.plot_runs, out_dir, args.from_tflop)
     try:
         s = build_settings(preset, [f"--{k}={v}" for k, v in scale_overrides.items()] + overrides)
         if args.data_files:

@@ -66,6 +66,9 @@ def test_micro_run_of_every_arm_spends_equal_flops_and_shares_phases_one_and_two
     assert (out / "growth_vs_scratch.png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert text.count("✓ ALL CHECKS PASSED") == 3 and "GROWTH VS SCRATCH" in text
+    assert main(["--plot-runs", str(out), str(out), "--out-dir", str(tmp_path / "cmp"), "--from-tflop", "0.01"]) == 0
+    assert (tmp_path / "cmp" / "runs_compared.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--plot-runs", str(tmp_path / "none"), "--out-dir", str(tmp_path / "cmp2")]) == 2
 
 
 def test_bad_arms_exit_2_before_any_work(tmp_path, capsys):
