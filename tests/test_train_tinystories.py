@@ -161,9 +161,17 @@ def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     assert {r["phase"] for r in records(tmp_path)} == {"dense", "moe", "grown"}
 
 
-def test_decay_final_phase_holds_phase_one_and_two_lr_and_decays_phase_three(tmp_path):
-    assert run(tmp_path, "--decay=final_phase") == 0
-    lrs = {p: [r["lr"] for r in records(tmp_path) if r["kind"] == "train" and r["phase"] == p and r["step"] > 5]
-           for p in ("dense", "moe", "grown")}
-    assert set(lrs["dense"]) == {2e-3} and set(lrs["moe"]) == {1e-3}  # micro: warm-up 5 steps, preset LRs
+def phase_lrs(out_dir) -> dict[str, list[float]]:
+    """LR of every logged step after the micro preset's 5 warm-up steps, per phase."""
+    return {p: [r["lr"] for r in records(out_dir) if r["kind"] == "train" and r["phase"] == p and r["step"] > 5]
+            for p in ("dense", "moe", "grown")}
+
+
+def test_by_default_phases_one_and_two_hold_their_lr_and_phase_three_decays(tmp_path):
+    assert run(tmp_path / "wsd") == 0
+    lrs = phase_lrs(tmp_path / "wsd")
+    assert set(lrs["dense"]) == {2e-3} and set(lrs["moe"]) == {1e-3}  # the micro preset's LRs
     assert lrs["grown"][-1] < 0.2 * 6e-4
+    assert run(tmp_path / "cos", "--decay=every_phase") == 0
+    lrs = phase_lrs(tmp_path / "cos")
+    assert all(lrs[p][-1] < 0.2 * lrs[p][0] for p in lrs)
