@@ -10,7 +10,8 @@ trains with the pipeline's own code (train_tinystories.load_data / transition, t
                --noise_stds pair (growth and phase 3 restart from the same phase-2 model and batch position);
   scratch      the grown MoE's architecture from a fresh init, once per --scratch_lrs value, for as many
                FLOPs as the pipeline spends (or --scratch_steps);
-  dense_grown  (--arms) the phase-1 model grown without the MoE phase, trained to the same FLOP budget.
+  dense_grown  (--arms) the phase-1 model grown without the MoE phase, trained to the same FLOP budget;
+  small_moe    (--arms) the phase-2 MoE trained on without growth to the same FLOP budget.
 Training FLOPs are counted per step as Transformer.flops_per_token x tokens (eval and checks excluded; the
 checks cost about two phase-3 steps, bench/verify_cost.py). Wall time includes eval, growth and checks.
 Writes results.json and growth_vs_scratch.png to --out-dir.
@@ -46,6 +47,9 @@ SCALES = {
                         eval_batches=10, warmup_steps=50)),
     "cuda": ("cuda", dict(eval_interval=100)),
 }
+
+
+ARMS = {"pipeline", "scratch", "dense_grown", "small_moe"}
 
 
 @dataclass
@@ -102,9 +106,9 @@ def grown_phase_with_clock(curve: Curve, grow, s: Settings, rt, data, steps: int
     return model
 
 
-def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], want_dense_grown: bool) -> list[Curve]:
-    """Phases 1-2 once, growth + phase 3 once per (LR, noise_std) variant; optionally the dense model grown
-    without MoE with the first variant (same FLOP budget)."""
+def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], arms: set[str]) -> list[Curve]:
+    """Phases 1-2 once, growth + phase 3 once per (LR, noise_std) variant; optionally (arms) the dense model
+    grown without MoE with the first variant, and the phase-2 MoE trained on without growth, to the same FLOPs."""
     tc, start = s.train, data.batches.state_dict()
     torch.manual_seed(s.run.seed)
     base = Curve("pipeline")
@@ -137,7 +141,18 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], wa
 
         grown_phase_with_clock(curve, grow, s, rt, data, tc.grown_steps, lr)
         curves.append(curve)
-    if want_dense_grown:
+    budget = curves[0].flops[-1]
+    if "small_moe" in arms:  # the last use of `moe`: growth copied it, so it is still the phase-2 model
+        data.batches.load_state_dict(after_moe)
+        torch.set_rng_state(rng)
+        curve = replace(base, name="small MoE, no growth", flops=list(base.flops), wall=list(base.wall),
+                        loss=list(base.loss), phase_starts=list(base.phase_starts),
+                        lr=dict(dense=tc.dense_lr, moe=tc.moe_lr, moe_continued=tc.moe_lr))
+        per_step = moe.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
+        steps = max(1, round((budget - curve.flops[-1]) / per_step))
+        run_phase(moe, Phase("moe_continued", "moe continued", steps, tc.moe_lr), s, rt, data, curve)
+        curves.append(curve)
+    if "dense_grown" in arms:
         dense.load_state_dict(dense_state)
         data.batches.load_state_dict(after_dense)
         n = sum(1 for f in base.flops if f <= base.phase_starts[0])  # phase 1's eval points
@@ -148,7 +163,7 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], wa
         grow = lambda: transition(2, dense, data, with_noise(s, noise), rt)[0]  # noqa: E731  (checked too)
         big = build_model(grown_config(s.model, g.scale_factor, g.extra_layers))
         per_step = big.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
-        steps = max(1, round((curves[0].flops[-1] - curve.flops[-1]) / per_step))
+        steps = max(1, round((budget - curve.flops[-1]) / per_step))
         grown_phase_with_clock(curve, grow, s, rt, data, steps, lr)
         curves.append(curve)
     data.batches.load_state_dict(start)
@@ -256,7 +271,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--scale", default="cpu", choices=list(SCALES))
     p.add_argument("--data-files", nargs="+", help="TinyStories .txt / .json(l); default: the hub, else generated")
     p.add_argument("--out-dir", default=None, help="default bench/results/growth_<scale>")
-    p.add_argument("--arms", default="pipeline,scratch", help="comma list of pipeline, scratch, dense_grown")
+    p.add_argument("--arms", default="pipeline,scratch", help=f"comma list of {', '.join(sorted(ARMS))}")
     p.add_argument("--grown_lrs", default=None, help="phase-3 LRs, comma separated (default: the preset's grown_lr)")
     p.add_argument("--noise_stds", default=None, help="growth noise_std values, comma separated; every LR is "
                    "tried with every value (default: the preset's noise_std)")
@@ -297,8 +312,8 @@ def main(argv: list[str]) -> int:
         if args.data_files:
             check_files(args.data_files)
         arms = set(args.arms.split(","))
-        if arms - {"pipeline", "scratch", "dense_grown"} or "pipeline" not in arms:
-            raise ConfigError(f"--arms={args.arms}: choose from pipeline, scratch, dense_grown (pipeline required)")
+        if arms - ARMS or "pipeline" not in arms:
+            raise ConfigError(f"--arms={args.arms}: choose from {', '.join(sorted(ARMS))} (pipeline required)")
         grown_lrs = [float(x) for x in (args.grown_lrs or str(s.train.grown_lr)).split(",")]
         noise_stds = [float(x) for x in (args.noise_stds or str(s.growth.noise_std)).split(",")]
         variants = [(lr, with_noise(s, noise).growth.noise_std) for lr in grown_lrs for noise in noise_stds]
@@ -312,7 +327,7 @@ def main(argv: list[str]) -> int:
     rt = setup_runtime(s.run.device)
     data = load_data(s, args.data_files, out_dir, rt)
     t0 = time.time()
-    curves = pipeline_arms(s, rt, data, variants, "dense_grown" in arms)
+    curves = pipeline_arms(s, rt, data, variants, arms)
     budget = curves[0].flops[-1]
     scratch = [scratch_arm(s, rt, data, lr, budget, args.scratch_steps) for lr in scratch_lrs] if "scratch" in arms else []
     all_curves = curves + scratch

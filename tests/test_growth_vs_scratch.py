@@ -47,17 +47,19 @@ def test_compare_reports_the_reverse_ratio_when_the_pipeline_never_gets_there():
 
 def test_micro_run_of_every_arm_spends_equal_flops_and_shares_phases_one_and_two(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["--scale", "micro", "--out-dir", str(out), "--arms", "pipeline,scratch,dense_grown",
+    args = ["--scale", "micro", "--out-dir", str(out), "--arms", "pipeline,scratch,dense_grown,small_moe",
             "--grown_lrs=1e-3,3e-4", "--scratch_lrs=1e-3", "--max_stories=300", "--offline_stories=300"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     curves = {c["name"]: c for c in results["curves"]}
     assert set(curves) == {"pipeline, grown lr 0.001, noise 0.3", "pipeline, grown lr 0.0003, noise 0.3",
-                           "dense grown (no MoE)", "scratch, lr 0.001"}
+                           "dense grown (no MoE)", "small MoE, no growth", "scratch, lr 0.001"}
     a, b = curves["pipeline, grown lr 0.001, noise 0.3"], curves["pipeline, grown lr 0.0003, noise 0.3"]
     n = len(a["flops"]) - 3  # micro: 30 grown steps, eval every 10
     assert a["loss"][:n] == b["loss"][:n] and a["flops"] == b["flops"] and a["loss"][n:] != b["loss"][n:]
     assert len(a["phase_starts"]) == 2 and len(curves["dense grown (no MoE)"]["phase_starts"]) == 1
+    small = curves["small MoE, no growth"]
+    assert small["loss"][:n] == a["loss"][:n] and len(small["phase_starts"]) == 1
     budget = a["flops"][-1]
     step = budget / 30  # no arm is more than one step of the biggest model off the pipeline's budget
     for c in curves.values():
