@@ -2,7 +2,8 @@
 
     python bench/growth_vs_scratch.py --data-files ../shared/data/tinystories/train.txt            # CPU scale
     python bench/growth_vs_scratch.py --scale cuda --data-files train.txt validation.txt            # GPU scale
-    python bench/growth_vs_scratch.py --data-files ... --grown_lrs=6e-4,3e-4 --scratch_lrs=1e-3 --dense_steps=600
+    python bench/growth_vs_scratch.py --data-files ... --grown_lrs=6e-4,3e-4 --scratch_lrs=2e-3,3e-3 --dense_steps=600
+    python bench/growth_vs_scratch.py --plot-runs bench/results/run_a bench/results/run_b --from-tflop 20
 
 Every arm uses the same tokenizer, the same held-out stories for eval loss and the same batch stream, and
 trains with the pipeline's own code (train_tinystories.load_data / transition, training.loop.train_phase):
@@ -275,16 +276,19 @@ def parse_args(argv: list[str]):
     p.add_argument("--grown_lrs", default=None, help="phase-3 LRs, comma separated (default: the preset's grown_lr)")
     p.add_argument("--noise_stds", default=None, help="growth noise_std values, comma separated; every LR is "
                    "tried with every value (default: the preset's noise_std)")
-    p.add_argument("--scratch_lrs", default=None, help="scratch LRs, comma separated (default: the preset's moe_lr)")
+    p.add_argument("--scratch_lrs", default=None, help="scratch LRs, comma separated (default: the preset's dense_lr, "
+                   "like phase 1 a fresh init; on the CPU scale 2e-3 beat 1e-3)")
     p.add_argument("--scratch_steps", type=int, default=None, help="default: as many FLOPs as the pipeline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--plot-runs", nargs="+", metavar="DIR", help="no training: draw the curves of earlier runs' "
                    "results.json together into --out-dir/runs_compared.png")
     p.add_argument("--from-tflop", type=float, default=0.0, help="with --plot-runs: start the x axis here")
+    p.add_argument("--match", nargs="+", default=None, help="with --plot-runs: only curves whose label contains "
+                   "one of these strings")
     return p.parse_known_args(argv)
 
 
-def plot_runs(dirs: list[str], out_dir: str, from_tflop: float) -> int:
+def plot_runs(dirs: list[str], out_dir: str, from_tflop: float, match: list[str] | None = None) -> int:
     """Overlay the curves of several finished runs (each labelled with its directory name)."""
     curves = []
     for d in dirs:
@@ -293,7 +297,12 @@ def plot_runs(dirs: list[str], out_dir: str, from_tflop: float) -> int:
             print(f"error: {path} not found; --plot-runs takes directories of finished runs", file=sys.stderr)
             return 2
         for c in json.load(open(path))["curves"]:
-            curves.append(Curve(**{**c, "name": f"{os.path.basename(os.path.normpath(d))}: {c['name']}"}))
+            label = f"{os.path.basename(os.path.normpath(d))}: {c['name']}"
+            if match is None or any(m in label for m in match):
+                curves.append(Curve(**{**c, "name": label}))
+    if not curves:
+        print(f"error: no curve matches {match}", file=sys.stderr)
+        return 2
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, "runs_compared.png")
     plot(curves, png, "eval loss of several runs", from_tflop * 1e12)
@@ -306,7 +315,7 @@ def main(argv: list[str]) -> int:
     preset, scale_overrides = SCALES[args.scale]
     out_dir = args.out_dir or os.path.join("bench", "results", f"growth_{args.scale}")
     if args.plot_runs:
-        return plot_runs(args.plot_runs, out_dir, args.from_tflop)
+        return plot_runs(args.plot_runs, out_dir, args.from_tflop, args.match)
     try:
         s = build_settings(preset, [f"--{k}={v}" for k, v in scale_overrides.items()] + overrides)
         if args.data_files:
@@ -317,7 +326,7 @@ def main(argv: list[str]) -> int:
         grown_lrs = [float(x) for x in (args.grown_lrs or str(s.train.grown_lr)).split(",")]
         noise_stds = [float(x) for x in (args.noise_stds or str(s.growth.noise_std)).split(",")]
         variants = [(lr, with_noise(s, noise).growth.noise_std) for lr in grown_lrs for noise in noise_stds]
-        scratch_lrs = [float(x) for x in (args.scratch_lrs or str(s.train.moe_lr)).split(",")]
+        scratch_lrs = [float(x) for x in (args.scratch_lrs or str(s.train.dense_lr)).split(",")]
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

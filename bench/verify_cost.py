@@ -65,10 +65,11 @@ def plot(rows: list[dict], path: str) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.plot(labels, [r["seconds"]["all"] / r["step_seconds"] for r in rows], "k_", ms=40, mew=2,
             label="detailed_growth_check (all four, shared forwards)")
+    ax.set_ylim(0, 1.6 * max(bottom))  # room for the legend above the bars
     ax.set_xlabel("grown MoE parameters")
     ax.set_ylabel("cost in phase-3 training steps")
     ax.set_title("Verification cost at transition 2 (one batch of 8 x 256 tokens)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
