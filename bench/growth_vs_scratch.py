@@ -83,9 +83,32 @@ class Recorder:
         return time.perf_counter() - self.t0
 
 
+def flops_per_step(model, tc) -> float:
+    return model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
+
+
+def steps_to_budget(model, tc, curve: Curve, budget: float) -> int:
+    """Steps of model that bring curve's training FLOPs to budget."""
+    return max(1, round((budget - (curve.flops[-1] if curve.flops else 0.0)) / flops_per_step(model, tc)))
+
+
+def timed(curve: Curve, fn):
+    """fn() with its wall time added to curve's clock (growth and checks: wall time, no training FLOPs)."""
+    t = time.perf_counter()
+    out = fn()
+    curve.elapsed += time.perf_counter() - t
+    return out
+
+
+def branch(base: Curve, name: str, lr: dict) -> Curve:
+    """A new curve that shares base's points so far."""
+    return replace(base, name=name, flops=list(base.flops), wall=list(base.wall), loss=list(base.loss),
+                   phase_starts=list(base.phase_starts), lr=lr)
+
+
 def run_phase(model, phase: Phase, s: Settings, rt, data, curve: Curve) -> None:
     """Train one phase, appending its eval points to curve (continuing its FLOP and wall counters)."""
-    per_step = model.flops_per_token(s.train.seq_len) * s.train.batch_size * s.train.seq_len
+    per_step = flops_per_step(model, s.train)
     before = curve.flops[-1] if curve.flops else 0.0
     rec = Recorder(curve, per_step, before)
     run = PhaseRun(rt, s.train, data.batches, data.val_batches, rec, save=lambda *a, **k: None)
@@ -97,14 +120,13 @@ def run_phase(model, phase: Phase, s: Settings, rt, data, curve: Curve) -> None:
           f"{curve.wall[-1]:.0f} s")
 
 
-def grown_phase_with_clock(curve: Curve, grow, s: Settings, rt, data, steps: int, lr: float):
-    """Grow (wall time counted, no training FLOPs), then train the grown model for steps."""
-    t = time.perf_counter()
-    model = grow()
-    curve.elapsed += time.perf_counter() - t
+def grown_phase(curve: Curve, grow, s: Settings, rt, data, lr: float, steps: int | None = None,
+                budget: float = 0.0):
+    """Grow (timed), then train the grown model for steps, or (steps None) up to budget training FLOPs."""
+    model = timed(curve, grow)
     curve.phase_starts.append(curve.flops[-1])
+    steps = steps or steps_to_budget(model, s.train, curve, budget)
     run_phase(model, Phase("grown", "grown", steps, lr), s, rt, data, curve)
-    return model
 
 
 def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], arms: set[str]) -> list[Curve]:
@@ -118,9 +140,7 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], ar
     run_phase(dense, dense_phase, s, rt, data, base)
     dense_state, after_dense = {k: v.clone() for k, v in dense.state_dict().items()}, data.batches.state_dict()
     dense_elapsed = base.elapsed
-    t = time.perf_counter()
-    moe, passed, _ = transition(1, dense, data, s, rt)
-    base.elapsed += time.perf_counter() - t
+    moe, passed, _ = timed(base, lambda: transition(1, dense, data, s, rt))
     if not passed:
         raise SystemExit("transition 1 failed its checks; see above")
     base.phase_starts.append(base.flops[-1])
@@ -128,9 +148,8 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], ar
     after_moe, rng = data.batches.state_dict(), torch.get_rng_state()
     curves = []
     for lr, noise in variants:
-        curve = replace(base, name=f"pipeline, grown lr {lr:g}, noise {noise:g}", flops=list(base.flops),
-                        wall=list(base.wall), loss=list(base.loss), phase_starts=list(base.phase_starts),
-                        lr=dict(dense=tc.dense_lr, moe=tc.moe_lr, grown=lr, noise_std=noise))
+        curve = branch(base, f"pipeline, grown lr {lr:g}, noise {noise:g}",
+                       dict(dense=tc.dense_lr, moe=tc.moe_lr, grown=lr, noise_std=noise))
         data.batches.load_state_dict(after_moe)
         torch.set_rng_state(rng)
 
@@ -140,17 +159,14 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], ar
                 raise SystemExit("transition 2 failed its checks; see above")
             return new
 
-        grown_phase_with_clock(curve, grow, s, rt, data, tc.grown_steps, lr)
+        grown_phase(curve, grow, s, rt, data, lr, steps=tc.grown_steps)
         curves.append(curve)
     budget = curves[0].flops[-1]
     if "small_moe" in arms:  # the last use of `moe`: growth copied it, so it is still the phase-2 model
         data.batches.load_state_dict(after_moe)
         torch.set_rng_state(rng)
-        curve = replace(base, name="small MoE, no growth", flops=list(base.flops), wall=list(base.wall),
-                        loss=list(base.loss), phase_starts=list(base.phase_starts),
-                        lr=dict(dense=tc.dense_lr, moe=tc.moe_lr, moe_continued=tc.moe_lr))
-        per_step = moe.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
-        steps = max(1, round((budget - curve.flops[-1]) / per_step))
+        curve = branch(base, "small MoE, no growth", dict(dense=tc.dense_lr, moe=tc.moe_lr, moe_continued=tc.moe_lr))
+        steps = steps_to_budget(moe, tc, curve, budget)
         run_phase(moe, Phase("moe_continued", "moe continued", steps, tc.moe_lr), s, rt, data, curve)
         curves.append(curve)
     if "dense_grown" in arms:
@@ -160,12 +176,8 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], ar
         lr, noise = variants[0]
         curve = Curve("dense grown (no MoE)", base.flops[:n], base.wall[:n], base.loss[:n],
                       lr=dict(dense=tc.dense_lr, grown=lr, noise_std=noise), elapsed=dense_elapsed)
-        g = s.growth
         grow = lambda: transition(2, dense, data, with_noise(s, noise), rt)[0]  # noqa: E731  (checked too)
-        big = build_model(grown_config(s.model, g.scale_factor, g.extra_layers))
-        per_step = big.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
-        steps = max(1, round((budget - curve.flops[-1]) / per_step))
-        grown_phase_with_clock(curve, grow, s, rt, data, steps, lr)
+        grown_phase(curve, grow, s, rt, data, lr, budget=budget)
         curves.append(curve)
     data.batches.load_state_dict(start)
     return curves
@@ -181,10 +193,9 @@ def scratch_arm(s: Settings, rt, data, lr: float, flops_budget: float, steps: in
     cfg = grown_config(replace(s.model, n_experts=g.n_experts, top_k=g.top_k), g.scale_factor, g.extra_layers)
     torch.manual_seed(s.run.seed)
     model = build_model(cfg).to(rt.device)
-    per_step = model.flops_per_token(s.train.seq_len) * s.train.batch_size * s.train.seq_len
-    steps = steps or max(1, round(flops_budget / per_step))
-    start = data.batches.state_dict()
     curve = Curve(f"scratch, lr {lr:g}", lr=dict(scratch=lr))
+    steps = steps or steps_to_budget(model, s.train, curve, flops_budget)
+    start = data.batches.state_dict()
     run_phase(model, Phase("scratch", "scratch", steps, lr), s, rt, data, curve)
     data.batches.load_state_dict(start)
     return curve
