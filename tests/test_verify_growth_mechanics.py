@@ -257,7 +257,7 @@ def test_correct_bilateral_growth_passes_all_checks(tokens, kind, s, extra, seed
     new = scale_bilaterally(old, scale_factor=s, extra_layers=extra, seed=seed)
     rep = report(old, new, tokens)
     assert_all_pass(rep)
-    assert set(rep.results) == {"rope", "router", "symmetry", "functional"}
+    assert set(rep.results) == {"rope", "router", "symmetry", "functional", "trainability"}
     # Correct growth sits orders of magnitude below the tolerance, not just under it.
     assert rep.results["functional"].metrics["max_drift"] < TOL / 20
     assert rep.results["functional"].metrics["first_bad_layer"] is None
@@ -417,7 +417,7 @@ def test_router_not_divided_by_scale_factor_fails_router(tokens, s):
     rep = assert_caught(old, good, bad, tokens, "router", (ROUTER_FIX, FIX_ROUTER))
     res = rep.results["router"]
     assert res.metrics["router_logit_drift"] > 1e3 * TOL  # logits s times too large: far past the limit
-    assert res.metrics["fix"] == FIX_ROUTER
+    assert res.fix == FIX_ROUTER
     assert f"  - router: {FIX_ROUTER}" in rep.summary()
 
 
@@ -503,7 +503,7 @@ def test_router_collapse_inherited_from_old_model_is_not_blamed_on_growth(tokens
     res = rep.results["router"]
     assert not res.passed
     assert res.metrics["router_logit_drift"] < TOL and res.metrics["topk_disagreements"] == 0
-    assert res.metrics["fix"] != FIX_ROUTER, res.message  # the growth did nothing wrong to the router
+    assert res.fix != FIX_ROUTER, res.message  # the growth did nothing wrong to the router
     assert "old model" in res.message, res.message
     assert rep.results["functional"].passed and rep.results["rope"].passed
 
@@ -528,7 +528,7 @@ def test_dead_expert_collapse_inherited_from_old_model_is_not_blamed_on_growth(t
     res = check_router_integrity(old, new, tokens)
     assert not res.passed and res.metrics["max_dead_experts"] == 3
     assert res.metrics["router_logit_drift"] < TOL and res.metrics["topk_disagreements"] == 0
-    assert res.metrics["fix"] != FIX_ROUTER, res.message
+    assert res.fix != FIX_ROUTER, res.message
 
 
 def test_router_collapse_introduced_by_growth_is_not_blamed_on_old_model(tokens):
@@ -540,7 +540,7 @@ def test_router_collapse_introduced_by_growth_is_not_blamed_on_old_model(tokens)
     res = check_router_integrity(old, bad, tokens)
     assert not res.passed and "collapsed" in res.message
     assert "already" not in res.message, res.message  # the old model (entropy ~0.97) was balanced
-    assert "raise the load-balancing" not in res.metrics["fix"], res.metrics["fix"]
+    assert "raise the load-balancing" not in res.fix, res.fix
 
 
 # ===================================================================== 2. mutations: symmetry check
@@ -823,10 +823,10 @@ def test_result_fields_names_and_report_structure(tokens):
     new = scale_bilaterally(old, 2, 1)
     rep = report(old, new, tokens)
     assert isinstance(rep, GrowthReport) and isinstance(rep.passed, bool)
-    assert list(rep.results) == ["rope", "router", "symmetry", "functional"]
+    assert list(rep.results) == ["rope", "router", "symmetry", "functional", "trainability"]
     names = {k: r.name for k, r in rep.results.items()}
     assert names == {"rope": "RoPE integrity", "router": "Router integrity", "symmetry": "Symmetry breaking",
-                     "functional": "Functional equivalence"}
+                     "functional": "Functional equivalence", "trainability": "Trainability"}
     assert rep.passed == all(r.passed for r in rep.results.values())
     for key, fn in (("rope", check_rope_integrity), ("router", check_router_integrity),
                     ("functional", check_functional_equivalence)):
@@ -898,7 +898,7 @@ def test_summary_printed_on_success(tokens, capsys):
     assert "VERIFICATION SUMMARY" in out
     assert "✓ ALL CHECKS PASSED" in out
     assert "Model is ready for Phase 3 training." in out
-    assert out.count("✓ PASSED") == 4 and "✗" not in out
+    assert out.count("✓ PASSED") == 5 and "✗" not in out
     assert rep.summary() in out
 
 
@@ -912,7 +912,7 @@ def test_summary_printed_on_failure(tokens, capsys):
     assert "✗ FAILED  Symmetry breaking" in out
     assert "✗ 1 CHECK(S) FAILED: symmetry" in out
     assert f"  - symmetry: {FIX_SYMMETRY}" in out
-    assert out.count("✓ PASSED") == 3
+    assert out.count("✓ PASSED") == 4
     assert "ALL CHECKS PASSED" not in out and "ready for Phase 3" not in out
 
 
@@ -960,16 +960,19 @@ def test_not_a_grown_pair_is_rejected(tokens):
     old = source("dense")
     other_vocab = make_model(0, vocab_size=320)
     rep = report(old, scale_bilaterally(other_vocab, 2, 0), tokens)
-    for key in ("rope", "router", "functional"):
-        assert not rep.results[key].passed and "not a grown pair" in rep.results[key].message
+    assert list(rep.results) == ["pair"]  # rejected once, not by every check
+    assert not rep.results["pair"].passed and "not a grown pair" in rep.results["pair"].message
     assert not rep.passed
+    for check in ("rope", "router", "functional"):  # standalone checks reject it too
+        alone = standalone(check, old, scale_bilaterally(other_vocab, 2, 0), tokens)
+        assert not alone.passed and "not a grown pair" in alone.message
     shallower = report(scale_bilaterally(old, 1, 2), old, tokens)
-    assert "fewer layers" in shallower.results["functional"].message
+    assert "fewer layers" in shallower.results["pair"].message
 
 
 def test_symmetry_check_on_ungrown_dense_model_has_nothing_to_compare(tokens):
     res = check_symmetry_breaking(source("dense"), tokens)
-    assert res.passed and res.metrics.get("fix") == ""
+    assert res.passed and res.fix == ""
 
 
 # ------------------------------------------------------------------------------------------ fixtures

@@ -1,0 +1,68 @@
+"""A transition's whole verification: the pair validated once, float64 copies made once, one gradient of the
+training objective shared by the symmetry and trainability checks, and the VERIFICATION SUMMARY."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from config import TrainConfig
+from transfer.checks.functional import FunctionalLimits, judge_functional, measure_functional
+from transfer.checks.objective import objective_gradients
+from transfer.checks.pair import ModelPair, rejected_pair, require_tokens
+from transfer.checks.results import GrowthReport
+from transfer.checks.rope import RopeLimits, judge_rope, measure_rope
+from transfer.checks.router import RouterLimits, judge_router, measure_router
+from transfer.checks.symmetry import SymmetryLimits, symmetry_result
+from transfer.checks.trainability import TrainabilityLimits, judge_trainability, measure_trainability
+
+GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to reach every expert, cheap
+
+
+def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
+                          min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
+                          verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
+    """All five checks (rope, router, symmetry, functional, trainability) on shared float64 copies; prints the
+    VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients and the step size
+    (grown_lr) of the trainability check. A pair that is no grown pair gets one result, "pair"."""
+    require_tokens(tokens, min_len=16, why="RoPE breaks are invisible on short sequences")
+    rejected = rejected_pair("Grown pair", old_model, new_model)
+    if rejected:
+        return _report({"pair": rejected}, verbose)
+    tc = train_config or TrainConfig()
+    pair = ModelPair(old_model, new_model, tokens, dtype)
+    results = {"rope": judge_rope(measure_rope(pair), RopeLimits(tolerance)),
+               "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
+    batch = pair.tokens[:GRADIENT_SEQUENCES]
+    gradients = objective_gradients(pair.new, batch, tc)
+    results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference))
+    results["functional"] = judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance))
+    trainability = measure_trainability(pair.new, batch, tc, layout=pair.layout, first=gradients)
+    results["trainability"] = judge_trainability(trainability, TrainabilityLimits())
+    return _report(results, verbose)
+
+
+def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
+                    verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
+    """Dense -> MoE: functional equivalence, routing health and trainability (RoPE and symmetry have nothing to
+    compare); train_config.moe_lr is the trainability check's step size."""
+    require_tokens(tokens, min_len=2)
+    rejected = rejected_pair("Grown pair", dense_model, moe_model)
+    if rejected:
+        return _report({"pair": rejected}, verbose, upcycling=True)
+    tc = train_config or TrainConfig()
+    pair = ModelPair(dense_model, moe_model, tokens, torch.float64)
+    results = {"functional": judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance)),
+               "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
+    stats = measure_trainability(pair.new, pair.tokens[:GRADIENT_SEQUENCES], tc, lr=tc.moe_lr, layout=pair.layout)
+    results["trainability"] = judge_trainability(stats, TrainabilityLimits())
+    return _report(results, verbose, upcycling=True)
+
+
+def _report(results: dict, verbose: bool, upcycling: bool = False) -> GrowthReport:
+    report = GrowthReport(all(r.passed for r in results.values()), results)
+    if verbose and upcycling:
+        print("\n".join(str(r) for r in results.values()))
+        print("✓ PASSED — functional equivalence confirmed" if report.passed else "✗ FAILED — see the messages above")
+    elif verbose:
+        print(report.summary())
+    return report

@@ -1,0 +1,198 @@
+"""Symmetry breaking: cloned heads, FFN neurons and residual dimensions, and identical experts, must receive
+different gradients from the training objective on real tokens, or they stay copies forever.
+GROWTH_VERIFICATION.md section 3."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from config import TrainConfig
+from transfer.checks.objective import ObjectiveGradients, objective_gradients
+from transfer.checks.pair import copy_model, require_tokens
+from transfer.checks.results import FIX_COLLAPSE, FIX_SYMMETRY, CheckResult
+
+NAME = "Symmetry breaking"
+FIX_SCALE = "pass the scale factor the model was grown by"
+
+
+@dataclass(frozen=True)
+class SymmetryLimits:
+    min_relative_difference: float = 1e-3  # the median pair's relative gradient difference must reach this
+    identical_below: float | None = None  # "equal up to rounding"; None: 1e3 * eps of the measured dtype
+
+
+@dataclass
+class SymmetryStats:
+    scale_factor: int
+    eps: float  # machine epsilon of the dtype the gradients were computed in
+    families: list[tuple[str, Tensor]] = field(default_factory=list)  # (label, relative difference per tested pair)
+    pairs_without_gradient: int = 0  # both gradients exactly zero: nothing reached them, untested
+    expert_pairs: list[tuple[str, float]] = field(default_factory=list)  # identical experts: (label, relative difference)
+    loss: float | None = None
+    has_clones: bool = True  # False: width unchanged and no experts, nothing to compare
+
+
+def infer_scale_factor(model: nn.Module) -> int:
+    """The largest s for which the embedding is exactly s copies of one block of columns (1 if none)."""
+    e = model.embed.weight
+    d = e.shape[1]
+    for s in range(d, 1, -1):
+        if d % s == 0 and torch.equal(e, e[:, : d // s].repeat(1, s)):
+            return s
+    return 1
+
+
+def scale_problem(model: nn.Module, s: int) -> str | None:
+    cfg = model.config
+    if cfg.dim % s or cfg.n_heads % s or cfg.hidden_dim % s:
+        return f"scale_factor {s} does not divide the model's widths (dim {cfg.dim}, {cfg.n_heads} heads, FFN {cfg.hidden_dim})"
+    return None
+
+
+def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int) -> SymmetryStats:
+    """Relative gradient difference of every pair of copies of every cloned unit, and of identical experts."""
+    stats = SymmetryStats(s, torch.finfo(model.embed.weight.dtype).eps, loss=gradients.ce)
+    if s > 1:
+        for label, g in _clone_families(model, gradients.grads, s):
+            rel, zero = _relative_differences(g)
+            stats.pairs_without_gradient += int(zero.sum())
+            stats.families.append((label, rel[~zero]))
+    if model.config.is_moe:
+        for j, b in enumerate(model.blocks):
+            grads = gradients.grads[f"blocks.{j}.ffn.gate_proj"].flatten(1)
+            for e1, e2 in _identical_experts(b):
+                scale = max(grads[e1].norm().item(), grads[e2].norm().item())
+                if scale == 0:  # neither expert got a token: untested here (the router check sees dead experts)
+                    stats.pairs_without_gradient += 1
+                else:
+                    stats.expert_pairs.append((f"block {j} experts {e1} and {e2}", (grads[e1] - grads[e2]).norm().item() / scale))
+    return stats
+
+
+def compared_parameters(model: nn.Module) -> list[str]:
+    """Names of the weights whose gradients the symmetry check reads."""
+    names = ["embed.weight"]
+    for j in range(model.config.n_layers):
+        names += [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"]
+        names.append(f"blocks.{j}.ffn.gate_proj" + ("" if model.config.is_moe else ".weight"))
+    return names
+
+
+def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int) -> list[tuple[str, Tensor]]:
+    """(label, grads shaped (s, units, ...)) for every family of width clones: copy c of unit u is unit u + n*c."""
+    cfg = model.config
+    fams = [("residual dims (embedding columns)", grads["embed.weight"].t().reshape(s, cfg.dim // s, -1))]
+    for j in range(cfg.n_layers):
+        for proj, heads in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
+            if heads % s:  # a single shared KV head (MQA) kept as it is: nothing cloned
+                continue
+            g = grads[f"blocks.{j}.attention.{proj}_proj.weight"]
+            fams.append((f"block {j} {proj}-heads", g.reshape(s, heads // s, -1)))
+        if cfg.is_moe:  # (E, s*F0, D) -> (s, E*F0, D): neuron i of expert e and its copies
+            g = grads[f"blocks.{j}.ffn.gate_proj"]
+            E, F_, D = g.shape
+            g = g.reshape(E, s, F_ // s, D).transpose(0, 1).reshape(s, E * (F_ // s), D)
+        else:
+            g = grads[f"blocks.{j}.ffn.gate_proj.weight"].reshape(s, cfg.hidden_dim // s, -1)
+        fams.append((f"block {j} FFN neurons", g))
+    return fams
+
+
+def _relative_differences(g: Tensor) -> tuple[Tensor, Tensor]:
+    """For g (s, units, ...): |g_a - g_b| / max(|g_a|, |g_b|) for every unit and every pair of copies a < b,
+    and a mask of pairs where both gradients are exactly zero (nothing reached them: untested, not identical)."""
+    g = g.flatten(2)
+    a, b = torch.triu_indices(g.shape[0], g.shape[0], offset=1)
+    diff = (g[a] - g[b]).norm(dim=-1)  # (pairs, units)
+    norms = g.norm(dim=-1)
+    scale = torch.maximum(norms[a], norms[b])
+    zero = scale == 0
+    return (diff / scale.clamp(min=1e-300)).flatten(), zero.flatten()
+
+
+def _identical_experts(block: nn.Module) -> list[tuple[int, int]]:
+    """Pairs of experts of an MoE block whose weights are exactly equal (e.g. right after upcycling)."""
+    f = block.ffn
+    w = torch.cat([f.gate_proj.flatten(1), f.up_proj.flatten(1), f.down_proj.flatten(1)], dim=1)
+    return [(a, b) for a in range(len(w)) for b in range(a + 1, len(w)) if torch.equal(w[a], w[b])]
+
+
+def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits()) -> CheckResult:
+    """No pair identical up to rounding, the median pair's difference at least min_relative_difference,
+    identical experts told apart, and something tested at all when the width grew."""
+    if not stats.has_clones:
+        return CheckResult(NAME, True, "width unchanged and no experts: no cloned units to compare")
+    # "Identical" = equal up to rounding: pure clones differ by 0 to ~1e-16 in float64. A threshold on each
+    # pair's difference would be wrong the other way: among thousands of noisy pairs a few differ little by
+    # chance, so the noise strength is judged on the median pair instead.
+    identical_below = limits.identical_below if limits.identical_below is not None else 1e3 * stats.eps
+    min_rel = limits.min_relative_difference
+    r = torch.cat([rel for _, rel in stats.families]) if stats.families else torch.zeros(0, dtype=torch.float64)
+    tested, identical = len(r), int((r < identical_below).sum())
+    twins = [label for label, rel in stats.expert_pairs if rel < identical_below]
+    median = r.median().item() if tested else None
+    metrics = {"scale_factor": stats.scale_factor, "pairs_tested": tested + len(stats.expert_pairs),
+               "pairs_identical": identical + len(twins), "pairs_without_gradient": stats.pairs_without_gradient,
+               "min_relative_difference": r.min().item() if tested else None, "median_relative_difference": median,
+               "limit": min_rel, "identical_below": identical_below,
+               "identical_expert_pairs_tested": len(stats.expert_pairs), "loss": stats.loss}
+    problems, fix = [], FIX_SYMMETRY
+    if identical:
+        first = next(label for label, rel in stats.families if (rel < identical_below).any())
+        problems.append(f"{identical} of {tested} cloned unit pairs receive identical gradients (relative difference "
+                        f"{r.min().item():.1e}, below {identical_below:.0e}: equal up to rounding), first in {first}: "
+                        f"the copies would stay identical through training and the added width would be wasted.")
+    elif tested and median < min_rel:
+        problems.append(f"cloned units' gradients differ by a median {median:.1e} relative (limit >= {min_rel:.0e}): "
+                        f"the symmetry-breaking noise is too weak to make the copies diverge in bf16/fp32 training.")
+    if twins:
+        problems.append(f"identical experts receive identical gradients ({'; '.join(twins[:3])}"
+                        f"{' ...' if len(twins) > 3 else ''}): the router sends them the same tokens.")
+        if len(problems) == 1:
+            fix = FIX_COLLAPSE
+    if tested == 0 and stats.scale_factor > 1:
+        problems.append("no gradient reached any cloned unit, so symmetry breaking cannot be shown.")
+    if problems:
+        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix)
+    return CheckResult(NAME, True, _ok_message(stats, r, median, min_rel), metrics)
+
+
+def _ok_message(stats: SymmetryStats, r: Tensor, median: float | None, min_rel: float) -> str:
+    if len(r):
+        return (f"{len(r)} cloned unit pairs all receive different gradients (median relative difference "
+                f"{median:.2e}, limit {min_rel:.0e}; smallest {r.min().item():.1e}); {stats.pairs_without_gradient} "
+                f"pairs received no gradient (identity blocks, idle experts)")
+    if stats.expert_pairs:
+        return f"{len(stats.expert_pairs)} pairs of identical experts all receive different gradients (different tokens)"
+    return "no cloned units or identical experts with gradients to compare"
+
+
+def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: int | None = None,
+                            min_relative_difference: float = 1e-3, max_sequences: int = 4,
+                            dtype: torch.dtype = torch.float64, train_config: TrainConfig | None = None) -> CheckResult:
+    """Gradients of the training objective on real tokens (the first max_sequences rows): no cloned head, FFN
+    neuron or residual dimension may get the same gradient as a copy of it (equal up to rounding), the median
+    relative difference must reach min_relative_difference, and identical experts must not get identical
+    gradients (they would if the router sent them the same tokens). scale_factor=None reads it off the tiled
+    embedding."""
+    require_tokens(tokens)
+    s = scale_factor or infer_scale_factor(new_model)
+    limits = SymmetryLimits(min_relative_difference)
+    if scale_problem(new_model, s) or (s == 1 and not new_model.config.is_moe):  # nothing to differentiate
+        return symmetry_result(new_model, None, s, limits)
+    model = copy_model(new_model, dtype)
+    tokens = tokens[:max_sequences].to(next(model.parameters()).device)
+    grads = objective_gradients(model, tokens, train_config or TrainConfig(), wrt=compared_parameters(model))
+    return symmetry_result(model, grads, s, limits)
+
+
+def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: int, limits: SymmetryLimits) -> CheckResult:
+    """The verdict for width factor s from gradients of the objective (None when there is nothing to compare)."""
+    problem = scale_problem(model, s)
+    if problem:
+        return CheckResult(NAME, False, f"{problem}. Fix: {FIX_SCALE}.", {"scale_factor": s}, FIX_SCALE)
+    if s == 1 and not model.config.is_moe:
+        return judge_symmetry(SymmetryStats(1, 0.0, has_clones=False), limits)
+    return judge_symmetry(measure_symmetry(model, gradients, s), limits)

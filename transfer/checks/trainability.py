@@ -1,0 +1,221 @@
+"""Trainability: every weight of the grown model can receive gradient from the training objective within a few
+optimisation steps. A growth that zeroes both factors of a product (o_proj and v_proj, down_proj and up_proj, a
+norm weight, a whole head or expert) preserves the function exactly and passes the other four checks, yet no
+gradient ever reaches those weights and weight decay holds them at zero. GROWTH_VERIFICATION.md section 5.
+
+One step is not enough: an inserted identity block's o_proj and down_proj are zero, so its q, k, v, gate, up and
+norm weights get exactly zero gradient at step 1 and a nonzero one once the output projections have moved.
+The check therefore evaluates the gradient, takes AdamW's first step (lr * g / (|g| + eps), decoupled weight
+decay on matrices: the step every weight takes when its first gradient arrives), and evaluates again, on
+float64 copies and the same real tokens. Weights the batch did not reach (experts that got no token at some
+evaluation, embedding rows of ids absent from the batch) are reported as idle, never as dead.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from config import TrainConfig
+from transfer.checks.labels import parameter_place
+from transfer.checks.objective import ObjectiveGradients, objective_gradients
+from transfer.checks.pair import copy_model, require_tokens
+from transfer.checks.results import FIX_TRAINABILITY, CheckResult
+
+NAME = "Trainability"
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which training.loop.make_optimizer keeps
+
+
+@dataclass(frozen=True)
+class TrainabilityLimits:
+    max_dead_weights: int = 0  # reached weights whose gradient is exactly zero at every evaluation
+
+
+@dataclass
+class DeadUnits:
+    """Dead weights of one parameter, grouped into the units a user thinks in (heads, neurons, experts)."""
+
+    place: str  # "block 1 (inserted identity copy of old block 0)", or "model" outside the blocks
+    module: str  # "attention.v_proj"
+    unit: str  # head, kv head, neuron, expert, dimension, token row, weight
+    dead_units: list[int]  # units every reached weight of which is dead
+    n_units: int
+    dead_weights: int
+    judged_weights: int  # weights the batch reached at every evaluation
+
+    def describe(self) -> str:
+        units = f"{len(self.dead_units)} of {self.n_units} {self.unit}s" + (
+            f" ({', '.join(map(str, self.dead_units[:8]))}{' ...' if len(self.dead_units) > 8 else ''})"
+            if 0 < len(self.dead_units) < self.n_units else "")
+        return f"{self.place} {self.module}: {units}, {self.dead_weights} of {self.judged_weights} weights"
+
+
+@dataclass
+class ParameterGradient:
+    name: str
+    weights: int
+    judged: int  # reached by the batch at every evaluation
+    alive_after: list[int]  # judged weights with a nonzero gradient at some evaluation <= t, for t = 1, 2, ...
+    relative_rms: list[float | None]  # RMS gradient over judged weights / the model's RMS gradient at step 1
+
+
+@dataclass
+class TrainabilityStats:
+    steps: int  # evaluations made: stops early once every reached weight has had gradient
+    lr: float
+    parameters: list[ParameterGradient] = field(default_factory=list)
+    dead: list[DeadUnits] = field(default_factory=list)
+    idle_embedding_rows: int = 0
+    idle_experts: list[str] = field(default_factory=list)  # "block 3 expert 5"
+    loss: float | None = None
+
+
+def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, steps: int = 2, lr: float | None = None,
+                         layout: list[tuple[int, bool]] | None = None,
+                         first: ObjectiveGradients | None = None) -> TrainabilityStats:
+    """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
+    first step until `steps` evaluations or until every reached weight has had gradient. Later evaluations
+    differentiate only the parameters still waiting, and never modify `model` (functional_call)."""
+    lr = tc.grown_lr if lr is None else lr
+    g = first or objective_gradients(model, tokens, tc)
+    values = {n: p.detach() for n, p in model.named_parameters()}
+    latest, alive = dict(g.grads), {n: gr != 0 for n, gr in g.grads.items()}
+    judged, experts_reached = _reached(model, g), [t > 0 for t in g.expert_tokens]
+    reference = torch.cat([gr.flatten() for gr in g.grads.values()]).pow(2).mean().sqrt().clamp(min=1e-300)
+    records = {n: ParameterGradient(n, v.numel(), 0, [], []) for n, v in values.items()}
+    _record(records, judged, alive, latest, reference, values)
+    done = 1
+    while done < steps:
+        waiting = [n for n in values if (judged[n] & ~alive[n]).any()]
+        if not waiting:
+            break
+        values = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items()}
+        g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
+        reached = _reached(model, g)
+        judged = {n: judged[n] & reached[n] for n in judged}
+        experts_reached = [a & (t > 0) for a, t in zip(experts_reached, g.expert_tokens)]
+        for n in waiting:
+            latest[n], alive[n] = g.grads[n], alive[n] | (g.grads[n] != 0)
+        _record(records, judged, alive, {n: latest[n] for n in waiting}, reference, values)
+        done += 1
+    stats = TrainabilityStats(done, lr, list(records.values()), loss=g.ce)
+    for n in values:
+        dead = judged[n] & ~alive[n]
+        if dead.any():
+            stats.dead.append(_dead_units(n, dead, judged[n], model.config, layout))
+    if "embed.weight" in judged and model.lm_head.weight is not model.embed.weight:
+        stats.idle_embedding_rows = int((~judged["embed.weight"].any(dim=1)).sum())
+    stats.idle_experts = [f"block {j} expert {e}" for j, r in enumerate(experts_reached) for e in (~r).nonzero().flatten().tolist()]
+    return stats
+
+
+def _reached(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]:
+    """Per parameter, which weights this evaluation's batch could reach: all, except embedding rows of ids absent
+    from the input (an untied embedding gets gradient only through them) and experts that got no token."""
+    reached = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    if model.lm_head.weight is not model.embed.weight:
+        rows = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=g.input_ids.device)
+        rows[g.input_ids] = True
+        reached["embed.weight"] &= rows[:, None]
+    for j, tokens in enumerate(g.expert_tokens):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            reached[f"blocks.{j}.ffn.{name}"] &= (tokens > 0).view(-1, 1, 1)
+    return reached
+
+
+def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tensor:
+    """AdamW's first update (bias-corrected moments are g and g^squared), decay on matrices as make_optimizer."""
+    decay = tc.weight_decay if w.dim() >= 2 else 0.0
+    return w * (1 - lr * decay) - lr * g / (g.abs() + ADAM_EPS)
+
+
+def _record(records: dict[str, ParameterGradient], judged: dict[str, Tensor], alive: dict[str, Tensor],
+            fresh: dict[str, Tensor], reference: Tensor, values: dict[str, Tensor]) -> None:
+    """Append this evaluation's figures: alive counts for every parameter, RMS for those just differentiated."""
+    for n, r in records.items():
+        r.judged = int(judged[n].sum())
+        r.alive_after.append(int((alive[n] & judged[n]).sum()))
+        g = fresh.get(n)
+        r.relative_rms.append(None if g is None or not judged[n].any() else (g[judged[n]].pow(2).mean().sqrt() / reference).item())
+
+
+def _units(name: str, mask: Tensor, cfg) -> tuple[str, Tensor]:
+    """(unit kind, mask viewed as (units, weights per unit)) for a parameter of the project's Transformer."""
+    key = name.removesuffix(".weight").split(".")[-1]
+    if mask.dim() == 1:
+        return "dimension", mask.view(-1, 1)
+    if mask.dim() == 3:  # stacked experts (E, out, in)
+        return "expert", mask.flatten(1)
+    if key == "q_proj":
+        return "head", mask.view(cfg.n_heads, -1)
+    if key in ("k_proj", "v_proj"):
+        return "kv head", mask.view(cfg.kv_heads, -1)
+    if key == "o_proj":  # (D, H * hd): a head is a block of columns
+        return "head", mask.view(mask.shape[0], cfg.n_heads, -1).transpose(0, 1).flatten(1)
+    if key in ("gate_proj", "up_proj"):
+        return "neuron", mask
+    if key == "down_proj":
+        return "neuron", mask.t()
+    if key == "router":
+        return "expert", mask
+    if key in ("embed", "lm_head"):
+        return "token row", mask
+    return "weight", mask.reshape(-1, 1)
+
+
+def _dead_units(name: str, dead: Tensor, judged: Tensor, cfg, layout) -> DeadUnits:
+    unit, d = _units(name, dead, cfg)
+    _, j = _units(name, judged, cfg)
+    whole = ((d | ~j).all(dim=1) & j.any(dim=1)).nonzero().flatten().tolist()
+    place, module = parameter_place(name, layout)
+    return DeadUnits(place, module, unit, whole, d.shape[0], int(dead.sum()), int(judged.sum()))
+
+
+def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = TrainabilityLimits()) -> CheckResult:
+    """Fails when more reached weights than allowed never received gradient; idle weights are only reported."""
+    dead = sum(d.dead_weights for d in stats.dead)
+    weights = sum(p.weights for p in stats.parameters)
+    judged = sum(p.judged for p in stats.parameters)
+    alive_after = [sum(p.alive_after[t] for p in stats.parameters) for t in range(stats.steps)]
+    last_rms = [next((x for x in reversed(p.relative_rms) if x is not None), None) for p in stats.parameters]
+    metrics = {"steps": stats.steps, "lr": stats.lr, "weights": weights, "judged_weights": judged,
+               "alive_after_step": alive_after, "dead_weights": dead, "limit": limits.max_dead_weights,
+               "dead_units": [asdict(d) for d in stats.dead], "idle_embedding_rows": stats.idle_embedding_rows,
+               "idle_experts": stats.idle_experts, "loss": stats.loss,
+               "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None)}
+    idle = _idle_note(stats)
+    if dead > limits.max_dead_weights:
+        listed = "; ".join(d.describe() for d in stats.dead[:6]) + (" ..." if len(stats.dead) > 6 else "")
+        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} steps (limit "
+               f"{limits.max_dead_weights}), so training cannot move them and weight decay holds them where they "
+               f"are: {listed}.{idle} Fix: {FIX_TRAINABILITY}.")
+        return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY)
+    later = f", the other {alive_after[-1] - alive_after[0]} after one AdamW step (lr {stats.lr:g})" if stats.steps > 1 else ""
+    ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): "
+          f"{alive_after[0]} at step 1{later}.{idle}")
+    return CheckResult(NAME, True, ok, metrics)
+
+
+def _idle_note(stats: TrainabilityStats) -> str:
+    parts = []
+    if stats.idle_embedding_rows:
+        parts.append(f"{stats.idle_embedding_rows} embedding rows of ids absent from the batch")
+    if stats.idle_experts:
+        parts.append(f"experts without tokens: {', '.join(stats.idle_experts[:6])}"
+                     f"{' ...' if len(stats.idle_experts) > 6 else ''}")
+    return f" Idle, not judged: {'; '.join(parts)}." if parts else ""
+
+
+def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max_sequences: int = 4,
+                       train_config: TrainConfig | None = None, lr: float | None = None,
+                       dtype: torch.dtype = torch.float64) -> CheckResult:
+    """Every weight of new_model that the first max_sequences rows of tokens reach receives gradient from the
+    pipeline's objective (train_config's balance and z coefficients) within `steps` evaluations, AdamW's first
+    step (lr, default train_config.grown_lr) between them. Dead weights are listed by block, module and unit."""
+    require_tokens(tokens)
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    model = copy_model(new_model, dtype)
+    tokens = tokens[:max_sequences].to(next(model.parameters()).device)
+    return judge_trainability(measure_trainability(model, tokens, train_config or TrainConfig(), steps, lr))
