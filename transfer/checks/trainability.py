@@ -45,10 +45,11 @@ class DeadUnits:
     judged_weights: int  # weights the batch reached at every evaluation
 
     def describe(self) -> str:
-        units = f"{len(self.dead_units)} of {self.n_units} {self.unit}s" + (
-            f" ({', '.join(map(str, self.dead_units[:8]))}{' ...' if len(self.dead_units) > 8 else ''})"
-            if 0 < len(self.dead_units) < self.n_units else "")
-        return f"{self.place} {self.module}: {units}, {self.dead_weights} of {self.judged_weights} weights"
+        """"attention.v_proj (1 of 8 kv heads: 1; 512 of 4096 weights)": which units, when not all of them."""
+        which = (f": {', '.join(map(str, self.dead_units[:8]))}{' ...' if len(self.dead_units) > 8 else ''}"
+                 if 0 < len(self.dead_units) < self.n_units else "")
+        return (f"{self.module} ({len(self.dead_units)} of {self.n_units} {self.unit}s{which}; "
+                f"{self.dead_weights} of {self.judged_weights} weights)")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainabilityStats:
     idle_embedding_rows: int = 0
     idle_experts: list[str] = field(default_factory=list)  # "block 3 expert 5"
     loss: float | None = None
+    zero_below: float = 0.0  # |g| / (model RMS gradient at step 1) at or below which a weight got none
 
 
 def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, steps: int = 2, lr: float | None = None,
@@ -76,13 +78,18 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
                          first: ObjectiveGradients | None = None) -> TrainabilityStats:
     """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
     first step until `steps` evaluations or until every reached weight has had gradient. Later evaluations
-    differentiate only the parameters still waiting, and never modify `model` (functional_call)."""
+    differentiate only the parameters still waiting, and never modify `model` (functional_call).
+
+    A weight receives gradient when |g| exceeds 1e3 * eps(dtype) times the model's RMS gradient at step 1:
+    below that it is rounding (identical experts give their router an LM gradient of ~1e-18 in float64),
+    and an Adam step from it is ~1e-10 of the learning rate."""
     lr = tc.grown_lr if lr is None else lr
     g = first or objective_gradients(model, tokens, tc)
     values = {n: p.detach() for n, p in model.named_parameters()}
-    latest, alive = dict(g.grads), {n: gr != 0 for n, gr in g.grads.items()}
-    judged, experts_reached = _reached(model, g), [t > 0 for t in g.expert_tokens]
     reference = torch.cat([gr.flatten() for gr in g.grads.values()]).pow(2).mean().sqrt().clamp(min=1e-300)
+    zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
+    latest, alive = dict(g.grads), {n: gr.abs() > zero_below for n, gr in g.grads.items()}
+    judged, experts_reached = _reached(model, g), [t > 0 for t in g.expert_tokens]
     records = {n: ParameterGradient(n, v.numel(), 0, [], []) for n, v in values.items()}
     _record(records, judged, alive, latest, reference, values)
     done = 1
@@ -96,10 +103,10 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
         judged = {n: judged[n] & reached[n] for n in judged}
         experts_reached = [a & (t > 0) for a, t in zip(experts_reached, g.expert_tokens)]
         for n in waiting:
-            latest[n], alive[n] = g.grads[n], alive[n] | (g.grads[n] != 0)
+            latest[n], alive[n] = g.grads[n], alive[n] | (g.grads[n].abs() > zero_below)
         _record(records, judged, alive, {n: latest[n] for n in waiting}, reference, values)
         done += 1
-    stats = TrainabilityStats(done, lr, list(records.values()), loss=g.ce)
+    stats = TrainabilityStats(done, lr, list(records.values()), loss=g.ce, zero_below=(zero_below / reference).item())
     for n in values:
         dead = judged[n] & ~alive[n]
         if dead.any():
@@ -182,18 +189,23 @@ def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = Tr
     metrics = {"steps": stats.steps, "lr": stats.lr, "weights": weights, "judged_weights": judged,
                "alive_after_step": alive_after, "dead_weights": dead, "limit": limits.max_dead_weights,
                "dead_units": [asdict(d) for d in stats.dead], "idle_embedding_rows": stats.idle_embedding_rows,
-               "idle_experts": stats.idle_experts, "loss": stats.loss,
+               "idle_experts": stats.idle_experts, "loss": stats.loss, "zero_below": stats.zero_below,
                "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None)}
     idle = _idle_note(stats)
     if dead > limits.max_dead_weights:
-        listed = "; ".join(d.describe() for d in stats.dead[:6]) + (" ..." if len(stats.dead) > 6 else "")
-        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} steps (limit "
-               f"{limits.max_dead_weights}), so training cannot move them and weight decay holds them where they "
-               f"are: {listed}.{idle} Fix: {FIX_TRAINABILITY}.")
+        places = dict.fromkeys(d.place for d in stats.dead)  # in model order
+        listed = "; ".join(f"{p}: " + ", ".join(d.describe() for d in stats.dead if d.place == p) for p in places)
+        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} step{'s' if stats.steps > 1 else ''} (|g| at most "
+               f"{stats.zero_below:.1e} of the model's RMS gradient; limit {limits.max_dead_weights} such weights), so "
+               f"training cannot move them and weight decay holds them where they are: {listed}.{idle} "
+               f"Fix: {FIX_TRAINABILITY}.")
         return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY)
-    later = f", the other {alive_after[-1] - alive_after[0]} after one AdamW step (lr {stats.lr:g})" if stats.steps > 1 else ""
-    ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): "
-          f"{alive_after[0]} at step 1{later}.{idle}")
+    later = (f", the other {alive_after[-1] - alive_after[0]} after {stats.steps - 1} AdamW step(s) (lr {stats.lr:g})"
+             if stats.steps > 1 else "")
+    weakest = metrics["weakest_relative_gradient"]
+    ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): {alive_after[0]} at "
+          f"step 1{later}; weakest parameter's RMS gradient {weakest:.1e} of the model's (zero at or below "
+          f"{stats.zero_below:.0e}).{idle}")
     return CheckResult(NAME, True, ok, metrics)
 
 
