@@ -21,15 +21,15 @@ def _raise_if(problems: list[str], what: str) -> None:
 class ModelConfig:
     """One decoder for every phase: `n_experts == 0` is the dense model, `n_experts > 0` the MoE."""
 
-    vocab_size: int = 4096
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 4096  # BPE vocabulary the tokenizer is trained to (256 bytes + end of text + merges)
+    dim: int = 256  # residual-stream width of the phase-1 model (growth multiplies it by scale_factor)
+    n_layers: int = 4  # transformer blocks of the phase-1 model (growth adds extra_layers)
+    n_heads: int = 4  # attention heads; head_dim = dim // n_heads (growth multiplies heads, keeps head_dim)
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head); fewer = grouped-query attention
     ffn_dim: int | None = None  # SwiGLU hidden size per expert; None = 8/3 * dim rounded up to 32
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 256  # longest context the RoPE tables cover
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     n_experts: int = 0  # 0 = dense SwiGLU FFN
     top_k: int = 2  # experts per token (MoE only)
     tie_embeddings: bool = True  # LM head shares the embedding matrix
@@ -81,13 +81,12 @@ class ModelConfig:
 class GrowthConfig:
     """The two transitions: dense -> MoE (sparse upcycling) and bilateral growth (width x depth)."""
 
-    n_experts: int = 8
-    top_k: int = 2
+    n_experts: int = 8  # experts per MoE layer made by upcycling (each a copy of the dense FFN)
+    top_k: int = 2  # experts each token is routed to
     router_init_std: float = 0.02  # small random router: a zero router sends every token to the same experts
     scale_factor: int = 2  # width multiplier (integer >= 1); heads multiply, head_dim stays
     extra_layers: int = 4  # identity blocks inserted (>= 0)
     noise_std: float = 0.3  # symmetry-breaking noise, relative to each block's RMS (0.32 = 10 dB SNR)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -108,44 +107,48 @@ class GrowthConfig:
 
 @dataclass
 class TrainConfig:
-    """Per-phase training. Each phase starts a fresh AdamW (moments do not map through growth) with warm-up."""
+    """Per-phase training. Each phase starts a fresh AdamW (moments do not map through growth) with warm-up.
+
+    A pipeline stage named X (training/pipeline.py) trains for X_steps at peak learning rate X_lr.
+    """
 
     batch_size: int = 16  # sequences per step (per process under DDP)
     seq_len: int = 256  # tokens per sequence, <= max_seq_len
-    dense_steps: int = 1000
-    moe_steps: int = 500
-    grown_steps: int = 500
-    dense_lr: float = 2e-3
-    moe_lr: float = 1e-3
+    dense_steps: int = 1000  # optimizer steps of phase 1 (the dense model)
+    moe_steps: int = 500  # optimizer steps of phase 2 (the upcycled MoE)
+    grown_steps: int = 500  # optimizer steps of phase 3 (the grown MoE)
+    dense_lr: float = 2e-3  # peak learning rate of phase 1
+    moe_lr: float = 1e-3  # peak learning rate of phase 2
     # moe_lr / scale_factor (set it again for another scale_factor): growth divides fan-in weights by s but Adam's
     # step does not shrink, so the same LR moves the grown model s times as far (TinyStories, s=2, default schedule:
     # 6e-4 lifted eval loss by 0.014 right after growth, 3e-4 not at all).
-    grown_lr: float = 3e-4
+    grown_lr: float = 3e-4  # peak learning rate of phase 3 (moe_lr / scale_factor: config.py says why)
     warmup_steps: int = 50  # per phase
     min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * lr
     # final_phase: phases 1-2 hold their LR after warm-up and only phase 3 decays (warmup-stable-decay).
     # every_phase: each phase decays (cosine), so each next phase re-warms a decayed model, which costs loss:
     # on TinyStories (bench/growth_vs_scratch.py) final eval loss 2.49 against 2.63 at equal FLOPs.
-    decay: str = "final_phase"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    decay: str = "final_phase"  # final_phase | every_phase: which phases decay their LR (config.py says why)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only (not norm weights)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     balance_coef: float = 0.01  # Switch load-balancing loss (reads 1.0 at perfect balance)
     z_coef: float = 0.001  # router z-loss
-    eval_interval: int = 100
-    eval_batches: int = 10
-    log_interval: int = 10
-    checkpoint_interval: int = 250
+    eval_interval: int = 100  # steps between evaluations on the held-out stories (and at each phase end)
+    eval_batches: int = 10  # held-out batches per evaluation
+    log_interval: int = 10  # steps between logged training losses
+    checkpoint_interval: int = 250  # steps between checkpoints (and at each phase end)
     sample_tokens: int = 150  # length of the story sampled at each phase end
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        for name in ("batch_size", "seq_len", "dense_steps", "moe_steps", "grown_steps", "eval_interval",
-                     "eval_batches", "log_interval", "checkpoint_interval"):
+        stage_steps = [f.name for f in fields(self) if f.name.endswith("_steps") and f.name != "warmup_steps"]
+        for name in ("batch_size", "seq_len", *stage_steps, "eval_interval", "eval_batches", "log_interval",
+                     "checkpoint_interval"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("dense_lr", "moe_lr", "grown_lr"):
+        for name in (f.name for f in fields(self) if f.name.endswith("_lr")):
             if not getattr(self, name) > 0:
                 p.append(f"{name}={getattr(self, name)} must be > 0")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_coef", "sample_tokens"):
@@ -181,7 +184,9 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 1337
+    """Where and how the run executes."""
+
+    seed: int = 1337  # one seed for the run: init, data order, growth noise, routers, samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the training model (CUDA)
 
@@ -208,53 +213,5 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-def settings_to_args(settings: dict[str, object]) -> list[str]:
-    return [f"--{k}={v}" for k, v in settings.items()]
-
-
 def config_to_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-
-
-def _convert(raw: str, current, name: str):
-    """Parse raw to the type of the field's current value (nanoGPT's rule: no type changes)."""
-    if isinstance(current, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name}={raw}: expected true or false")
-    for typ in (int, float):
-        if isinstance(current, typ):
-            try:
-                return typ(raw)
-            except ValueError:
-                raise ConfigError(f"--{name}={raw}: expected {'an integer' if typ is int else 'a number'}") from None
-    if current is None and raw.lower() in ("none", "null"):
-        return None
-    if current is None:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"--{name}={raw}: expected an integer or none") from None
-    return raw
-
-
-def apply_overrides(args: list[str], *configs):
-    """Apply `--name=value` arguments to the first of `configs` that has that field; return new, validated configs.
-
-    An unknown name, a malformed value or a value the config rejects raises ConfigError before any work.
-    """
-    from dataclasses import replace
-
-    updates: list[dict] = [{} for _ in configs]
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"{arg!r}: overrides are written --name=value")
-        name, raw = arg[2:].split("=", 1)
-        owners = [i for i, c in enumerate(configs) if name in {f.name for f in fields(c)}]
-        if not owners:
-            known = sorted({f.name for c in configs for f in fields(c)})
-            raise ConfigError(f"unknown setting --{name}; known: {', '.join(known)}")
-        updates[owners[0]][name] = _convert(raw, getattr(configs[owners[0]], name), name)
-    return tuple(replace(c, **u) if u else c for c, u in zip(configs, updates))

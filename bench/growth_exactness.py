@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import GrowthConfig, ModelConfig, apply_overrides  # noqa: E402
+from config import ConfigError  # noqa: E402
 from data.synthetic import byte_token_batch, generate_stories  # noqa: E402
 from models import build_model  # noqa: E402
+from training.settings import build_settings, make_parser, parse_command_line  # noqa: E402
 from transfer import (check_functional_equivalence, check_rope_integrity, check_router_integrity,  # noqa: E402
                       check_symmetry_breaking, dense_to_moe, detailed_growth_check, scale_bilaterally)
 
@@ -38,21 +39,27 @@ def timed(fn):
     return result, time.perf_counter() - t
 
 
-def main(argv: list[str]) -> None:
-    growth, cfg = apply_overrides(argv, GrowthConfig(), ModelConfig())
-    torch.manual_seed(growth.seed)
+def main(argv: list[str]) -> int:
+    try:
+        _, overrides = parse_command_line(make_parser(__doc__.split("\n")[0]), argv)
+        s = build_settings(None, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    growth, cfg, seed = s.growth, s.model, s.run.seed
+    torch.manual_seed(seed)
     seq = min(cfg.max_seq_len, 256)
     tokens = byte_token_batch(" ".join(generate_stories(800)), 8, seq) % cfg.vocab_size
     moe = dense_to_moe(build_model(cfg), growth.n_experts, growth.top_k, calibration_tokens=tokens)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MoE dim {cfg.dim}, {cfg.n_layers} layers, "
           f"{growth.n_experts} experts top-{growth.top_k}; tokens {tuple(tokens.shape)}; noise_std {growth.noise_std}")
     print(f"{'scale':>5} {'extra':>5} {'params':>12} {'fp32 drift':>11} {'fp64 drift':>11}")
-    for s in (1, 2, 3, 4):
+    for scale in (1, 2, 3, 4):
         for extra in (0, 4, 8):
-            big = scale_bilaterally(moe, s, extra, growth.noise_std, growth.seed)
+            big = scale_bilaterally(moe, scale, extra, growth.noise_std, seed)
             d32, d64 = logit_drift(moe, big, tokens[:2], torch.float32), logit_drift(moe, big, tokens[:2], torch.float64)
-            print(f"{s:>5} {extra:>5} {big.num_parameters():>12,} {d32:>11.2e} {d64:>11.2e}")
-    big = scale_bilaterally(moe, growth.scale_factor, growth.extra_layers, growth.noise_std, growth.seed,
+            print(f"{scale:>5} {extra:>5} {big.num_parameters():>12,} {d32:>11.2e} {d64:>11.2e}")
+    big = scale_bilaterally(moe, growth.scale_factor, growth.extra_layers, growth.noise_std, seed,
                             calibration_tokens=tokens)
     print(f"\ncheck timings, default growth x{growth.scale_factor} +{growth.extra_layers} "
           f"({big.num_parameters():,} params), tokens {tuple(tokens.shape)}:")
@@ -64,7 +71,8 @@ def main(argv: list[str]) -> None:
         result, seconds = timed(fn)
         passed = result.passed
         print(f"  {name:<22} {seconds:6.2f} s  {'passed' if passed else 'FAILED'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@
     python bench/growth_vs_scratch.py --plot-runs bench/results/run_a bench/results/run_b --from-tflop 20
 
 Every arm uses the same tokenizer, the same held-out stories for eval loss and the same batch stream, and
-trains with the pipeline's own code (train_tinystories.load_data / transition, training.loop.train_phase):
+trains with the pipeline's own code (training.pipeline's PIPELINE, load_data, transition; train_phase):
   pipeline     dense -> upcycle -> MoE -> grow (both transitions verified) -> grown MoE, once per --grown_lrs x
                --noise_stds pair (growth and phase 3 restart from the same phase-2 model and batch position);
   scratch      the grown MoE's architecture from a fresh init, once per --scratch_lrs value, for as many
@@ -19,7 +19,6 @@ Writes results.json and growth_vs_scratch.png to --out-dir.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError  # noqa: E402
 from data import check_files  # noqa: E402
 from models import build_model  # noqa: E402
-from train_tinystories import load_data, pipeline_phases, transition  # noqa: E402
 from training.loop import Phase, PhaseRun, train_phase  # noqa: E402
+from training.pipeline import PIPELINE, Stage, load_data, transition  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
-from training.settings import Settings, build_settings  # noqa: E402
+from training.settings import (Settings, build_settings, make_parser, merge_overrides, parse_command_line,  # noqa: E402
+                               place)
 from transfer.simple_growth import grown_config  # noqa: E402
 
 # Bench scales: a project preset plus overrides. The CPU scale is the cpu preset at batch 8 with evals every 25
@@ -111,7 +111,7 @@ def run_phase(model, phase: Phase, s: Settings, rt, data, curve: Curve) -> None:
     per_step = flops_per_step(model, s.train)
     before = curve.flops[-1] if curve.flops else 0.0
     rec = Recorder(curve, per_step, before)
-    run = PhaseRun(rt, s.train, data.batches, data.val_batches, rec, save=lambda *a, **k: None)
+    run = PhaseRun(rt, s.train, data.batches, data.val_batches, rec)
     print(f"[{curve.name}] {phase.name}: {phase.steps} steps at lr {phase.lr:g}, "
           f"{per_step / 1e9:.1f} GFLOP/step, {model.num_parameters():,} parameters")
     train_phase(model, phase, run)
@@ -122,61 +122,68 @@ def run_phase(model, phase: Phase, s: Settings, rt, data, curve: Curve) -> None:
 
 def grown_phase(curve: Curve, grow, s: Settings, rt, data, lr: float, steps: int | None = None,
                 budget: float = 0.0):
-    """Grow (timed), then train the grown model for steps, or (steps None) up to budget training FLOPs."""
+    """Grow (timed), then train the grown model as the last stage for steps, or (steps None) up to budget FLOPs."""
     model = timed(curve, grow)
     curve.phase_starts.append(curve.flops[-1])
     steps = steps or steps_to_budget(model, s.train, curve, budget)
-    run_phase(model, Phase("grown", "grown", steps, lr), s, rt, data, curve)
+    run_phase(model, replace(PIPELINE[-1].phase(s, last=True), steps=steps, lr=lr), s, rt, data, curve)
+
+
+def grow_verified(stage: Stage, model, data, s: Settings, rt):
+    """The stage's transition, as in the pipeline; a failed check ends the benchmark."""
+    result = transition(stage, model, data, s, rt)
+    if not result.passed:
+        raise SystemExit(f"the transition into {stage.name} failed its checks; see above")
+    return result.model
 
 
 def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], arms: set[str]) -> list[Curve]:
-    """Phases 1-2 once, growth + phase 3 once per (LR, noise_std) variant; optionally (arms) the dense model
-    grown without MoE with the first variant, and the phase-2 MoE trained on without growth, to the same FLOPs."""
+    """The stages before the last once, the last stage's growth + training once per (LR, noise_std) variant;
+    optionally (arms) the first stage's model grown straight into the last stage's (dense_grown, first variant)
+    and the last-but-one stage's model trained on without growth (small_moe), both to the same FLOPs."""
     tc, start = s.train, data.batches.state_dict()
+    *small, last = PIPELINE
     torch.manual_seed(s.run.seed)
     base = Curve("pipeline")
-    dense = build_model(s.model).to(rt.device)
-    dense_phase, moe_phase, _ = pipeline_phases(tc)  # decay=final_phase holds their LR
-    run_phase(dense, dense_phase, s, rt, data, base)
-    dense_state, after_dense = {k: v.clone() for k, v in dense.state_dict().items()}, data.batches.state_dict()
-    dense_elapsed = base.elapsed
-    moe, passed, _ = timed(base, lambda: transition(1, dense, data, s, rt))
-    if not passed:
-        raise SystemExit("transition 1 failed its checks; see above")
-    base.phase_starts.append(base.flops[-1])
-    run_phase(moe, moe_phase, s, rt, data, base)
-    after_moe, rng = data.batches.state_dict(), torch.get_rng_state()
+    model = build_model(s.model).to(rt.device)
+    for i, stage in enumerate(small):
+        if stage.grow is not None:
+            model = timed(base, lambda: grow_verified(stage, model, data, s, rt))
+            base.phase_starts.append(base.flops[-1])
+        run_phase(model, stage.phase(s, last=False), s, rt, data, base)
+        if i == 0:
+            first_state, after_first = {k: v.clone() for k, v in model.state_dict().items()}, data.batches.state_dict()
+            first_model, first_elapsed, first_points = model, base.elapsed, len(base.flops)
+    small_lrs = {st.name: getattr(tc, f"{st.name}_lr") for st in small}
+    after_small, rng = data.batches.state_dict(), torch.get_rng_state()
     curves = []
     for lr, noise in variants:
-        curve = branch(base, f"pipeline, grown lr {lr:g}, noise {noise:g}",
-                       dict(dense=tc.dense_lr, moe=tc.moe_lr, grown=lr, noise_std=noise))
-        data.batches.load_state_dict(after_moe)
+        curve = branch(base, f"pipeline, {last.name} lr {lr:g}, noise {noise:g}", {**small_lrs, last.name: lr,
+                                                                                   "noise_std": noise})
+        data.batches.load_state_dict(after_small)
         torch.set_rng_state(rng)
-
-        def grow():
-            new, ok, _ = transition(2, moe, data, with_noise(s, noise), rt)
-            if not ok:
-                raise SystemExit("transition 2 failed its checks; see above")
-            return new
-
-        grown_phase(curve, grow, s, rt, data, lr, steps=tc.grown_steps)
+        grow = lambda: grow_verified(last, model, data, with_noise(s, noise), rt)  # noqa: E731
+        grown_phase(curve, grow, s, rt, data, lr, steps=getattr(tc, f"{last.name}_steps"))
         curves.append(curve)
     budget = curves[0].flops[-1]
-    if "small_moe" in arms:  # the last use of `moe`: growth copied it, so it is still the phase-2 model
-        data.batches.load_state_dict(after_moe)
+    if "small_moe" in arms:  # the last use of `model`: growth copied it, so it is still the small stage's model
+        data.batches.load_state_dict(after_small)
         torch.set_rng_state(rng)
-        curve = branch(base, "small MoE, no growth", dict(dense=tc.dense_lr, moe=tc.moe_lr, moe_continued=tc.moe_lr))
-        steps = steps_to_budget(moe, tc, curve, budget)
-        run_phase(moe, Phase("moe_continued", "moe continued", steps, tc.moe_lr), s, rt, data, curve)
+        prev = small[-1]
+        curve = branch(base, "small MoE, no growth", {**small_lrs, f"{prev.name}_continued": small_lrs[prev.name]})
+        steps = steps_to_budget(model, tc, curve, budget)
+        run_phase(model, Phase(f"{prev.name}_continued", f"{prev.title} continued", steps, small_lrs[prev.name]),
+                  s, rt, data, curve)
         curves.append(curve)
     if "dense_grown" in arms:
-        dense.load_state_dict(dense_state)
-        data.batches.load_state_dict(after_dense)
-        n = sum(1 for f in base.flops if f <= base.phase_starts[0])  # phase 1's eval points
+        first_model.load_state_dict(first_state)
+        data.batches.load_state_dict(after_first)
         lr, noise = variants[0]
+        n = first_points
         curve = Curve("dense grown (no MoE)", base.flops[:n], base.wall[:n], base.loss[:n],
-                      lr=dict(dense=tc.dense_lr, grown=lr, noise_std=noise), elapsed=dense_elapsed)
-        grow = lambda: transition(2, dense, data, with_noise(s, noise), rt)[0]  # noqa: E731  (checked too)
+                      lr={small[0].name: small_lrs[small[0].name], last.name: lr, "noise_std": noise},
+                      elapsed=first_elapsed)
+        grow = lambda: grow_verified(last, first_model, data, with_noise(s, noise), rt)  # noqa: E731
         grown_phase(curve, grow, s, rt, data, lr, budget=budget)
         curves.append(curve)
     data.batches.load_state_dict(start)
@@ -279,7 +286,7 @@ def plot(curves: list[Curve], path: str, title: str, from_flops: float = 0.0) ->
 
 
 def parse_args(argv: list[str]):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = make_parser(__doc__.split("\n\n")[0], epilog="Settings (on top of the scale's preset) follow.")
     p.add_argument("--scale", default="cpu", choices=list(SCALES))
     p.add_argument("--data-files", nargs="+", help="TinyStories .txt / .json(l); default: the hub, else generated")
     p.add_argument("--out-dir", default=None, help="default bench/results/growth_<scale>")
@@ -296,7 +303,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--from-tflop", type=float, default=0.0, help="with --plot-runs: start the x axis here")
     p.add_argument("--match", nargs="+", default=None, help="with --plot-runs: only curves whose label contains "
                    "one of these strings")
-    return p.parse_known_args(argv)
+    return parse_command_line(p, argv)
 
 
 def plot_runs(dirs: list[str], out_dir: str, from_tflop: float, match: list[str] | None = None) -> int:
@@ -322,22 +329,26 @@ def plot_runs(dirs: list[str], out_dir: str, from_tflop: float, match: list[str]
 
 
 def main(argv: list[str]) -> int:
-    args, overrides = parse_args(argv)
+    try:
+        args, overrides = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     preset, scale_overrides = SCALES[args.scale]
     out_dir = args.out_dir or os.path.join("bench", "results", f"growth_{args.scale}")
     if args.plot_runs:
         return plot_runs(args.plot_runs, out_dir, args.from_tflop, args.match)
     try:
-        s = build_settings(preset, [f"--{k}={v}" for k, v in scale_overrides.items()] + overrides)
+        s = build_settings(preset, merge_overrides(place(scale_overrides), overrides))
         if args.data_files:
             check_files(args.data_files)
         arms = set(args.arms.split(","))
         if arms - ARMS or "pipeline" not in arms:
             raise ConfigError(f"--arms={args.arms}: choose from {', '.join(sorted(ARMS))} (pipeline required)")
-        grown_lrs = [float(x) for x in (args.grown_lrs or str(s.train.grown_lr)).split(",")]
+        grown_lrs = [float(x) for x in (args.grown_lrs or str(getattr(s.train, f"{PIPELINE[-1].name}_lr"))).split(",")]
         noise_stds = [float(x) for x in (args.noise_stds or str(s.growth.noise_std)).split(",")]
         variants = [(lr, with_noise(s, noise).growth.noise_std) for lr in grown_lrs for noise in noise_stds]
-        scratch_lrs = [float(x) for x in (args.scratch_lrs or str(s.train.dense_lr)).split(",")]
+        scratch_lrs = [float(x) for x in (args.scratch_lrs or str(getattr(s.train, f"{PIPELINE[0].name}_lr"))).split(",")]
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

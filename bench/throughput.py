@@ -11,7 +11,6 @@ to --out-dir (default bench/results).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,9 +22,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ModelConfig, TrainConfig  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from config import ConfigError  # noqa: E402
 from models import FeedForward, MoEFeedForward, build_model  # noqa: E402
 from training.loop import lm_loss, make_optimizer  # noqa: E402
+from training.settings import build_settings, make_parser, merge_overrides, parse_command_line  # noqa: E402
 from transfer.hf_format import to_hf  # noqa: E402
 
 
@@ -47,11 +49,10 @@ def matmul_peak(device, dtype, n=2048, reps=10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def step_fn(model, hf: bool, device, autocast_dtype):
+def step_fn(model, hf: bool, device, autocast_dtype, tc):
     """One training step: the project's objective (training.loop.lm_loss: cross-entropy + MoE balance and z
     losses) for our models; cross-entropy + Mixtral's own load-balancing loss for HF's (as its trainer does);
     the pipeline's AdamW for both."""
-    tc = TrainConfig()
     opt = make_optimizer(model, 1e-4, tc)  # the pipeline's optimizer for both contenders
     hf_moe = hf and getattr(model.config, "num_local_experts", 0) > 0
 
@@ -137,18 +138,23 @@ def plot(result: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n_layers", type=int, default=4)
-    p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--reps", type=int, default=8)
+BENCH_DEFAULTS = {"train": {"batch_size": 8}, "model": {"tie_embeddings": False}}  # on top of config.py's
+
+
+def main(argv: list[str]) -> int:
+    p = make_parser(__doc__.split("\n")[0], epilog="Model and batch: the settings below (config.py's defaults, "
+                    "batch_size 8, untied embeddings), e.g. --dim=512 --n_heads=8 --batch_size=16 --seq_len=512")
+    p.add_argument("--reps", type=int, default=8, help="timed steps per contender (medians)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16], help="MoE step races at these expert counts")
-    a = p.parse_args(argv)
+    try:
+        a, overrides = parse_command_line(p, argv)
+        s = build_settings(None, merge_overrides(BENCH_DEFAULTS, overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m, batch_size, seq = s.model, s.train.batch_size, s.train.seq_len
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,18 +164,17 @@ def main(argv: list[str]) -> None:
           f"matmul peak {peak:.1f} GFLOP/s ({'bf16' if ac else 'fp32'})")
     result = dict(device=f"{device.type} ({'bf16' if ac else 'fp32'})", torch=torch.__version__,
                   threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[], speedup={},
-                  config=f"dim {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}, batch {a.batch}x{a.seq}")
-    x = torch.randint(0, a.vocab_size, (a.batch, a.seq + 1), device=device)
+                  config=f"dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}, batch {batch_size}x{seq}")
+    x = torch.randint(0, m.vocab_size, (batch_size, seq + 1), device=device)
     batch = (x[:, :-1], x[:, 1:])
-    tokens = a.batch * a.seq
+    tokens = batch_size * seq
     for kind, n_experts in [("dense", 0)] + [(f"MoE-{e}", e) for e in a.experts]:
-        cfg = ModelConfig(vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.dim // 64,
-                          max_seq_len=a.seq, n_experts=n_experts, top_k=2, tie_embeddings=False)
+        cfg = replace(m, max_seq_len=seq, n_experts=n_experts, top_k=s.growth.top_k)
         torch.manual_seed(0)
         ours = build_model(cfg).to(device)
         hf = to_hf(ours).to(device).train()
-        times = race({"ours": step_fn(ours, False, device, ac), "hf": step_fn(hf, True, device, ac)}, batch, a.reps, device)
-        flops = ours.flops_per_token(a.seq) * tokens
+        times = race({"ours": step_fn(ours, False, device, ac, s.train), "hf": step_fn(hf, True, device, ac, s.train)}, batch, a.reps, device)
+        flops = ours.flops_per_token(seq) * tokens
         for name, sec in times.items():
             label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
             print(f"{kind:<6} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
@@ -179,9 +184,8 @@ def main(argv: list[str]) -> None:
         print(f"{kind:<6} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
         result["speedup"][kind] = times["hf"] / times["ours"]
     print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
-          f"{tokens} tokens, dim {a.dim}:")
-    ffn = -(-(8 * a.dim // 3) // 32) * 32
-    for n_experts, moe_ms, dense_ms in moe_layer_costs(a.dim, ffn, tokens, device, a.reps):
+          f"{tokens} tokens, dim {m.dim}:")
+        for n_experts, moe_ms, dense_ms in moe_layer_costs(m.dim, m.hidden_dim, tokens, device, a.reps):
         print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  ({100 * (moe_ms / dense_ms - 1):+.0f}%)")
         result["moe_layer"].append(dict(experts=n_experts, moe_ms=moe_ms, dense_ms=dense_ms))
     os.makedirs(a.out_dir, exist_ok=True)
@@ -189,7 +193,8 @@ def main(argv: list[str]) -> None:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(a.out_dir, "throughput.png"))
     print(f"wrote {a.out_dir}/throughput.json and throughput.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 import pytest
 
-from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig, apply_overrides
+from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig
+from training.settings import build_settings, parse_overrides
 
 
 def test_defaults_derive_kv_heads_ffn_and_head_dim():
@@ -14,7 +15,7 @@ def test_derived_sizes_follow_replace_and_overrides():
 
     small = replace(ModelConfig(), dim=64, n_heads=8)
     assert small.kv_heads == 8 and small.hidden_dim == 192 and small.head_dim == 8
-    (m,) = apply_overrides(["--dim=64", "--n_heads=2"], ModelConfig())
+    m = build_settings(None, parse_overrides(["--dim=64", "--n_heads=2"])).model
     assert m.kv_heads == 2 and m.hidden_dim == 192
 
 
@@ -47,27 +48,6 @@ def test_all_problems_reported_at_once():
 def test_invalid_growth_config_is_rejected(kwargs, text):
     with pytest.raises(ConfigError, match=text):
         GrowthConfig(**kwargs)
-
-
-def test_overrides_apply_to_the_owning_config_with_its_types():
-    m, g = apply_overrides(["--dim=64", "--noise_std=0", "--tie_embeddings=false", "--n_kv_heads=2"],
-                           ModelConfig(), GrowthConfig())
-    assert (m.dim, g.noise_std, m.tie_embeddings, m.n_kv_heads) == (64, 0.0, False, 2)
-    assert isinstance(g.noise_std, float)
-
-
-def test_a_shared_name_goes_to_the_first_config_that_has_it():
-    g, m = apply_overrides(["--n_experts=4"], GrowthConfig(), ModelConfig())
-    assert g.n_experts == 4 and m.n_experts == 0
-
-
-@pytest.mark.parametrize("arg, text", [
-    ("--nope=1", "unknown setting --nope"), ("--dim=abc", "expected an integer"), ("dim=3", "--name=value"),
-    ("--scale_factor=0", "scale_factor=0"), ("--tie_embeddings=maybe", "true or false"),
-])
-def test_bad_overrides_raise_config_error(arg, text):
-    with pytest.raises(ConfigError, match=text):
-        apply_overrides([arg], ModelConfig(), GrowthConfig())
 
 
 def test_decay_schedule_is_validated():

@@ -58,3 +58,35 @@ def test_moe_objective_adds_balance_and_z_losses_and_eval_matches_lm_loss():
     assert total.item() > loss.item() and math.isfinite(total.item())
     assert lm_loss(model, inputs, targets, TrainConfig(balance_coef=0, z_coef=0))[1].item() == pytest.approx(loss.item())
     assert evaluate(model, [(inputs, targets)], Runtime(torch.device("cpu"))) == pytest.approx(loss.item(), rel=1e-6)
+
+
+class _Log:
+    def __init__(self):
+        self.records = []
+
+    def write(self, **r):
+        self.records.append(r)
+
+
+def test_train_phase_returns_its_state_and_saves_through_the_state_alone():
+    from data.tokens import TokenBatches
+    from training.loop import Phase, PhaseRun, TrainingState, train_phase
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_experts=2, top_k=1))
+    tokens = tokens_for(4, 65).flatten().numpy().astype("uint16")
+    batches = TokenBatches(tokens, 2, 16, seed=0)
+    val = [(tokens_for(2, 17)[:, :-1], tokens_for(2, 17)[:, 1:])]
+    saved = []
+    tc = TrainConfig(warmup_steps=1, eval_interval=3, checkpoint_interval=2, log_interval=1)
+    run = PhaseRun(Runtime(torch.device("cpu")), tc, batches, val, _Log(),
+                   save=lambda m, opt, st: saved.append(st.state_dict()))
+    state = TrainingState(global_step=10)
+    state.begin("moe")
+    out = train_phase(model, Phase("moe", "MoE", 5, 1e-3), run, state)
+    assert out is state and (out.step, out.global_step, out.phase_done) == (5, 15, True)
+    assert out.data_position == batches.state_dict() and out.data_position["step"] == 5
+    evals = [r for r in run.log.records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 5] and out.eval_losses == {"moe": evals[-1]["loss"]}
+    assert [(d["step"], d["phase_done"], d["global_step"]) for d in saved] == [(2, False, 12), (4, False, 14), (5, True, 15)]
+    assert saved[0]["eval_losses"] == {}  # an unfinished phase has no final eval loss yet

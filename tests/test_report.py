@@ -2,6 +2,7 @@
 
 from models import build_model
 from tests.conftest import tiny_config
+from training.pipeline import PIPELINE
 from training.report import MetricsLog, phase_header, plot_losses
 
 
@@ -22,6 +23,6 @@ def test_metrics_log_truncates_past_the_resume_point(tmp_path):
 def test_plot_marks_all_phases(tmp_path):
     recs = [dict(kind=k, phase=p, global_step=g, loss=5 - g / 10) for g, p in
             [(1, "dense"), (2, "dense"), (3, "moe"), (4, "moe"), (5, "grown"), (6, "grown")] for k in ("train", "eval")]
-    out = plot_losses(recs, str(tmp_path / "curve.png"))
+    out = plot_losses(recs, str(tmp_path / "curve.png"), PIPELINE)
     assert out and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert plot_losses([], str(tmp_path / "none.png")) is None
+    assert plot_losses([], str(tmp_path / "none.png"), PIPELINE) is None

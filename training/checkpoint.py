@@ -22,9 +22,6 @@ from torch import nn
 from config import ModelConfig
 from models import build_model
 
-PHASES = ("dense", "moe", "grown")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming it and the problem."""
 
@@ -32,7 +29,8 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     path: str
-    meta: dict  # phase, step, phase_done, global_step, model_config, eval_losses, settings
+    meta: dict  # training state (phase, step, phase_done, global_step, eval_losses, data_position),
+    # model_config, settings
 
     @property
     def phase(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,24 +31,48 @@ class TrainingInterrupted(RuntimeError):
 
 @dataclass
 class Phase:
-    name: str  # dense | moe | grown
+    name: str  # the pipeline stage's name: checkpoint prefix and the `phase` of metrics records
     title: str
     steps: int
     lr: float
-    decays: bool = True  # False: hold lr after warm-up (TrainConfig.decay="final_phase", phases 1-2)
+    decays: bool = True  # False: hold lr after warm-up (TrainConfig.decay="final_phase", all but the last phase)
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands; with the weights, optimizer and RNG state beside it, all a resume needs."""
+
+    phase: str = ""  # the phase being trained, or the last one finished ("" before the first)
+    step: int = 0  # steps completed within that phase
+    phase_done: bool = False
+    global_step: int = 0  # steps completed over all phases
+    eval_losses: dict[str, float] = field(default_factory=dict)  # final eval loss of each finished phase
+    data_position: dict = field(default_factory=dict)  # TokenBatches.state_dict() after the last step
+
+    def begin(self, phase: str) -> None:
+        self.phase, self.step, self.phase_done = phase, 0, False
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase, "step": self.step, "phase_done": self.phase_done,
+                "global_step": self.global_step, "eval_losses": dict(self.eval_losses),
+                "data_position": dict(self.data_position)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.phase, self.step, self.phase_done = d["phase"], int(d["step"]), bool(d["phase_done"])
+        self.global_step, self.eval_losses = int(d["global_step"]), dict(d["eval_losses"])
+        self.data_position = dict(d.get("data_position", {}))
 
 
 @dataclass
 class PhaseRun:
-    """What a phase needs besides its model: data, logging, saving; `global_step` counts all phases."""
+    """What a phase needs besides its model and state: runtime, data, logging, saving, the stop flag."""
 
     rt: Runtime
     train: TrainConfig
     batches: object  # data.TokenBatches
     val_batches: list
-    log: object  # training.report.MetricsLog
-    save: Callable[..., str | None]  # save(model, optimizer, phase, step, done, eval_loss, global_step)
-    global_step: int = 0
+    log: object  # training.report.MetricsLog (or anything with write(**record))
+    save: Callable[[nn.Module, torch.optim.Optimizer, TrainingState], str | None] = lambda *a: None
     compile: bool = False
     stop_requested: Callable[[], str | None] = lambda: None  # name of a pending SIGINT/SIGTERM, if any
 
@@ -115,25 +139,25 @@ def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
     return wrapped
 
 
-def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int = 0,
-                optimizer_state: dict | None = None) -> float:
-    """Train `model` (raw, on the run's device) for the phase's remaining steps; return the final eval loss."""
+def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingState | None = None,
+                optimizer_state: dict | None = None) -> TrainingState:
+    """Train `model` (raw, on the run's device) from state.step to the phase's end; return the state, whose
+    eval_losses then hold the phase's final eval loss. A fresh state (None) starts the phase at step 0."""
     rt, tc = run.rt, run.train
+    if state is None:
+        state = TrainingState()
+        state.begin(phase.name)
     net = _wrap(model, run)
     opt = make_optimizer(model, phase.lr, tc)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
-    eval_loss, t_last, last_logged = float("nan"), time.perf_counter(), start_step
+    start_step = state.step
+    t_last, last_logged = time.perf_counter(), start_step
     bar = tqdm(range(start_step, phase.steps), initial=start_step, total=phase.steps, desc=phase.name,
                disable=not rt.is_master or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
     for step in bar:
-        signal_name = run.stop_requested()
-        if rt.distributed:  # every rank must stop at the same step, or the next collective hangs
-            signal_name = signal_name or ("SIGTERM" if rt.broadcast_flag(bool(signal_name)) else None)
-        if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
-            path = run.save(model, opt, phase, step, False, eval_loss, run.global_step) if step > start_step else None
-            raise TrainingInterrupted(signal_name, path)
+        _stop_if_requested(model, opt, run, state, start_step)
         lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -146,7 +170,8 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int =
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.global_step += 1
+        state.step, state.global_step = step + 1, state.global_step + 1
+        state.data_position = run.batches.state_dict()
         done = step + 1 == phase.steps
         due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
         if any(due) and nonfinite.item():  # checked before anything after the divergence is logged or saved
@@ -157,15 +182,28 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, start_step: int =
             value = loss.item()
             if rt.is_master:
                 bar.write(f"step {step + 1} | loss {value:.4f} | lr {lr:.2e} | {ms:.0f} ms/step")
-            run.log.write(kind="train", phase=phase.name, step=step + 1, global_step=run.global_step,
+            run.log.write(kind="train", phase=phase.name, step=step + 1, global_step=state.global_step,
                           loss=value, lr=lr, time=time.time())
-        if (step + 1) % tc.eval_interval == 0 or done:
+        if due[1]:
             eval_loss = evaluate(model, run.val_batches, rt)
             if rt.is_master:
                 bar.write(f"step {step + 1} | eval loss {eval_loss:.4f}")
-            run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=run.global_step,
+            run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=state.global_step,
                           loss=eval_loss, time=time.time())
-        if (step + 1) % tc.checkpoint_interval == 0 or done:
-            run.save(model, opt, phase, step + 1, done, eval_loss, run.global_step)
+            if done:
+                state.eval_losses[phase.name] = eval_loss
+        state.phase_done = done
+        if due[2]:
+            run.save(model, opt, state)
     bar.close()
-    return eval_loss
+    return state
+
+
+def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int) -> None:
+    """On SIGINT/SIGTERM, save the completed steps and raise TrainingInterrupted (every rank at the same step)."""
+    signal_name = run.stop_requested()
+    if run.rt.distributed:  # every rank must stop at the same step, or the next collective hangs
+        signal_name = signal_name or ("SIGTERM" if run.rt.broadcast_flag(bool(signal_name)) else None)
+    if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
+        path = run.save(model, opt, state) if state.step > start_step else None
+        raise TrainingInterrupted(signal_name, path)

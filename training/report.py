@@ -53,11 +53,11 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-PHASE_LABELS = {"dense": "Phase 1: dense", "moe": "Phase 2: MoE", "grown": "Phase 3: grown MoE"}
+def plot_losses(records: list[dict], path: str, stages, title: str = "") -> str | None:
+    """Train and eval loss of every stage on one axis, transitions marked; written atomically as PNG.
 
-
-def plot_losses(records: list[dict], path: str, title: str = "") -> str | None:
-    """Train and eval loss of every phase on one axis, transitions marked; written atomically as PNG."""
+    stages: the pipeline's table (each with .name, .label, .transition), in order.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,21 +67,21 @@ def plot_losses(records: list[dict], path: str, title: str = "") -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(9, 5))
     starts = {}
-    for i, phase in enumerate(PHASE_LABELS):
-        train = [r for r in records if r["phase"] == phase and r["kind"] == "train"]
-        evals = [r for r in records if r["phase"] == phase and r["kind"] == "eval"]
+    for i, stage in enumerate(stages):
+        train = [r for r in records if r["phase"] == stage.name and r["kind"] == "train"]
+        evals = [r for r in records if r["phase"] == stage.name and r["kind"] == "eval"]
         if train:
-            starts[phase] = min(r["global_step"] for r in train)
+            starts[stage.name] = min(r["global_step"] for r in train)
             ax.plot([r["global_step"] for r in train], [r["loss"] for r in train], color=f"C{i}", alpha=0.6,
-                    label=f"{PHASE_LABELS[phase]} train")
+                    label=f"{stage.label} train")
         if evals:
             ax.plot([r["global_step"] for r in evals], [r["loss"] for r in evals], "o-", color=f"C{i}",
-                    label=f"{PHASE_LABELS[phase]} eval")
-    for previous, phase, name in (("dense", "moe", "dense → MoE"), ("moe", "grown", "bilateral growth")):
-        before = [r["global_step"] for r in records if r["phase"] == previous]
-        if phase in starts and before:  # the transition happens right after the previous phase's last step
+                    label=f"{stage.label} eval")
+    for previous, stage in zip(stages, stages[1:]):
+        before = [r["global_step"] for r in records if r["phase"] == previous.name]
+        if stage.name in starts and before:  # the transition happens right after the previous stage's last step
             ax.axvline(max(before), color="grey", linestyle="--")
-            ax.text(max(before), ax.get_ylim()[1], f" {name}", va="top", color="grey")
+            ax.text(max(before), ax.get_ylim()[1], f" {stage.transition}", va="top", color="grey")
     ax.set_xlabel("global step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title or "growth-verified training")

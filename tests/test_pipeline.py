@@ -1,0 +1,109 @@
+"""training/pipeline.py: the stage table is the one place that lists the phases; everything else derives from it."""
+import json
+import os
+import re
+from dataclasses import make_dataclass, replace
+
+import pytest
+import torch
+
+import training.pipeline as pipeline
+from config import TrainConfig
+from training.checkpoint import list_checkpoints
+from training.loop import TrainingState
+from training.pipeline import PIPELINE, RunRequest, Stage, run_pipeline, stage_index
+from training.runtime import Runtime
+from training.settings import build_settings, parse_overrides
+from transfer import detailed_growth_check, scale_bilaterally
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_stage_phases_read_their_settings_by_name_and_only_the_last_decays():
+    s = build_settings("micro")
+    phases = [st.phase(s, last=i == len(PIPELINE) - 1) for i, st in enumerate(PIPELINE)]
+    assert [(p.steps, p.lr) for p in phases] == [(getattr(s.train, f"{st.name}_steps"), getattr(s.train, f"{st.name}_lr"))
+                                                for st in PIPELINE]
+    assert [p.decays for p in phases] == [False] * (len(PIPELINE) - 1) + [True]
+    s = build_settings("micro", parse_overrides(["--decay=every_phase"]))
+    assert all(st.phase(s, last=False).decays for st in PIPELINE)
+    assert [stage_index(st.name) for st in PIPELINE] == list(range(len(PIPELINE)))
+    assert PIPELINE[0].grow is None and all(st.grow and st.check for st in PIPELINE[1:])
+
+
+def test_every_stage_has_its_settings():
+    fields = set(TrainConfig.__dataclass_fields__)
+    for st in PIPELINE:
+        assert {f"{st.name}_steps", f"{st.name}_lr"} <= fields
+
+
+def test_no_other_module_lists_the_phases():
+    """grep: the stage names as a sequence appear only in the stage table (settings named after them aside)."""
+    names = [st.name for st in PIPELINE]
+    listing = re.compile(r"""["']%s["'][\s\S]{0,300}["']%s["'][\s\S]{0,300}["']%s["']""" % tuple(names[:3]))
+    offenders = []
+    for folder, _, files in os.walk(ROOT):
+        if any(part in folder for part in (".ci", ".venv", "tests", ".git", "results")):
+            continue
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                text = open(path, encoding="utf-8").read()
+                if listing.search(text) or re.search(r"range\(\w+, 3\)|index == 1\b", text):
+                    offenders.append(os.path.relpath(path, ROOT))
+    assert offenders == ["training/pipeline.py"]
+
+
+def test_training_state_round_trips_and_begins_a_phase():
+    st = TrainingState("moe", 7, False, 37, {"dense": 3.5}, {"step": 37, "seed": 1})
+    copy = TrainingState()
+    copy.load_state_dict(json.loads(json.dumps(st.state_dict())))
+    assert copy == st
+    copy.begin("grown")
+    assert (copy.phase, copy.step, copy.phase_done, copy.global_step) == ("grown", 0, False, 37)
+
+
+def test_a_fourth_stage_is_one_entry_plus_its_settings(tmp_path, monkeypatch, capsys):
+    """A second growth (one more identity block, width kept) added to the table runs end to end, checked."""
+    def deepen(model, s, calibration):
+        return scale_bilaterally(model, 1, 1, s.growth.noise_std, s.run.seed, calibration_tokens=calibration)
+
+    extra = Stage("deeper", "Phase 4: deeper MoE", "Phase 4: deeper", deepen, detailed_growth_check,
+                  lambda s: "one more block", "deeper")
+    monkeypatch.setattr(pipeline, "PIPELINE", PIPELINE + (extra,))
+    Train4 = make_dataclass("Train4", [("deeper_steps", int, 10), ("deeper_lr", float, 1e-4)], bases=(TrainConfig,))
+    s = build_settings("micro", parse_overrides(["--dense_steps=10", "--moe_steps=6", "--grown_steps=6",
+                                                 "--checkpoint_interval=5", "--eval_interval=5"]))
+    s = replace(s, train=Train4(**{k: getattr(s.train, k) for k in TrainConfig.__dataclass_fields__}))
+    out = pipeline.run_pipeline(RunRequest(s, str(tmp_path)), Runtime(torch.device("cpu")))
+    assert out.status == "finished" and list(out.state.eval_losses) == ["dense", "moe", "grown", "deeper"]
+    text = capsys.readouterr().out
+    assert "TRANSITION 3: one more block" in text and "Phase 4: deeper" in text and "3 transitions verified" in text
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in recs if r["phase"] == "deeper" and r["kind"] == "eval"] == [5, 10]
+    done = [c.phase for c in list_checkpoints(str(tmp_path / "checkpoints")) if c.meta["phase_done"]]
+    assert done == ["dense", "moe", "grown", "deeper"]
+    assert os.path.getsize(tmp_path / "loss_curve.png") > 10_000
+
+
+def test_bad_fourth_stage_settings_are_validated_like_the_others():
+    Train4 = make_dataclass("Train4", [("deeper_steps", int, 0), ("deeper_lr", float, 1e-4)], bases=(TrainConfig,))
+    with pytest.raises(ValueError, match="deeper_steps=0 must be >= 1"):
+        Train4()
+
+
+def test_run_pipeline_returns_its_state_and_a_finished_run_is_recognised(tmp_path):
+    s = build_settings("micro", parse_overrides(["--dense_steps=6", "--moe_steps=4", "--grown_steps=4",
+                                                 "--eval_interval=2", "--checkpoint_interval=2"]))
+    rt = Runtime(torch.device("cpu"))
+    out = run_pipeline(RunRequest(s, str(tmp_path)), rt)
+    assert out.status == "finished" and out.state.global_step == 14 and out.state.phase_done
+    assert out.state.data_position["step"] == 14
+    again = run_pipeline(RunRequest(s, str(tmp_path), resume=True), rt)
+    assert again.status == "already_finished" and again.state == out.state

@@ -1,0 +1,269 @@
+"""The pipeline, described once: a table of stages, and the orchestration that trains and grows through it.
+
+    PIPELINE = (dense, moe, grown)   # each Stage: its name, how it is grown from the previous stage, its check
+
+A stage with `grow` begins with a transition: the previous stage's trained model is grown into this stage's,
+and `check` verifies the pair on rank 0 before any training. A stage named X trains for TrainConfig.X_steps at
+peak LR TrainConfig.X_lr; with decay=final_phase only the last stage decays its LR. Checkpoint names, metrics
+records, the summary, the plots and the growth benchmark's arms all derive from this table: a fourth stage (a
+second growth, say) is one entry here plus its two settings.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from config import config_to_dict
+from data import TokenBatches, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
+from data import train_tokenizer
+from models import build_model, generate
+from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingState, train_phase
+from training.report import BAR, MetricsLog, phase_header, plot_losses
+from training.runtime import Runtime
+from training.settings import Settings, save_settings
+from transfer import GrowthReport, dense_to_moe, detailed_growth_check, scale_bilaterally, upcycling_check
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # checkpoint prefix, metrics `phase`, and the TrainConfig fields <name>_steps / <name>_lr
+    title: str  # phase header
+    label: str  # short name in the summary and the plots
+    grow: Callable[[nn.Module, Settings, torch.Tensor], nn.Module] | None = None  # previous model -> this one
+    check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration_tokens) -> report
+    describe: Callable[[Settings], str] | None = None  # the transition's title
+    transition: str = ""  # the transition's short name on the loss plot
+
+    def phase(self, s: Settings, last: bool) -> Phase:
+        tc = s.train
+        return Phase(self.name, self.title, getattr(tc, f"{self.name}_steps"), getattr(tc, f"{self.name}_lr"),
+                     decays=last or tc.decay == "every_phase")
+
+
+def _upcycle(model: nn.Module, s: Settings, calibration: torch.Tensor) -> nn.Module:
+    g = s.growth
+    return dense_to_moe(model, g.n_experts, g.top_k, s.run.seed, g.router_init_std, calibration_tokens=calibration)
+
+
+def _grow_bilaterally(model: nn.Module, s: Settings, calibration: torch.Tensor) -> nn.Module:
+    g = s.growth
+    return scale_bilaterally(model, g.scale_factor, g.extra_layers, g.noise_std, s.run.seed,
+                             calibration_tokens=calibration)
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("dense", "Phase 1: dense", "Phase 1: dense"),
+    Stage("moe", "Phase 2: MoE (upcycled)", "Phase 2: MoE", _upcycle, upcycling_check,
+          lambda s: f"dense -> MoE ({s.growth.n_experts} experts, top-{s.growth.top_k})", "dense → MoE"),
+    Stage("grown", "Phase 3: grown MoE", "Phase 3: grown MoE", _grow_bilaterally, detailed_growth_check,
+          lambda s: (f"bilateral growth (width x{s.growth.scale_factor}, +{s.growth.extra_layers} layers, "
+                     f"noise_std {s.growth.noise_std})"), "bilateral growth"),
+)
+
+
+def stage_index(name: str) -> int:
+    return [st.name for st in PIPELINE].index(name)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    batches: TokenBatches
+    val_batches: list
+    tokenizer: object
+    calibration: torch.Tensor  # (B, T) validation tokens for router centring and the checks
+
+
+def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime,
+              hf_path: str | None = None) -> Data:
+    """Corpus -> tokenizer (trained once, kept beside the checkpoints) -> cached token arrays -> batches."""
+    log = print if rt.is_master else (lambda _: None)
+    corpus = load_corpus(data_files, s.data.val_fraction, s.data.max_stories or None, s.run.seed,
+                         offline_stories=s.data.offline_stories, log=log)
+    log(f"Data: {corpus.source}; {len(corpus.train):,} training / {len(corpus.val):,} validation stories")
+    tok_dir, cache = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "cache")
+    if rt.is_master:
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            # A model brought in with --init-from-hf keeps its own tokenizer; otherwise train one on the text.
+            tokenizer = load_tokenizer(hf_path) if hf_path else train_tokenizer(corpus.train, s.model.vocab_size)
+            save_tokenizer(tokenizer, tok_dir)
+        tokenize_to_cache(corpus.train, load_tokenizer(tok_dir), cache)
+        tokenize_to_cache(corpus.val, load_tokenizer(tok_dir), cache)
+    rt.barrier()
+    tokenizer = load_tokenizer(tok_dir)
+    train_tokens = tokenize_to_cache(corpus.train, tokenizer, cache)
+    val_tokens = tokenize_to_cache(corpus.val, tokenizer, cache)
+    log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {len(tokenizer):,})")
+    tc = s.train
+    batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
+    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
+    return Data(batches, val, tokenizer, val[0][0][:8])
+
+
+def sample_story(model: nn.Module, data: Data, s: Settings, rt: Runtime) -> str:
+    prompt = torch.tensor([data.tokenizer.encode("Once upon a time")], device=rt.device)
+    gen = torch.Generator().manual_seed(s.run.seed)
+    ids = generate(model, prompt, s.train.sample_tokens, temperature=0.8, top_k=50,
+                   eos_id=data.tokenizer.eos_token_id, generator=gen)
+    return data.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------- transitions
+@dataclass
+class TransitionResult:
+    model: nn.Module
+    passed: bool  # the same on every rank
+    failed: list[str]  # names of the failed checks (rank 0)
+
+
+def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runtime) -> TransitionResult:
+    """Grow the previous stage's model into stage's and verify the pair on rank 0."""
+    calib, raw = data.calibration.to(rt.device), model.to(rt.device)
+    new = stage.grow(raw, s, calib)
+    passed, failed = True, []
+    if rt.is_master:
+        print(f"\n{BAR}\nTRANSITION {stage_index(stage.name)}: {stage.describe(s)}\n{BAR}")
+        report = stage.check(raw, new, calib)
+        passed, failed = report.passed, [k for k, r in report.results.items() if not r.passed]
+    return TransitionResult(new, rt.broadcast_flag(passed), failed)
+
+
+# ---------------------------------------------------------------------------------------------- a run
+@dataclass
+class RunRequest:
+    """What the command line asks for, validated."""
+
+    settings: Settings
+    out_dir: str
+    data_files: list[str] | None = None
+    resume: bool = False
+    init_from_hf: str | None = None  # a fresh run's phase-1 model and tokenizer
+
+
+@dataclass
+class Outcome:
+    status: str  # finished | already_finished | halted
+    state: TrainingState
+
+
+def make_saver(out_dir: str, s: Settings, rt: Runtime) -> Callable[[nn.Module, object, TrainingState], str | None]:
+    """The loop's checkpoint writer: rank 0 writes weights, training state, optimizer and RNG state."""
+    def save(model: nn.Module, optimizer, state: TrainingState) -> str | None:
+        if not rt.is_master:
+            return None
+        meta = {**state.state_dict(), "model_config": config_to_dict(model.config), "settings": s.to_dict()}
+        return save_checkpoint(out_dir, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                               meta)
+
+    return save
+
+
+def start_point(req: RunRequest, ckpt: Checkpoint | None, data: Data, rt: Runtime):
+    """(model, stage index, training state, optimizer state): a fresh (or --init-from-hf) dense model, the
+    middle of a stage, or a finished stage's model, whose successor then begins with its transition."""
+    state = TrainingState()
+    if ckpt is None:
+        torch.manual_seed(req.settings.run.seed)
+        if req.init_from_hf:
+            from transfer.hf_format import from_hf
+
+            return from_hf(req.init_from_hf).to(rt.device), 0, state, None
+        return build_model(req.settings.model).to(rt.device), 0, state, None
+    saved = ckpt.load_state()
+    state.load_state_dict(ckpt.meta)
+    data.batches.load_state_dict({**(state.data_position or saved.get("batches", {})), "rank": rt.rank})
+    torch.set_rng_state(saved["rng"])
+    if rt.is_master:
+        print(f"Resuming from {ckpt.path} ({state.phase}, step {state.step})")
+    index = stage_index(state.phase)
+    if state.phase_done:
+        return ckpt.load_model(rt.device), index + 1, state, None
+    return ckpt.load_model(rt.device), index, state, saved["optimizer"]
+
+
+def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str | None] = lambda: None) -> Outcome:
+    """Train every stage from where the run stands; a failed check or a divergence halts (printed on rank 0)."""
+    started, s, out_dir = time.time(), req.settings, req.out_dir
+    say = print if rt.is_master else (lambda *a, **k: None)
+    ckpt = latest_checkpoint(out_dir, log=say) if req.resume else None
+    if ckpt is not None and ckpt.phase == PIPELINE[-1].name and ckpt.meta["phase_done"]:
+        say(f"Run in {out_dir} already finished (final eval loss {ckpt.meta['eval_losses'][ckpt.phase]:.4f}).")
+        state = TrainingState()
+        state.load_state_dict(ckpt.meta)
+        return Outcome("already_finished", state)
+    data = load_data(s, req.data_files, out_dir, rt, None if req.resume else req.init_from_hf)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
+    run = PhaseRun(rt, s.train, data.batches, data.val_batches, log, make_saver(out_dir, s, rt), s.run.compile,
+                   stop_requested)
+    model, index, state, opt_state = start_point(req, ckpt, data, rt)
+    if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
+        save_settings(s, out_dir)
+    for i in range(index, len(PIPELINE)):
+        stage = PIPELINE[i]
+        if state.phase != stage.name:  # entering the stage: grow the previous stage's model, then verify it
+            if stage.grow is not None:
+                grown = transition(stage, model, data, s, rt)
+                if not grown.passed:
+                    halt(f"transition {i} failed the {', '.join(grown.failed)} check(s); see the summary above.",
+                         out_dir, resume_hint(out_dir, grown.failed, s), log, rt)
+                    return Outcome("halted", state)
+                model = grown.model
+            state.begin(stage.name)
+        phase = stage.phase(s, last=i == len(PIPELINE) - 1)
+        say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
+        try:
+            state = train_phase(model, phase, run, state, opt_state)
+        except TrainingDiverged as e:
+            halt(f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps.", out_dir,
+                 f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 3:.1e}",
+                 log, rt)
+            return Outcome("halted", state)
+        opt_state = None
+        if rt.is_master:
+            print(f"{phase.title} finished: eval loss {state.eval_losses[phase.name]:.4f}\n"
+                  f"Sample: {sample_story(model, data, s, rt)}")
+    if rt.is_master:
+        summary(state, time.time() - started, out_dir, log)
+    return Outcome("finished", state)
+
+
+# ------------------------------------------------------------------------------------------- telling
+def resume_hint(out_dir: str, failed: list[str], s: Settings) -> str:
+    """The exact command to resume after the fix; knobs the user can turn are filled in."""
+    extra = ""
+    if "symmetry" in failed:
+        extra = f" --noise_std={max(0.3, 2 * s.growth.noise_std):g}"
+    return f"python train_tinystories.py --out-dir {out_dir} --resume{extra}"
+
+
+def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> None:
+    """The diagnosis, the last good checkpoint and the command to resume (printed by rank 0)."""
+    if rt.is_master:
+        print(f"\n✗ HALTED: {why}")
+        last = latest_checkpoint(out_dir)
+        if last is not None:
+            print(f"Last good checkpoint: {last.path} ({last.phase}, step {last.meta['step']}"
+                  f"{', end of phase' if last.meta.get('phase_done') else ''}). Nothing trained is lost.")
+        print(f"After fixing, resume with:\n  {hint}")
+        plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), PIPELINE)
+
+
+def summary(state: TrainingState, seconds: float, out_dir: str, log: MetricsLog) -> None:
+    png = plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), PIPELINE)
+    print(f"\n{BAR}\nTRAINING SUMMARY\n{BAR}")
+    previous = None
+    for stage in PIPELINE:
+        if stage.name in state.eval_losses:
+            loss = state.eval_losses[stage.name]
+            delta = f"  ({loss - previous:+.4f})" if previous is not None else ""
+            print(f"  {stage.label:<20} eval loss {loss:.4f}{delta}")
+            previous = loss
+    n = sum(1 for st in PIPELINE if st.grow is not None)
+    print(f"  {n} transitions verified. ✓ ALL CHECKS PASSED\n  Time: {seconds / 60:.1f} min")
+    print(f"  Outputs in {out_dir}: metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, tokenizer/\n{BAR}")
