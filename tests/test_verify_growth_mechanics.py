@@ -1,8 +1,9 @@
-"""Tests of the four growth checks (transfer/verify_growth_mechanics.py).
+"""Tests of the growth checks through their facade (transfer/verify_growth_mechanics.py); each check's module
+has its own file too (tests/test_checks_*.py).
 
 A check is only as good as the broken growths it rejects, and it must never cry wolf:
 
-    1. no false alarms: correct growth (scale_bilaterally, dense_to_moe) passes all four checks over
+    1. no false alarms: correct growth (scale_bilaterally, dense_to_moe) passes all five checks over
        seeds, scale factors 1-4, 0-8 inserted blocks, dense / MoE / upcycled sources, GQA, MQA, tied and
        untied embeddings;
     2. mutations: each realistic broken growth makes the MATCHING check fail with the right fix text, the
@@ -39,6 +40,7 @@ from transfer.verify_growth_mechanics import (
     check_rope_integrity,
     check_router_integrity,
     check_symmetry_breaking,
+    check_trainability,
     detailed_growth_check,
 )
 
@@ -267,6 +269,11 @@ def test_correct_bilateral_growth_passes_all_checks(tokens, kind, s, extra, seed
     if s > 1:
         m = rep.results["symmetry"].metrics
         assert m["pairs_tested"] > 0 and m["pairs_identical"] == 0 and m["scale_factor"] == s
+    # every reached weight gets gradient; inserted identity blocks need the second step, nothing else does
+    m = rep.results["trainability"].metrics
+    assert m["dead_weights"] == 0 and m["alive_after_step"][-1] == m["judged_weights"]
+    assert (m["alive_after_step"][0] < m["judged_weights"]) == (extra > 0) and m["steps"] == 1 + (extra > 0)
+    assert m["weakest_relative_gradient"] > 1e-6  # seven orders above the zero line (2.2e-13)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -754,6 +761,7 @@ CHECK_CALLS = {
     "router": lambda o, n, t: check_router_integrity(o, n, t),
     "symmetry": lambda o, n, t: check_symmetry_breaking(n, t),
     "functional": lambda o, n, t: check_functional_equivalence(o, n, t),
+    "trainability": lambda o, n, t: check_trainability(n, t),
     "detailed": lambda o, n, t: detailed_growth_check(o, n, t, verbose=False),
 }
 

@@ -1,0 +1,62 @@
+"""Tests of transfer/checks/suite.py: detailed_growth_check runs five checks on shared copies with one shared
+gradient, rejects a non-grown pair once, and its summary names the root cause of a drift (a changed norm_eps),
+not the checks that merely inherit it."""
+from dataclasses import replace
+
+import pytest
+
+import transfer.checks.suite as suite
+import transfer.checks.trainability as trainability
+from config import TrainConfig
+from test_verify_growth_mechanics import make_model, moe_pair, rebuild, source, story_tokens
+from transfer.checks import FIX_ROPE, FIX_ROUTER, detailed_growth_check, upcycling_check
+from transfer.simple_growth import dense_to_moe, scale_bilaterally
+
+
+def test_five_checks_in_order():
+    old = source("moe")
+    rep = detailed_growth_check(old, scale_bilaterally(old, 2, 1), story_tokens(), verbose=False)
+    assert rep.passed and list(rep.results) == ["rope", "router", "symmetry", "functional", "trainability"]
+
+
+@pytest.mark.parametrize("extra,evaluations", [(0, 1), (2, 2)])
+def test_symmetry_and_trainability_share_the_first_gradient(monkeypatch, extra, evaluations):
+    calls = []
+    for module in (suite, trainability):
+        real = module.objective_gradients
+        monkeypatch.setattr(module, "objective_gradients", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    old = source("dense")
+    rep = detailed_growth_check(old, scale_bilaterally(old, 2, extra), story_tokens(), verbose=False)
+    assert rep.passed and len(calls) == evaluations  # step 2 only where inserted blocks wait for it
+
+
+def test_not_a_grown_pair_is_one_result():
+    old = source("dense")
+    rep = detailed_growth_check(old, make_model(0, vocab_size=320), story_tokens(), verbose=False)
+    assert list(rep.results) == ["pair"] and not rep.passed
+    assert rep.summary().splitlines()[-1] == "  - pair: pass the model before and after growth"
+    assert list(upcycling_check(old, make_model(0, vocab_size=320), story_tokens(), verbose=False).results) == ["pair"]
+
+
+def test_changed_norm_eps_is_diagnosed_as_the_root_cause():
+    old, good = moe_pair(extra=1)
+    bad = rebuild(replace(good.config, norm_eps=1e-6), good.state_dict())
+    rep = detailed_growth_check(old, bad, story_tokens(), verbose=False)
+    failed = [k for k, r in rep.results.items() if not r.passed]
+    assert failed == ["rope", "router", "functional"]
+    assert rep.results["functional"].metrics["first_bad_stage"] == "attention_norm"
+    assert rep.results["rope"].consequence_of and rep.results["router"].consequence_of
+    fixes = rep.summary().split("Do not train the grown model; fix:")[1]
+    assert FIX_ROUTER not in fixes and FIX_ROPE not in fixes
+    assert fixes.count("restore norm_eps (norm_eps 1e-05 -> 1e-06)") == 1
+    assert fixes.splitlines()[1].startswith("  - functional: restore norm_eps")
+
+
+def test_train_config_sets_the_objective_and_step():
+    old = source("moe")
+    tc = replace(TrainConfig(), grown_lr=1e-4, moe_lr=5e-4)
+    rep = detailed_growth_check(old, scale_bilaterally(old, 2, 1), story_tokens(), verbose=False, train_config=tc)
+    assert rep.results["trainability"].metrics["lr"] == 1e-4
+    up = upcycling_check(source("dense"), dense_to_moe(source("dense"), 4, 2), story_tokens(), verbose=False,
+                         train_config=tc)
+    assert up.results["trainability"].metrics["lr"] == 5e-4
