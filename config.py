@@ -87,6 +87,7 @@ class GrowthConfig:
     scale_factor: int = 2  # width multiplier (integer >= 1); heads multiply, head_dim stays
     extra_layers: int = 4  # identity blocks inserted (>= 0)
     noise_std: float = 0.3  # symmetry-breaking noise, relative to each block's RMS (0.32 = 10 dB SNR)
+    halt_on_relock: bool = False  # halt phase 3 (not only warn) when cloned units stop diverging or re-lock
 
     def __post_init__(self) -> None:
         p: list[str] = []

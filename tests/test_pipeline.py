@@ -107,3 +107,48 @@ def test_run_pipeline_returns_its_state_and_a_finished_run_is_recognised(tmp_pat
     assert out.state.data_position["step"] == 14
     again = run_pipeline(RunRequest(s, str(tmp_path), resume=True), rt)
     assert again.status == "already_finished" and again.state == out.state
+
+
+def _pure_clone_pipeline(monkeypatch):
+    """The growth stage made to grow pure clones (noise 0) with its check bypassed, as a broken growth would."""
+    last = PIPELINE[-1]
+
+    def clones(model, s, calibration):
+        return scale_bilaterally(model, s.growth.scale_factor, s.growth.extra_layers, 0.0, s.run.seed)
+
+    def passes(old, new, tokens):
+        return type("Report", (), {"passed": True, "results": {}})()
+
+    monkeypatch.setattr(pipeline, "PIPELINE", PIPELINE[:-1] + (replace(last, grow=clones, check=passes),))
+
+
+WATCHED = ["--dense_steps=6", "--moe_steps=4", "--grown_steps=40", "--eval_interval=10", "--checkpoint_interval=20"]
+
+
+def test_clone_divergence_is_logged_at_every_eval_of_the_grown_stage(tmp_path):
+    s = build_settings("micro", parse_overrides(WATCHED))
+    assert run_pipeline(RunRequest(s, str(tmp_path)), Runtime(torch.device("cpu"))).status == "finished"
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    watched = [r for r in recs if "clone_divergence" in r]
+    assert [r["step"] for r in watched] == [10, 20, 30, 40] and all(r["kind"] == "eval" for r in watched)
+    assert {r["phase"] for r in watched} == {PIPELINE[-1].name}
+    first, last = watched[0]["clone_divergence"], watched[-1]["clone_divergence"]
+    assert last["min"] > first["min"] > 0  # noisy clones keep moving apart
+
+
+def test_pure_clones_are_warned_about_and_halt_when_asked(tmp_path, monkeypatch, capsys):
+    _pure_clone_pipeline(monkeypatch)
+    s = build_settings("micro", parse_overrides(WATCHED))
+    rt = Runtime(torch.device("cpu"))
+    assert run_pipeline(RunRequest(s, str(tmp_path / "warn")), rt).status == "finished"
+    out = capsys.readouterr().out
+    assert out.count("⚠ WARNING at grown step") == 2 and "cloned units have not diverged" in out  # evals 3 and 4
+    recs = [json.loads(line) for line in open(tmp_path / "warn" / "metrics.jsonl")]
+    assert all(r["clone_divergence"]["min"] == 0.0 for r in recs if "clone_divergence" in r)
+
+    s = build_settings("micro", parse_overrides(WATCHED + ["--halt_on_relock"]))
+    outcome = run_pipeline(RunRequest(s, str(tmp_path / "halt")), rt)
+    assert outcome.status == "halted" and outcome.state.step == 30
+    out = capsys.readouterr().out
+    assert "✗ HALTED: cloned units have not diverged" in out and "--resume --grown_lr=" in out
+    assert list_checkpoints(str(tmp_path / "halt" / "checkpoints"))[-1].meta["step"] == 30  # the steps are kept

@@ -21,6 +21,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
+class TrainingHalted(RuntimeError):
+    """A watch over training found a problem the settings say must stop the run (message: what, and the fix)."""
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; a checkpoint of the last completed step was written (path in .checkpoint)."""
 
@@ -75,6 +79,9 @@ class PhaseRun:
     save: Callable[[nn.Module, torch.optim.Optimizer, TrainingState], str | None] = lambda *a: None
     compile: bool = False
     stop_requested: Callable[[], str | None] = lambda: None  # name of a pending SIGINT/SIGTERM, if any
+    # At each eval: watch(model, state) -> (extra fields of the eval record, e.g. clone_divergence; a reason to
+    # halt or None). A halt saves the step and raises TrainingHalted.
+    watch: Callable[[nn.Module, "TrainingState"], tuple[dict, str | None]] | None = None
 
 
 def lr_at(step: int, steps: int, lr: float, tc: TrainConfig, decays: bool = True) -> float:
@@ -174,6 +181,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         state.data_position = run.batches.state_dict()
         done = step + 1 == phase.steps
         due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
+        halt_reason = None
         if any(due) and nonfinite.item():  # checked before anything after the divergence is logged or saved
             raise TrainingDiverged(f"loss became {total.item()} at {phase.name} step {step + 1}")
         if due[0]:
@@ -188,13 +196,16 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
             eval_loss = evaluate(model, run.val_batches, rt)
             if rt.is_master:
                 bar.write(f"step {step + 1} | eval loss {eval_loss:.4f}")
-            run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=state.global_step,
-                          loss=eval_loss, time=time.time())
             if done:
                 state.eval_losses[phase.name] = eval_loss
+            extra, halt_reason = run.watch(model, state) if run.watch else ({}, None)
+            run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=state.global_step,
+                          loss=eval_loss, time=time.time(), **extra)
         state.phase_done = done
-        if due[2]:
+        if due[2] or halt_reason:  # a halt keeps the steps done: resuming with the fix loses nothing
             run.save(model, opt, state)
+        if halt_reason:
+            raise TrainingHalted(halt_reason)
     bar.close()
     return state
 

@@ -23,11 +23,12 @@ from data import TokenBatches, eval_batches, load_corpus, load_tokenizer, save_t
 from data import train_tokenizer
 from models import build_model, generate
 from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingState, train_phase
+from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingState, train_phase
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime
 from training.settings import Settings, save_settings
-from transfer import GrowthReport, dense_to_moe, detailed_growth_check, scale_bilaterally, upcycling_check
+from transfer import (GrowthReport, dense_to_moe, detailed_growth_check, judge_clone_divergence,
+                      measure_clone_divergence, scale_bilaterally, upcycling_check)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Stage:
     check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration_tokens) -> report
     describe: Callable[[Settings], str] | None = None  # the transition's title
     transition: str = ""  # the transition's short name on the loss plot
+    measure_clones: Callable[[nn.Module, Settings], dict] | None = None  # clone divergence, at every eval
 
     def phase(self, s: Settings, last: bool) -> Phase:
         tc = s.train
@@ -63,7 +65,8 @@ PIPELINE: tuple[Stage, ...] = (
           lambda s: f"dense -> MoE ({s.growth.n_experts} experts, top-{s.growth.top_k})", "dense → MoE"),
     Stage("grown", "Phase 3: grown MoE", "Phase 3: grown MoE", _grow_bilaterally, detailed_growth_check,
           lambda s: (f"bilateral growth (width x{s.growth.scale_factor}, +{s.growth.extra_layers} layers, "
-                     f"noise_std {s.growth.noise_std})"), "bilateral growth"),
+                     f"noise_std {s.growth.noise_std})"), "bilateral growth",
+          lambda model, s: measure_clone_divergence(model, s.growth.scale_factor)),
 )
 
 
@@ -217,11 +220,17 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
             state.begin(stage.name)
         phase = stage.phase(s, last=i == len(PIPELINE) - 1)
         say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
+        run.watch = clone_watch(stage, s, log, rt) if stage.measure_clones else None
         try:
             state = train_phase(model, phase, run, state, opt_state)
         except TrainingDiverged as e:
             halt(f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps.", out_dir,
                  f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 3:.1e}",
+                 log, rt)
+            return Outcome("halted", state)
+        except TrainingHalted as e:
+            halt(f"{e} (halt_on_relock is on; turn it off to only warn)", out_dir,
+                 f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 2:.1e}",
                  log, rt)
             return Outcome("halted", state)
         opt_state = None
@@ -231,6 +240,26 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
     if rt.is_master:
         summary(state, time.time() - started, out_dir, log)
     return Outcome("finished", state)
+
+
+def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
+    """The loop's watch for a stage grown by width: at each eval, measure clone divergence (logged in the eval
+    record), judge the stage's history so far (resumed runs: read back from metrics.jsonl), warn, and halt
+    when halt_on_relock is set. The halt is decided on rank 0 and shared, so every rank stops together."""
+    history = [r["clone_divergence"] for r in log.records() if r.get("phase") == stage.name and "clone_divergence" in r]
+
+    def watch(model: nn.Module, state: TrainingState) -> tuple[dict, str | None]:
+        record = stage.measure_clones(model, s)
+        if not record:
+            return {}, None
+        history.append(record)
+        verdict = judge_clone_divergence(history)
+        if not verdict.passed and rt.is_master:
+            print(f"⚠ WARNING at {stage.name} step {state.step}: {verdict.message}")
+        halting = rt.broadcast_flag(not verdict.passed and s.growth.halt_on_relock)
+        return {"clone_divergence": record}, verdict.message if halting else None
+
+    return watch
 
 
 # ------------------------------------------------------------------------------------------- telling
