@@ -4,7 +4,9 @@
     python export_hf.py --checkpoint runs/cpu --out hf/latest          # a run directory: its newest checkpoint
 
 The directory holds config.json, model.safetensors and the run's tokenizer, and loads offline with
-AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
+AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT). Exit codes: 0 exported,
+2 bad input before any write (no checkpoint, --out not empty, not enough free space for the export), 1 a write
+failed during the export (one line naming the file, the cause and the free space; no partial export is left).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import sys
 
 from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
+from training.disk import NotEnoughSpace, WriteFailed, check_free_space
 
 
 def find_checkpoint(path: str) -> tuple[Checkpoint, str]:
@@ -41,7 +44,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from data import load_tokenizer
-    from transfer.hf_format import export_hf
+    from transfer.hf_format import export_bytes, export_hf
 
     tok_dir = os.path.join(run_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
@@ -50,7 +53,17 @@ def main(argv: list[str]) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    export_hf(model, args.out, tokenizer)
+    try:
+        check_free_space(args.out, {"weights, configs and tokenizer": export_bytes(model)},
+                         fix="free space or choose another --out")
+    except NotEnoughSpace as e:  # before anything is written: bad input, like an occupied --out
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        export_hf(model, args.out, tokenizer)
+    except WriteFailed as e:  # the export was under way: a failure of the work, not of the input
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     kind = "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM"
     print(f"exported {ckpt.path} ({ckpt.phase}, step {ckpt.meta['step']}, {model.num_parameters():,} parameters) "
           f"as {kind} to {args.out}" + ("" if tokenizer else " (no tokenizer found beside the checkpoints)"))

@@ -16,6 +16,7 @@ import shutil
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.text import EOT, DataError
+from training.disk import guarded_write
 
 N_BYTES = 256  # the byte-level alphabet: every byte has a token, so no text is out of vocabulary
 SPECIAL_TOKENS = [EOT]
@@ -42,16 +43,28 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> "transformers.PreTrain
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
-    """save_pretrained into a temporary sibling directory, then rename it into place."""
+    """save_pretrained into a temporary sibling directory, then rename it into place.
+
+    A failed write is WriteFailed; the temporary is removed and an existing tokenizer in directory is kept.
+    """
     directory = os.path.abspath(directory)
     tmp, old = f"{directory}.tmp-{os.getpid()}", f"{directory}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    _portable_class_name(tmp)
-    if os.path.exists(directory):  # a directory cannot be renamed over a non-empty one: move it aside first
-        os.replace(directory, old)
-    os.replace(tmp, directory)
+    with guarded_write(directory, _saved_bytes(tokenizer)) as write:
+        shutil.rmtree(write.temporary(tmp), ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        _portable_class_name(tmp)
+        if os.path.exists(directory):  # a directory cannot be renamed over a non-empty one: move it aside first
+            os.replace(directory, old)
+            write.on_failure(lambda: None if os.path.exists(directory) else os.replace(old, directory))
+        os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _saved_bytes(tokenizer) -> int | None:
+    """About what save_pretrained writes: tokenizer.json, pretty-printed, is ~2.6x the compact definition
+    (measured on TinyStories at 4096 tokens: 265 KB vs 103 KB), plus small configs."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else int(2.6 * len(backend.to_str())) + 4096
 
 
 def _portable_class_name(directory: str) -> None:

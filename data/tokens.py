@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from data.text import DataError
+from training.disk import WriteFailed, guarded_write, remove_quietly
 
 CACHE_FORMAT = 1  # bump when the cached layout changes, so old caches are not read
 _ENCODE_CHUNK = 4096  # stories per batch call to the fast tokenizer
@@ -34,11 +35,14 @@ def tokenize_to_cache(stories: list[str], tokenizer, cache_dir: str) -> np.ndarr
     key = _cache_key(stories, tokenizer)
     bin_path, meta_path = (os.path.join(cache_dir, f"tokens-{key}{ext}") for ext in (".bin", ".json"))
     if not _cache_is_valid(bin_path, meta_path):
-        os.makedirs(cache_dir, exist_ok=True)
         n_tokens = _write_tokens(stories, tokenizer, eos, bin_path)
         meta = dict(format=CACHE_FORMAT, key=key, n_stories=len(stories), n_tokens=n_tokens, dtype="uint16",
                     vocab_size=len(tokenizer), eos_id=eos)
-        _write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: it marks a complete cache
+        try:
+            _write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: it marks a complete cache
+        except WriteFailed:
+            remove_quietly(bin_path)  # useless without its meta, and it holds the space that just ran out
+            raise
     return np.memmap(bin_path, dtype=np.uint16, mode="r")
 
 
@@ -75,18 +79,21 @@ def _cache_is_valid(bin_path: str, meta_path: str) -> bool:
 
 
 def _write_tokens(stories: list[str], tokenizer, eos: int, path: str) -> int:
-    """Batch-encode stories into path (via a temporary file); return the number of tokens written."""
+    """Batch-encode stories into path (via a temporary file); return the number of tokens written.
+
+    A failed write is WriteFailed (its size extrapolated from the stories encoded so far), the temporary removed.
+    """
     tmp, n_tokens = f"{path}.tmp-{os.getpid()}", 0
-    try:
-        with open(tmp, "wb") as f:
+    with guarded_write(path) as write:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(write.temporary(tmp), "wb") as f:
             for start in range(0, len(stories), _ENCODE_CHUNK):
                 ids = _encode(stories[start:start + _ENCODE_CHUNK], tokenizer, eos)
-                f.write(ids.tobytes())
                 n_tokens += len(ids)
+                done = min(start + _ENCODE_CHUNK, len(stories))
+                write.needed = 2 * n_tokens * len(stories) // done  # uint16: 2 bytes per token
+                f.write(ids.tobytes())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return n_tokens
 
 
@@ -100,9 +107,10 @@ def _encode(stories: list[str], tokenizer, eos: int) -> np.ndarray:
 
 def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with guarded_write(path, len(data)) as write:
+        with open(write.temporary(tmp), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
 
 def _check_length(tokens: np.ndarray, seq_len: int) -> None:

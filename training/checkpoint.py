@@ -4,7 +4,9 @@
     out_dir/checkpoints/LATEST          # name of the newest complete checkpoint
 
 meta.json holds the model config, phase, step and a SHA-256 of each file, so a truncated or corrupted
-checkpoint is detected on load and the previous good one is used instead.
+checkpoint is detected on load and the previous good one is used instead. A write that fails (disk full, I/O
+error, permissions) raises training.disk.WriteFailed after removing its partial files; earlier checkpoints and
+LATEST are untouched.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch import nn
 
 from config import ModelConfig
 from models import build_model
+from training.disk import PendingWrite, checkpoint_bytes, guarded_write, remove_quietly, tensor_bytes
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming it and the problem."""
@@ -61,12 +65,16 @@ def _sha256(path: str) -> str:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write text to a temporary sibling, fsync, rename over path; a failure is WriteFailed, path untouched."""
+    data = text.encode()
+    with guarded_write(path, len(data)) as write:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        write.temporary(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def checkpoint_root(out_dir: str) -> str:
@@ -74,23 +82,52 @@ def checkpoint_root(out_dir: str) -> str:
 
 
 def save_checkpoint(out_dir: str, model: nn.Module, state: dict, meta: dict, keep_periodic: int = 2) -> str:
-    """Write model weights, training state and meta into a new checkpoint directory; return its path."""
+    """Write model weights, training state and meta into a new checkpoint directory; return its path.
+
+    A failed write (disk full, I/O error, permissions) raises WriteFailed after removing the partial directory;
+    LATEST and every earlier checkpoint are left as they were.
+    """
     root = checkpoint_root(out_dir)
-    os.makedirs(root, exist_ok=True)
     name = f"{meta['phase']}-{meta['step']:06d}"
-    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
-    save_model(model, os.path.join(tmp, "model.safetensors"))  # handles a tied LM head
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    meta = dict(meta, name=name, files={f: _sha256(os.path.join(tmp, f)) for f in ("model.safetensors", "state.pt")})
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
     final = os.path.join(root, name)
-    if os.path.exists(final):  # the same step saved again after a resume: replace the older copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with guarded_write(final, checkpoint_bytes(model, optimizer_slots=0) + tensor_bytes(state)) as write:
+        os.makedirs(root, exist_ok=True)
+        tmp = write.temporary(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        _write_files(tmp, model, state, dict(meta, name=name))
+        replaced = _move_aside(final, write)
+        os.replace(tmp, final)
+    if replaced:
+        remove_quietly(replaced)
     write_text_atomic(os.path.join(root, "LATEST"), name)
     _prune(root, keep_periodic)
     return final
+
+
+def _move_aside(final: str, write: PendingWrite) -> str | None:
+    """The same step saved again after a resume: move the older copy aside (restored if the save fails)."""
+    if not os.path.exists(final):
+        return None
+    aside = os.path.join(os.path.dirname(final), f".old-{os.path.basename(final)}-{os.getpid()}")
+    os.replace(final, aside)
+    write.on_failure(lambda: None if os.path.exists(final) else os.replace(aside, final))
+    return aside
+
+
+def _write_files(directory: str, model: nn.Module, state: dict, meta: dict) -> None:
+    """model.safetensors, state.pt and (last, with their hashes) meta.json, each fsynced."""
+    weights, training_state = os.path.join(directory, "model.safetensors"), os.path.join(directory, "state.pt")
+    save_model(model, weights)  # handles a tied LM head
+    with open(training_state, "wb") as f:  # a file object, so a failed write keeps its errno for the message
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(weights, "rb+") as f:
+        os.fsync(f.fileno())
+    meta = dict(meta, files={os.path.basename(p): _sha256(p) for p in (weights, training_state)})
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _prune(root: str, keep_periodic: int) -> None:

@@ -7,6 +7,7 @@ import os
 from torch import nn
 
 from training.checkpoint import write_text_atomic
+from training.disk import guarded_write
 
 BAR = "=" * 72
 
@@ -35,9 +36,15 @@ class MetricsLog:
             os.remove(path)
 
     def write(self, **record) -> None:
-        if self.enabled:
+        """Append one record; a failed append is WriteFailed, the file cut back to the records before it."""
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        with guarded_write(self.path, len(line.encode())) as write:
+            write.on_failure(lambda: os.truncate(self.path, size))
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
 
     def records(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -87,8 +94,11 @@ def plot_losses(records: list[dict], path: str, stages, title: str = "") -> str 
     ax.set_title(title or "growth-verified training")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"  # per process: two writers never rename each other's file away
+    try:
+        with guarded_write(path) as write:
+            fig.savefig(write.temporary(tmp), dpi=110, bbox_inches="tight")
+            os.replace(tmp, path)
+    finally:
+        plt.close(fig)
     return path

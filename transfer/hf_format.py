@@ -17,6 +17,7 @@ from torch import nn
 
 from config import ModelConfig
 from models import build_model
+from training.disk import checkpoint_bytes, guarded_write
 
 
 class UnsupportedModel(ValueError):
@@ -99,13 +100,36 @@ def to_hf(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
 
 
 def export_hf(model: nn.Module, out_dir: str, tokenizer=None) -> str:
-    """save_pretrained the converted model (and the run's tokenizer) into out_dir; loadable offline."""
+    """save_pretrained the converted model (and the run's tokenizer) into out_dir; loadable offline.
+
+    Written into a temporary sibling first, then moved into place: a failed write raises WriteFailed and
+    leaves no partial export (files already in out_dir that the export does not write are kept).
+    """
     eos = None if tokenizer is None else tokenizer.eos_token_id
     hf = to_hf(model, eos)
-    hf.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
+    with guarded_write(out_dir, export_bytes(model)) as write:
+        write.temporary(tmp)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, out_dir)
     return out_dir
+
+
+def export_bytes(model: nn.Module) -> int:
+    """About what export_hf writes: the weights once (as stored), the configs and a tokenizer (< 1 MiB)."""
+    return checkpoint_bytes(model, optimizer_slots=0) + (1 << 20)
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    """Rename tmp to out_dir, or, where out_dir already holds files, rename each of tmp's files into it."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        os.replace(tmp, out_dir)  # also over an empty directory
+        return
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
 
 
 def _supported(c) -> ModelConfig:
