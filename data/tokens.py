@@ -46,6 +46,18 @@ def tokenize_to_cache(stories: list[str], tokenizer, cache_dir: str) -> np.ndarr
     return np.memmap(bin_path, dtype=np.uint16, mode="r")
 
 
+def cache_bytes(stories: list[str], tokenizer=None, sample: int = 256) -> int:
+    """Estimated bytes of the stories' token cache: 2 per token, the tokens per byte measured on an even sample
+    of stories; without a tokenizer, the byte-level bound (at most one token per UTF-8 byte, plus each eos)."""
+    n_bytes = sum(len(s.encode()) for s in stories)
+    if tokenizer is None or not stories:
+        return 2 * (n_bytes + len(stories))
+    picked = stories[:: max(1, len(stories) // sample)]
+    ids = tokenizer(picked, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    tokens_per_byte = sum(map(len, ids)) / max(1, sum(len(s.encode()) for s in picked))
+    return 2 * (round(tokens_per_byte * n_bytes) + len(stories))
+
+
 def _check_tokenizer(tokenizer) -> int:
     """The eos id; DataError if the tokenizer has none or its ids do not fit uint16."""
     if len(tokenizer) > _MAX_UINT16_VOCAB:

@@ -16,12 +16,12 @@ import export_hf as export_cli
 import training.checkpoint as checkpoint_module
 from data.synthetic import generate_stories
 from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from data.tokens import tokenize_to_cache
+from data.tokens import cache_bytes, tokenize_to_cache
 from models import build_model
 from tests.conftest import tiny_config
 from training.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
 from training.disk import (NotEnoughSpace, WriteFailed, check_free_space, checkpoint_bytes, dir_bytes, free_bytes,
-                           guarded_write, human, peak_checkpoint_bytes)
+                           guarded_write, human, peak_checkpoint_bytes, remove_stale_temporaries)
 from training.pipeline import PIPELINE
 from training.report import MetricsLog, plot_losses
 from transfer.hf_format import export_hf
@@ -317,7 +317,7 @@ def test_checkpoint_estimate_is_within_10_percent_of_the_real_size(tmp_path, cfg
     path = save_checkpoint(str(tmp_path), model, trained_state(model), dict(meta(1), model_config=vars(cfg)))
     with torch.device("meta"):
         on_meta = build_model(cfg)
-    for estimate in (checkpoint_bytes(model), checkpoint_bytes(on_meta)):
+    for estimate in (checkpoint_bytes(model), checkpoint_bytes(on_meta), checkpoint_bytes(cfg)):
         assert estimate == pytest.approx(dir_bytes(path), rel=0.1)
     assert checkpoint_bytes(model.num_parameters()) == pytest.approx(dir_bytes(path), rel=0.1)
 
@@ -343,6 +343,14 @@ def test_peak_checkpoint_estimate_bounds_what_the_directory_really_holds(tmp_pat
     assert peak_checkpoint_bytes(sizes, keep_periodic=2) == pytest.approx(peak[0], rel=0.1)
 
 
+def test_token_cache_estimate_is_within_10_percent_of_the_real_cache(tmp_path, tokenizers):
+    stories = generate_stories(2000, seed=3)
+    for i, tok in enumerate(tokenizers):
+        real = 2 * len(tokenize_to_cache(stories, tok, str(tmp_path / str(i))))
+        assert cache_bytes(stories, tok) == pytest.approx(real, rel=0.1)
+        assert cache_bytes(stories) >= real  # the bound without a tokenizer: one token per byte at most
+
+
 def test_check_free_space_says_what_is_needed_and_what_is_free(tmp_path):
     free = free_bytes(str(tmp_path))
     assert check_free_space(str(tmp_path / "run"), {"checkpoints": 1000}) == free
@@ -351,6 +359,25 @@ def test_check_free_space_says_what_is_needed_and_what_is_free(tmp_path):
     text = str(e.value)
     assert "\n" not in text and "checkpoints" in text and "token cache 2.0 MiB" in text and human(free) in text
     assert "another --out-dir" in text
+    check_free_space(str(tmp_path), {"checkpoints": free}, already_on_disk=free)  # a resumed run's own files
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_and_set_aside_copies_restored(tmp_path):
+    model = build_model(MODEL_CFG)
+    save_checkpoint(str(tmp_path), model, trained_state(model), meta(5))
+    save_checkpoint(str(tmp_path), model, trained_state(model), meta(10))
+    ckpts = tmp_path / "checkpoints"
+    os.replace(ckpts / "dense-000010", ckpts / ".old-dense-000010-4242")  # killed between set-aside and rename
+    (ckpts / ".tmp-abc").mkdir()
+    (ckpts / ".tmp-abc" / "model.safetensors").write_bytes(b"\0" * 5000)
+    for name in (".tmp-x1", "tokenizer.tmp-4242/tokenizer.json", "cache/tokens-ab.bin.tmp-4242",
+                 "loss_curve.png.tmp-4242.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    notes = []
+    assert remove_stale_temporaries(str(tmp_path), log=notes.append) == 9000
+    assert not leftovers(tmp_path) and latest_checkpoint(str(tmp_path)).meta["step"] == 10
+    assert any("restored" in n and "dense-000010" in n for n in notes) and any("8.8 KiB" in n for n in notes)
 
 
 # ---------------------------------------------------------------------------------- a real, small disk

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:  # torch is imported where tensors are counted, so data/ can guard its writes without it
     from torch import nn
 
+    from config import ModelConfig
+
 # errno -> (what happened, what to do); {short} is filled with the bytes missing where that is known
 _CAUSES = {
     errno.ENOSPC: ("no space left on device", "free {short} or choose another output directory"),
@@ -174,16 +176,18 @@ class NotEnoughSpace(ValueError):
     """The run would not fit on its disk; the message is one line with the numbers and the fix."""
 
 
-def check_free_space(path: str, needs: dict[str, int], margin: float = 0.1,
+def check_free_space(path: str, needs: dict[str, int], already_on_disk: int = 0, margin: float = 0.1,
                      fix: str = "free space, choose another --out-dir or keep fewer checkpoints") -> int:
-    """Free bytes at path; NotEnoughSpace if sum(needs) plus margin (the estimates' error) does not fit."""
+    """Free bytes at path; NotEnoughSpace if sum(needs) + margin (the estimates' error), less what of it is
+    already on disk (a resumed run's checkpoints and caches), does not fit."""
     total, free = sum(needs.values()), free_bytes(path)
-    required = int(total * (1 + margin))
+    required = max(0, int(total * (1 + margin)) - already_on_disk)
     if required > free:
         parts = ", ".join(f"{name} {human(n)}" for name, n in needs.items())
-        raise NotEnoughSpace(f"not enough disk space for {path}: the run will write ~{human(total)} ({parts}) "
-                             f"+{margin:.0%} margin = {human(required)}, but only {human(free)} is free on "
-                             f"{existing_ancestor(path)}; {fix}")
+        there = f", {human(already_on_disk)} of it already written" if already_on_disk else ""
+        raise NotEnoughSpace(f"not enough disk space for {path}: the run needs ~{human(total)} ({parts}) "
+                             f"+{margin:.0%} margin{there}: {human(required)} more, but only {human(free)} is "
+                             f"free on {existing_ancestor(path)}; {fix}")
     return free
 
 
@@ -225,12 +229,19 @@ _STATE_PER_TENSOR = 250
 _FIXED = 16 * 1024  # meta.json (settings, model config: ~3 KiB), torch RNG state (~5 KiB), headers
 
 
-def checkpoint_bytes(model: "nn.Module | int", optimizer_slots: int = 2, dtype_bytes: int = 4) -> int:
+def checkpoint_bytes(model: "nn.Module | ModelConfig | int", optimizer_slots: int = 2, dtype_bytes: int = 4) -> int:
     """Estimated size of one checkpoint: weights + AdamW's moments (optimizer_slots per weight) + bookkeeping.
 
-    model: a model (a meta-device one is enough: build it under `with torch.device("meta")`) or a parameter
-    count (then dtype_bytes per value, fp32 by default).
+    model: a model, a ModelConfig (its model is built on the meta device: no memory, no time) or a parameter
+    count (then dtype_bytes per value, fp32 as the pipeline trains).
     """
+    if hasattr(model, "__dataclass_fields__"):  # a ModelConfig
+        import torch
+
+        from models import build_model
+
+        with torch.device("meta"):
+            model = build_model(model)
     if isinstance(model, int):
         n_tensors = 0
         weights = model * dtype_bytes
@@ -261,3 +272,37 @@ def dir_bytes(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+# temporaries each write site leaves if its process is killed mid-write (a failed write removes its own)
+_TEMPORARY_PATTERNS = ("checkpoints/.tmp-*", ".tmp-*", "tokenizer.tmp-*", "cache/tokens-*.tmp-*",
+                       "loss_curve.png.tmp-*")
+# set-aside previous versions: put back if the write that replaces them was killed before its rename
+_ASIDE_PATTERNS = {"checkpoints/.old-*": lambda name: name[len(".old-"):].rsplit("-", 1)[0],
+                   "tokenizer.old-*": lambda name: "tokenizer"}
+
+
+def remove_stale_temporaries(out_dir: str, log=print) -> int:
+    """Delete what killed writers left in out_dir and restore set-aside copies; return the bytes freed.
+
+    Call it only while holding the run's lock (training.runlock): a live writer's temporaries look the same.
+    """
+    import glob
+
+    freed = 0
+    for pattern in _TEMPORARY_PATTERNS:
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            freed += dir_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
+            remove_quietly(path)
+    for pattern, original in _ASIDE_PATTERNS.items():
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            target = os.path.join(os.path.dirname(path), original(os.path.basename(path)))
+            if os.path.exists(target):
+                freed += dir_bytes(path)
+                remove_quietly(path)
+            else:
+                os.replace(path, target)
+                log(f"note: restored {target}, set aside by a write that was killed before it finished")
+    if freed:
+        log(f"note: removed {human(freed)} of temporary files left in {out_dir} by a killed run")
+    return freed
