@@ -13,7 +13,8 @@ from transfer.checks.results import GrowthReport
 from transfer.checks.rope import RopeLimits, judge_rope, measure_rope
 from transfer.checks.router import RouterLimits, judge_router, measure_router
 from transfer.checks.symmetry import SymmetryLimits, symmetry_result
-from transfer.checks.trainability import TrainabilityLimits, judge_trainability, measure_trainability
+from transfer.checks.trainability import (TrainabilityLimits, first_step_lr, judge_trainability,
+                                          measure_trainability)
 
 GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to reach every expert, cheap
 
@@ -22,8 +23,8 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
                           verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
     """All five checks (rope, router, symmetry, functional, trainability) on shared float64 copies; prints the
-    VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients and the step size
-    (grown_lr) of the trainability check. A pair that is no grown pair gets one result, "pair"."""
+    VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients and the trainability
+    check's step (phase 3's first: grown_lr / warmup_steps). A pair that is no grown pair gets one result, "pair"."""
     require_tokens(tokens, min_len=16, why="RoPE breaks are invisible on short sequences")
     rejected = rejected_pair("Grown pair", old_model, new_model)
     if rejected:
@@ -44,7 +45,7 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
 def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                     verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
     """Dense -> MoE: functional equivalence, routing health and trainability (RoPE and symmetry have nothing to
-    compare); train_config.moe_lr is the trainability check's step size."""
+    compare); the trainability check steps at phase 2's first learning rate, moe_lr / warmup_steps."""
     require_tokens(tokens, min_len=2)
     rejected = rejected_pair("Grown pair", dense_model, moe_model)
     if rejected:
@@ -53,7 +54,8 @@ def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor
     pair = ModelPair(dense_model, moe_model, tokens, torch.float64)
     results = {"functional": judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
-    stats = measure_trainability(pair.new, pair.tokens[:GRADIENT_SEQUENCES], tc, lr=tc.moe_lr, layout=pair.layout)
+    stats = measure_trainability(pair.new, pair.tokens[:GRADIENT_SEQUENCES], tc, lr=first_step_lr(tc.moe_lr, tc),
+                                 layout=pair.layout)
     results["trainability"] = judge_trainability(stats, TrainabilityLimits())
     return _report(results, verbose, upcycling=True)
 

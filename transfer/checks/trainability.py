@@ -6,7 +6,8 @@ gradient ever reaches those weights and weight decay holds them at zero. GROWTH_
 One step is not enough: an inserted identity block's o_proj and down_proj are zero, so its q, k, v, gate, up and
 norm weights get exactly zero gradient at step 1 and a nonzero one once the output projections have moved.
 The check therefore evaluates the gradient, takes AdamW's first step (lr * g / (|g| + eps), decoupled weight
-decay on matrices: the step every weight takes when its first gradient arrives), and evaluates again, on
+decay on matrices: the step every weight takes when its first gradient arrives; by default at the pipeline's
+first learning rate, warm-up step 1 of phase 3), and evaluates again, on
 float64 copies and the same real tokens. Weights the batch did not reach (experts that got no token at some
 evaluation, embedding rows of ids absent from the batch) are reported as idle, never as dead.
 """
@@ -38,8 +39,8 @@ class DeadUnits:
 
     place: str  # "block 1 (inserted identity copy of old block 0)", or "model" outside the blocks
     module: str  # "attention.v_proj"
-    unit: str  # head, kv head, neuron, expert, dimension, token row, weight
-    dead_units: list[int]  # units every reached weight of which is dead
+    unit: str  # head, kv head, neuron, expert, vector (a norm weight), token row, weight
+    dead_units: list[int]  # units (with weights the batch reached) that never received gradient
     n_units: int
     dead_weights: int
     judged_weights: int  # weights the batch reached at every evaluation
@@ -48,16 +49,16 @@ class DeadUnits:
         """"attention.v_proj (1 of 8 kv heads: 1; 512 of 4096 weights)": which units, when not all of them."""
         which = (f": {', '.join(map(str, self.dead_units[:8]))}{' ...' if len(self.dead_units) > 8 else ''}"
                  if 0 < len(self.dead_units) < self.n_units else "")
-        return (f"{self.module} ({len(self.dead_units)} of {self.n_units} {self.unit}s{which}; "
-                f"{self.dead_weights} of {self.judged_weights} weights)")
+        units = "the whole vector" if self.unit == "vector" else f"{len(self.dead_units)} of {self.n_units} {self.unit}s{which}"
+        return f"{self.module} ({units}; {self.dead_weights} of {self.judged_weights} weights)"
 
 
 @dataclass
 class ParameterGradient:
     name: str
     weights: int
-    judged: int  # reached by the batch at every evaluation
-    alive_after: list[int]  # judged weights with a nonzero gradient at some evaluation <= t, for t = 1, 2, ...
+    judged: int  # reached by the batch at every evaluation of its gradient
+    alive_after: list[int]  # judged weights of units that received gradient at some evaluation <= t, t = 1, 2, ...
     relative_rms: list[float | None]  # RMS gradient over judged weights / the model's RMS gradient at step 1
 
 
@@ -70,51 +71,92 @@ class TrainabilityStats:
     idle_embedding_rows: int = 0
     idle_experts: list[str] = field(default_factory=list)  # "block 3 expert 5"
     loss: float | None = None
-    zero_below: float = 0.0  # |g| / (model RMS gradient at step 1) at or below which a weight got none
+    zero_below: float = 0.0  # unit RMS gradient / model RMS gradient at step 1 at or below which a unit got none
+    weakest_unit: float | None = None  # smallest such ratio of a unit when it first received gradient: the margin
+
+
+def first_step_lr(phase_lr: float, tc: TrainConfig) -> float:
+    """The learning rate of a phase's first step: warm-up step 1 of training.loop.lr_at, phase_lr / warmup_steps."""
+    return phase_lr / tc.warmup_steps if tc.warmup_steps > 1 else phase_lr
 
 
 def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, steps: int = 2, lr: float | None = None,
                          layout: list[tuple[int, bool]] | None = None,
                          first: ObjectiveGradients | None = None) -> TrainabilityStats:
     """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
-    first step until `steps` evaluations or until every reached weight has had gradient. Later evaluations
-    differentiate only the parameters still waiting, and never modify `model` (functional_call).
+    first step (lr default: phase 3's first, first_step_lr(tc.grown_lr)) until `steps` evaluations or until every
+    reached unit has had gradient. Later evaluations differentiate only the parameters still waiting, and
+    never modify `model` (functional_call).
 
-    A weight receives gradient when |g| exceeds 1e3 * eps(dtype) times the model's RMS gradient at step 1:
-    below that it is rounding (identical experts give their router an LM gradient of ~1e-18 in float64),
-    and an Adam step from it is ~1e-10 of the learning rate."""
-    lr = tc.grown_lr if lr is None else lr
+    Judged per unit (a head's rows, a neuron, an expert, a token row, a norm vector), over the weights the
+    batch reached at every evaluation of that parameter: a unit receives gradient when the RMS of its gradient
+    exceeds 1e3 * eps(dtype) times the model's RMS gradient at step 1. Below that it is rounding (identical
+    experts give their router an LM gradient of ~1e-18 in float64) and an Adam step from it is ~1e-10 of the
+    learning rate. Per unit, not per weight: single weights of a live unit can be arbitrarily small by chance
+    (at dim 512 a few per million fall below the line), a unit's RMS cannot."""
+    lr = first_step_lr(tc.grown_lr, tc) if lr is None else lr
     g = first or objective_gradients(model, tokens, tc)
     values = {n: p.detach() for n, p in model.named_parameters()}
     reference = torch.cat([gr.flatten() for gr in g.grads.values()]).pow(2).mean().sqrt().clamp(min=1e-300)
     zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
-    latest, alive = dict(g.grads), {n: gr.abs() > zero_below for n, gr in g.grads.items()}
-    judged, experts_reached = _reached(model, g), [t > 0 for t in g.expert_tokens]
-    records = {n: ParameterGradient(n, v.numel(), 0, [], []) for n, v in values.items()}
-    _record(records, judged, alive, latest, reference, values)
+    judged = _reached(model, g)
+    unit_rms = {n: _unit_rms(n, gr, judged[n], model.config) for n, gr in g.grads.items()}
+    first_alive = {n: (u > zero_below).to(torch.int8) for n, u in unit_rms.items()}  # 0: not yet
+    weakest = min((u[u > zero_below].min().item() for u in unit_rms.values() if (u > zero_below).any()), default=None)
+    latest, rms = dict(g.grads), {n: [_relative_rms(gr, judged[n], reference)] for n, gr in g.grads.items()}
     done = 1
     while done < steps:
-        waiting = [n for n in values if (judged[n] & ~alive[n]).any()]
+        waiting = [n for n in values if (_judged_units(n, judged[n], model.config) & (first_alive[n] == 0)).any()]
         if not waiting:
             break
         values = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items()}
         g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
-        reached = _reached(model, g)
-        judged = {n: judged[n] & reached[n] for n in judged}
-        experts_reached = [a & (t > 0) for a, t in zip(experts_reached, g.expert_tokens)]
-        for n in waiting:
-            latest[n], alive[n] = g.grads[n], alive[n] | (g.grads[n].abs() > zero_below)
-        _record(records, judged, alive, {n: latest[n] for n in waiting}, reference, values)
         done += 1
-    stats = TrainabilityStats(done, lr, list(records.values()), loss=g.ce, zero_below=(zero_below / reference).item())
-    for n in values:
-        dead = judged[n] & ~alive[n]
+        reached = _reached(model, g)
+        for n in values:
+            if n in waiting:
+                latest[n], judged[n] = g.grads[n], judged[n] & reached[n]
+                u = _unit_rms(n, g.grads[n], judged[n], model.config)
+                newly = (first_alive[n] == 0) & (u > zero_below)
+                first_alive[n][newly] = done
+                if newly.any():
+                    weakest = min(u[newly].min().item(), weakest if weakest is not None else float("inf"))
+            rms[n].append(_relative_rms(g.grads[n], judged[n], reference) if n in waiting else None)
+    stats = TrainabilityStats(done, lr, loss=g.ce, zero_below=(zero_below / reference).item(),
+                              weakest_unit=None if weakest is None else weakest / reference.item())
+    for n, v in values.items():
+        stats.parameters.append(_parameter_figures(n, v, judged[n], first_alive[n], rms[n], done, model.config))
+        dead = _judged_units(n, judged[n], model.config) & (first_alive[n] == 0)
         if dead.any():
             stats.dead.append(_dead_units(n, dead, judged[n], model.config, layout))
-    if "embed.weight" in judged and model.lm_head.weight is not model.embed.weight:
+    if model.lm_head.weight is not model.embed.weight:
         stats.idle_embedding_rows = int((~judged["embed.weight"].any(dim=1)).sum())
-    stats.idle_experts = [f"block {j} expert {e}" for j, r in enumerate(experts_reached) for e in (~r).nonzero().flatten().tolist()]
+    stats.idle_experts = [f"block {j} expert {e}" for j in range(len(g.expert_tokens))
+                          for e in (~judged[f"blocks.{j}.ffn.gate_proj"].flatten(1).all(dim=1)).nonzero().flatten().tolist()]
     return stats
+
+
+def _unit_rms(name: str, g: Tensor, judged: Tensor, cfg) -> Tensor:
+    """(units,) RMS of each unit's gradient over its judged weights (0 for a unit with none)."""
+    _, gu = _units(name, g, cfg)
+    _, ju = _units(name, judged, cfg)
+    return ((gu.pow(2) * ju).sum(dim=1) / ju.sum(dim=1).clamp(min=1)).sqrt()
+
+
+def _judged_units(name: str, judged: Tensor, cfg) -> Tensor:
+    return _units(name, judged, cfg)[1].any(dim=1)
+
+
+def _relative_rms(g: Tensor, judged: Tensor, reference: Tensor) -> float | None:
+    return (g[judged].pow(2).mean().sqrt() / reference).item() if judged.any() else None
+
+
+def _parameter_figures(name: str, value: Tensor, judged: Tensor, first_alive: Tensor, rms: list, done: int,
+                       cfg) -> ParameterGradient:
+    """Judged weights of units alive by each evaluation."""
+    per_unit = _units(name, judged, cfg)[1].sum(dim=1)
+    counts = [int(per_unit[(first_alive > 0) & (first_alive <= t)].sum()) for t in range(1, done + 1)]
+    return ParameterGradient(name, value.numel(), int(judged.sum()), counts, rms)
 
 
 def _reached(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]:
@@ -137,21 +179,11 @@ def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tenso
     return w * (1 - lr * decay) - lr * g / (g.abs() + ADAM_EPS)
 
 
-def _record(records: dict[str, ParameterGradient], judged: dict[str, Tensor], alive: dict[str, Tensor],
-            fresh: dict[str, Tensor], reference: Tensor, values: dict[str, Tensor]) -> None:
-    """Append this evaluation's figures: alive counts for every parameter, RMS for those just differentiated."""
-    for n, r in records.items():
-        r.judged = int(judged[n].sum())
-        r.alive_after.append(int((alive[n] & judged[n]).sum()))
-        g = fresh.get(n)
-        r.relative_rms.append(None if g is None or not judged[n].any() else (g[judged[n]].pow(2).mean().sqrt() / reference).item())
-
-
 def _units(name: str, mask: Tensor, cfg) -> tuple[str, Tensor]:
-    """(unit kind, mask viewed as (units, weights per unit)) for a parameter of the project's Transformer."""
+    """(unit kind, tensor viewed as (units, weights per unit)) for a parameter of the project's Transformer."""
     key = name.removesuffix(".weight").split(".")[-1]
-    if mask.dim() == 1:
-        return "dimension", mask.view(-1, 1)
+    if mask.dim() == 1:  # a norm weight: zeroed whole or not at all
+        return "vector", mask.view(1, -1)
     if mask.dim() == 3:  # stacked experts (E, out, in)
         return "expert", mask.flatten(1)
     if key == "q_proj":
@@ -172,11 +204,11 @@ def _units(name: str, mask: Tensor, cfg) -> tuple[str, Tensor]:
 
 
 def _dead_units(name: str, dead: Tensor, judged: Tensor, cfg, layout) -> DeadUnits:
-    unit, d = _units(name, dead, cfg)
-    _, j = _units(name, judged, cfg)
-    whole = ((d | ~j).all(dim=1) & j.any(dim=1)).nonzero().flatten().tolist()
+    """dead: (units,) judged units that never received gradient; judged: per weight."""
+    unit, j = _units(name, judged, cfg)
     place, module = parameter_place(name, layout)
-    return DeadUnits(place, module, unit, whole, d.shape[0], int(dead.sum()), int(judged.sum()))
+    return DeadUnits(place, module, unit, dead.nonzero().flatten().tolist(), j.shape[0], int(j[dead].sum()),
+                     int(judged.sum()))
 
 
 def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = TrainabilityLimits()) -> CheckResult:
@@ -190,22 +222,23 @@ def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = Tr
                "alive_after_step": alive_after, "dead_weights": dead, "limit": limits.max_dead_weights,
                "dead_units": [asdict(d) for d in stats.dead], "idle_embedding_rows": stats.idle_embedding_rows,
                "idle_experts": stats.idle_experts, "loss": stats.loss, "zero_below": stats.zero_below,
-               "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None)}
+               "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None),
+               "weakest_unit_gradient": stats.weakest_unit}
     idle = _idle_note(stats)
     if dead > limits.max_dead_weights:
         places = dict.fromkeys(d.place for d in stats.dead)  # in model order
         listed = "; ".join(f"{p}: " + ", ".join(d.describe() for d in stats.dead if d.place == p) for p in places)
-        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} step{'s' if stats.steps > 1 else ''} (|g| at most "
-               f"{stats.zero_below:.1e} of the model's RMS gradient; limit {limits.max_dead_weights} such weights), so "
+        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} step{'s' if stats.steps > 1 else ''} (their unit's RMS "
+               f"gradient at most {stats.zero_below:.1e} of the model's; limit {limits.max_dead_weights} such weights), so "
                f"training cannot move them and weight decay holds them where they are: {listed}.{idle} "
                f"Fix: {FIX_TRAINABILITY}.")
         return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY)
     later = (f", the other {alive_after[-1] - alive_after[0]} after {stats.steps - 1} AdamW step(s) (lr {stats.lr:g})"
              if stats.steps > 1 else "")
-    weakest = metrics["weakest_relative_gradient"]
+    weakest = ("" if stats.weakest_unit is None else f"; the weakest unit's RMS gradient is {stats.weakest_unit:.1e} "
+               f"of the model's (none at or below {stats.zero_below:.0e})")
     ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): {alive_after[0]} at "
-          f"step 1{later}; weakest parameter's RMS gradient {weakest:.1e} of the model's (zero at or below "
-          f"{stats.zero_below:.0e}).{idle}")
+          f"step 1{later}{weakest}.{idle}")
     return CheckResult(NAME, True, ok, metrics)
 
 
@@ -224,7 +257,8 @@ def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max
                        dtype: torch.dtype = torch.float64) -> CheckResult:
     """Every weight of new_model that the first max_sequences rows of tokens reach receives gradient from the
     pipeline's objective (train_config's balance and z coefficients) within `steps` evaluations, AdamW's first
-    step (lr, default train_config.grown_lr) between them. Dead weights are listed by block, module and unit."""
+    step between them (lr, default the first warm-up step of train_config.grown_lr). Dead weights are listed by
+    block, module and unit."""
     require_tokens(tokens)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
