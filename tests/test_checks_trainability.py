@@ -20,6 +20,7 @@ import torch
 from config import TrainConfig
 from test_verify_growth_mechanics import dead_expert_router, make_model, source, story_tokens
 from transfer.checks import FIX_TRAINABILITY, detailed_growth_check
+from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import copy_model
 from transfer.checks.trainability import (DeadUnits, ParameterGradient, TrainabilityLimits, TrainabilityStats,
                                           check_trainability, judge_trainability, measure_trainability)
@@ -311,3 +312,17 @@ def test_learning_rate_and_coefficients_come_from_train_config(tokens):
     res = check_trainability(new, tokens, train_config=tc)
     assert res.passed and res.metrics["lr"] == pytest.approx(1e-4 / tc.warmup_steps)  # warm-up step 1 of phase 3
     assert check_trainability(new, tokens, lr=2e-3).metrics["lr"] == 2e-3
+
+
+def test_single_weights_without_gradient_inside_a_live_unit_are_not_blamed(tokens):
+    """Units are judged, not weights: with one embedding column zero, block 0's q/k/v/gate/up columns reading it
+    get exactly zero gradient, yet every head and neuron learns (at dim 512, a few live weights per million fall
+    under the rounding line by chance; a per-weight rule cried wolf there)."""
+    model = source("dense_untied")
+    with torch.no_grad():
+        model.embed.weight[:, 5] = 0
+    stats = measure_trainability(copy_model(model, torch.float64), tokens, TrainConfig())
+    q = next(p for p in stats.parameters if p.name == "blocks.0.attention.q_proj.weight")
+    grads = objective_gradients(copy_model(model, torch.float64), tokens, TrainConfig()).grads
+    assert (grads[q.name][:, 5] == 0).all()  # the premise
+    assert not stats.dead and q.alive_after == [q.judged]
