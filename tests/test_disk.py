@@ -301,7 +301,7 @@ def test_message_names_file_cause_need_free_and_fix(tmp_path):
     e = WriteFailed(str(tmp_path / "f"), "No space left on device", free=3 << 20, needed=10 << 20,
                     errno_code=errno.ENOSPC)
     assert str(e) == (f"could not write {tmp_path / 'f'}: no space left on device (ENOSPC); needed ~10.0 MiB, "
-                      "3.0 MiB free there; its partial files were removed and the previous version is intact; "
+                      "3.0 MiB free there; its partial files were removed and any previous version is intact; "
                       "free 7.0 MiB or choose another output directory")
     unknown = WriteFailed("f", "Input/output error", free=1 << 30, errno_code=errno.EIO)
     assert "needed: not known in advance, 1.0 GiB free" in str(unknown) and "(EIO)" in str(unknown)

@@ -82,7 +82,7 @@ class WriteFailed(Exception):
         short = human(self.needed - self.free) if self.needed and self.needed > self.free else "space"
         need = f"needed ~{human(self.needed)}" if self.needed is not None else "needed: not known in advance"
         return (f"could not write {self.path}: {cause}; {need}, {human(self.free)} free there; "
-                f"its partial files were removed and the previous version is intact; {fix.format(short=short)}")
+                f"its partial files were removed and any previous version is intact; {fix.format(short=short)}")
 
 
 def _find_errno(exc: BaseException) -> int | None:
