@@ -2,10 +2,11 @@
 
     python bench/verify_cost.py            # three sizes (dim 64, 128, 256 before growth), default growth x2 +4
 
-For each size: time of each check and of detailed_growth_check on a batch of 8 x seq tokens, and the time of
-one training step (forward, backward, AdamW) of the grown model on the same batch; the share is
-check time / step time, i.e. how many training steps the verification costs. Figures, not assertions.
-Writes verify_cost.json and verify_cost.png to --out-dir (default bench/results).
+For each size: time of each check and of detailed_growth_check (all five on shared copies and one shared
+gradient) on a batch of 8 x seq tokens, and the time of one training step (forward, backward, AdamW) of the
+grown model on the same batch; the share is check time / step time, i.e. how many training steps the
+verification costs. Also the time of measure_clone_divergence, which phase 3 runs at every eval. Figures,
+not assertions. Writes verify_cost.json and verify_cost.png to --out-dir (default bench/results).
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from data.synthetic import byte_token_batch, generate_stories  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import lm_loss, make_optimizer  # noqa: E402
 from transfer import (check_functional_equivalence, check_rope_integrity, check_router_integrity,  # noqa: E402
-                      check_symmetry_breaking, dense_to_moe, detailed_growth_check, scale_bilaterally)
+                      check_symmetry_breaking, check_trainability, dense_to_moe, detailed_growth_check,
+                      measure_clone_divergence, scale_bilaterally)
+
+CHECKS = ("rope", "router", "symmetry", "functional", "trainability")
 
 
 def seconds(fn, reps: int = 3) -> float:
@@ -59,12 +63,12 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['params'] / 1e6:.0f}M" for r in rows]
     bottom = [0.0] * len(rows)
-    for name in ("rope", "router", "symmetry", "functional"):
+    for name in CHECKS:
         vals = [r["seconds"][name] / r["step_seconds"] for r in rows]
         ax.bar(labels, vals, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.plot(labels, [r["seconds"]["all"] / r["step_seconds"] for r in rows], "k_", ms=40, mew=2,
-            label="detailed_growth_check (all four, shared forwards)")
+            label="detailed_growth_check (all five, shared copies and gradient)")
     ax.set_ylim(0, 1.6 * max(bottom))  # room for the legend above the bars
     ax.set_xlabel("grown MoE parameters")
     ax.set_ylabel("cost in phase-3 training steps")
@@ -85,7 +89,7 @@ def main(argv: list[str]) -> None:
     text = " ".join(generate_stories(1500))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; growth x2 +4 layers, 8 experts top-2")
     print(f"{'dim':>5} {'grown params':>13} {'step s':>7} " + " ".join(f"{n:>10}" for n in
-          ("rope", "router", "symmetry", "functional", "all four", "share")))
+          CHECKS + ("all five", "share", "divergence")))
     rows = []
     for dim in (64, 128, 256):
         seq = 256
@@ -99,11 +103,14 @@ def main(argv: list[str]) -> None:
              "router": seconds(lambda: check_router_integrity(moe, big, tokens), 1),
              "symmetry": seconds(lambda: check_symmetry_breaking(big, tokens), 1),
              "functional": seconds(lambda: check_functional_equivalence(moe, big, tokens), 1),
-             "all": seconds(lambda: detailed_growth_check(moe, big, tokens, verbose=False), 1)}
+             "trainability": seconds(lambda: check_trainability(big, tokens), 1),
+             "all": seconds(lambda: detailed_growth_check(moe, big, tokens, verbose=False), 1),
+             "divergence": seconds(lambda: measure_clone_divergence(big, 2))}
         rows.append(dict(dim=dim, params=big.num_parameters(), step_seconds=step, seconds=t))
-        print(f"{dim:>5} {big.num_parameters():>13,} {step:>7.2f} " + " ".join(f"{v:>9.2f}s" for v in t.values())
-              + f" {t['all'] / step:>9.1f} steps ({100 * t['all'] / step / a.grown_steps:.1f}% of a "
-              f"{a.grown_steps}-step phase 3)")
+        print(f"{dim:>5} {big.num_parameters():>13,} {step:>7.2f} "
+              + " ".join(f"{t[k]:>9.2f}s" for k in CHECKS + ("all",))
+              + f" {t['all'] / step:>5.1f} steps ({100 * t['all'] / step / a.grown_steps:.1f}% of a "
+              f"{a.grown_steps}-step phase 3) {t['divergence'] / step:>5.3f} steps")
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "verify_cost.json"), "w") as f:
         json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
