@@ -6,10 +6,10 @@ gradient ever reaches those weights and weight decay holds them at zero. GROWTH_
 One step is not enough: an inserted identity block's o_proj and down_proj are zero, so its q, k, v, gate, up and
 norm weights get exactly zero gradient at step 1 and a nonzero one once the output projections have moved.
 The check therefore evaluates the gradient, takes AdamW's first step (lr * g / (|g| + eps), decoupled weight
-decay on matrices: the step every weight takes when its first gradient arrives; by default at the pipeline's
-first learning rate, warm-up step 1 of phase 3), and evaluates again, on
-float64 copies and the same real tokens. Weights the batch did not reach (experts that got no token at some
-evaluation, embedding rows of ids absent from the batch) are reported as idle, never as dead.
+decay on matrices, at the pipeline's first learning rate: warm-up step 1), and evaluates again, on float64
+copies and the same real tokens. It judges units (a head, a neuron, an expert, a row, a norm vector), and only
+those the batch reached: an expert that got no token, the embedding row of an id absent from the batch, is
+reported as idle, never as dead.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which training.loop.make_optimiz
 
 @dataclass(frozen=True)
 class TrainabilityLimits:
-    max_dead_weights: int = 0  # reached weights whose gradient is exactly zero at every evaluation
+    max_dead_weights: int = 0  # reached weights in units that received no gradient at any evaluation
 
 
 @dataclass
@@ -97,7 +97,8 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     lr = first_step_lr(tc.grown_lr, tc) if lr is None else lr
     g = first or objective_gradients(model, tokens, tc)
     values = {n: p.detach() for n, p in model.named_parameters()}
-    reference = torch.cat([gr.flatten() for gr in g.grads.values()]).pow(2).mean().sqrt().clamp(min=1e-300)
+    squares = sum(gr.pow(2).sum() for gr in g.grads.values())
+    reference = (squares / sum(gr.numel() for gr in g.grads.values())).sqrt().clamp(min=1e-300)
     zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
     judged = _reached(model, g)
     unit_rms = {n: _unit_rms(n, gr, judged[n], model.config) for n, gr in g.grads.items()}
@@ -140,7 +141,8 @@ def _unit_rms(name: str, g: Tensor, judged: Tensor, cfg) -> Tensor:
     """(units,) RMS of each unit's gradient over its judged weights (0 for a unit with none)."""
     _, gu = _units(name, g, cfg)
     _, ju = _units(name, judged, cfg)
-    return ((gu.pow(2) * ju).sum(dim=1) / ju.sum(dim=1).clamp(min=1)).sqrt()
+    squares = gu.pow(2) if bool(ju.all()) else gu.pow(2) * ju  # most parameters: every weight reached
+    return (squares.sum(dim=1) / ju.sum(dim=1).clamp(min=1)).sqrt()
 
 
 def _judged_units(name: str, judged: Tensor, cfg) -> Tensor:
