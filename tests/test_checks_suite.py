@@ -19,15 +19,21 @@ def test_five_checks_in_order():
     assert rep.passed and list(rep.results) == ["rope", "router", "symmetry", "functional", "trainability"]
 
 
-@pytest.mark.parametrize("extra,evaluations", [(0, 1), (2, 2)])
-def test_symmetry_and_trainability_share_the_first_gradient(monkeypatch, extra, evaluations):
+@pytest.mark.parametrize("extra", [0, 2])
+def test_one_whole_model_gradient_serves_symmetry_and_trainability(monkeypatch, extra):
     calls = []
-    for module in (suite, trainability):
-        real = module.objective_gradients
-        monkeypatch.setattr(module, "objective_gradients", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+
+    def counting(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+    counting(suite, "objective_gradients")
+    counting(trainability, "objective_gradients")
+    counting(trainability, "_block_gradients")
     old = source("dense")
     rep = detailed_growth_check(old, scale_bilaterally(old, 2, extra), story_tokens(), verbose=False)
-    assert rep.passed and len(calls) == evaluations  # step 2 only where inserted blocks wait for it
+    assert rep.passed and calls.count("objective_gradients") == 1
+    assert calls.count("_block_gradients") == (extra > 0)  # step 2: the inserted blocks alone
 
 
 def test_not_a_grown_pair_is_one_result():

@@ -326,3 +326,36 @@ def test_single_weights_without_gradient_inside_a_live_unit_are_not_blamed(token
     grads = objective_gradients(copy_model(model, torch.float64), tokens, TrainConfig()).grads
     assert (grads[q.name][:, 5] == 0).all()  # the premise
     assert not stats.dead and q.alive_after == [q.judged]
+
+
+def test_step_2_of_the_blocks_alone_matches_the_whole_model_to_first_order(tokens):
+    """The second evaluation runs each waiting block alone on its step-1 input and output gradient: the same
+    units alive as the whole model's gradient at the stepped weights, and the same gradients up to O(lr)."""
+    from transfer.checks.trainability import _adamw_first_step, _block_gradients
+
+    model = copy_model(scale_bilaterally(source("moe"), 2, 2), torch.float64)
+    tc = TrainConfig()
+    first = objective_gradients(model, tokens, tc, block_io=True)
+    waiting = [f"blocks.{j}.attention.{p}_proj.weight" for j in (1, 3) for p in "qkv"] + ["blocks.3.ffn.gate_proj"]
+
+    def mismatch(lr: float) -> float:
+        values = {n: _adamw_first_step(p.detach(), first.grads[n], lr, tc) for n, p in model.named_parameters()}
+        local = _block_gradients(model, first, values, waiting, [1, 3], tc)
+        whole = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
+        assert all(local.grads[n].abs().max() > 0 for n in waiting)
+        return max(((whole.grads[n] - local.grads[n]).norm() / whole.grads[n].norm()).item() for n in waiting)
+
+    small, ten_times = mismatch(1e-7), mismatch(1e-6)
+    assert ten_times < 0.01 and 5 < ten_times / small < 20, (small, ten_times)  # proportional to the step
+    assert mismatch(tc.grown_lr / tc.warmup_steps) < 0.05  # measured 2.5e-2 at the default first step
+
+
+def test_a_zero_final_norm_is_evaluated_on_the_whole_model_and_recovers(tokens):
+    """No gradient reaches any block at step 1 (the final norm's output is zero), so the blocks cannot be
+    evaluated alone; the whole model is, and everything has gradient once the norm has moved."""
+    model = scale_bilaterally(source("dense"), 2, 0)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+    res = check_trainability(model, tokens)
+    assert res.passed and res.metrics["steps"] == 2, res.message
+    assert res.metrics["alive_after_step"][0] < res.metrics["judged_weights"]

@@ -29,6 +29,8 @@ class ObjectiveGradients:
     total: float  # the objective the pipeline trains on
     expert_tokens: list[Tensor]  # per MoE block: (E,) token assignments routed to each expert
     input_ids: Tensor  # token ids fed to the model: the embedding rows this batch reaches
+    block_inputs: list[Tensor] | None = None  # with block_io: each block's input hidden state, detached
+    block_output_grads: list[Tensor] | None = None  # with block_io: d total / d (each block's output)
 
 
 def objective(out, y: Tensor, top_k: int, tc: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -37,14 +39,20 @@ def objective(out, y: Tensor, top_k: int, tc: TrainConfig) -> tuple[Tensor, Tens
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
     total = ce
     for r in out.router_logits:
-        total = total + tc.balance_coef * load_balancing_loss(r, top_k) + tc.z_coef * router_z_loss(r)
+        total = total + router_loss(r, top_k, tc)
     return ce, total
 
 
+def router_loss(router_logits: Tensor, top_k: int, tc: TrainConfig) -> Tensor:
+    """One MoE block's share of the objective: balance_coef * load-balancing loss + z_coef * router z-loss."""
+    return tc.balance_coef * load_balancing_loss(router_logits, top_k) + tc.z_coef * router_z_loss(router_logits)
+
+
 def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, values: dict[str, Tensor] | None = None,
-                        wrt: list[str] | None = None) -> ObjectiveGradients:
+                        wrt: list[str] | None = None, block_io: bool = False) -> ObjectiveGradients:
     """Gradient of the objective on tokens (B, T) (inputs tokens[:, :-1], targets tokens[:, 1:]) with respect to
-    the parameters named in `wrt` (default all), at the model's weights or at `values` (name -> tensor).
+    the parameters named in `wrt` (default all), at the model's weights or at `values` (name -> tensor); with
+    block_io, also every block's input and the gradient at its output.
 
     Leaves on detached views of the weights (torch.func.functional_call): the model's parameters, .grad and
     requires_grad stay as they were, so the model can be shared with other checks.
@@ -59,10 +67,13 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
     with torch.enable_grad():
         out = functional_call(model, values, (x,), {"return_details": True})
         ce, total = objective(out, y, model.config.top_k, tc)
-        grads = torch.autograd.grad(total, [values[n] for n in wrt], allow_unused=True)
+        outputs = out.hidden_states[1:] if block_io else []
+        grads = torch.autograd.grad(total, [values[n] for n in wrt] + outputs, allow_unused=True)
     k = model.config.top_k
     return ObjectiveGradients(
         grads={n: torch.zeros_like(values[n]) if g is None else g for n, g in zip(wrt, grads)},
         ce=ce.item(), total=total.item(),
         expert_tokens=[expert_load(r.detach(), k) for r in out.router_logits],
-        input_ids=x.unique())
+        input_ids=x.unique(),
+        block_inputs=[h.detach() for h in out.hidden_states[:-1]] if block_io else None,
+        block_output_grads=list(grads[len(wrt):]) if block_io else None)

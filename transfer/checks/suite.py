@@ -34,7 +34,7 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
     results = {"rope": judge_rope(measure_rope(pair), RopeLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
     batch = pair.tokens[:GRADIENT_SEQUENCES]
-    gradients = objective_gradients(pair.new, batch, tc)
+    gradients = objective_gradients(pair.new, batch, tc, block_io=True)
     results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference))
     results["functional"] = judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance))
     trainability = measure_trainability(pair.new, batch, tc, layout=pair.layout, first=gradients)

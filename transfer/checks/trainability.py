@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from config import TrainConfig
+from models import expert_load
 from transfer.checks.labels import parameter_place
-from transfer.checks.objective import ObjectiveGradients, objective_gradients
+from transfer.checks.objective import ObjectiveGradients, objective_gradients, router_loss
 from transfer.checks.pair import copy_model, require_tokens
 from transfer.checks.results import FIX_TRAINABILITY, CheckResult
 
@@ -95,8 +97,8 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     learning rate. Per unit, not per weight: single weights of a live unit can be arbitrarily small by chance
     (at dim 512 a few per million fall below the line), a unit's RMS cannot."""
     lr = first_step_lr(tc.grown_lr, tc) if lr is None else lr
-    g = first or objective_gradients(model, tokens, tc)
-    values = {n: p.detach() for n, p in model.named_parameters()}
+    g = first if first is not None and first.block_inputs is not None else objective_gradients(model, tokens, tc, block_io=True)
+    first, values = g, {n: p.detach() for n, p in model.named_parameters()}
     squares = sum(gr.pow(2).sum() for gr in g.grads.values())
     reference = (squares / sum(gr.numel() for gr in g.grads.values())).sqrt().clamp(min=1e-300)
     zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
@@ -110,8 +112,13 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
         waiting = [n for n in values if (_judged_units(n, judged[n], model.config) & (first_alive[n] == 0)).any()]
         if not waiting:
             break
-        values = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items()}
-        g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
+        local = _local_blocks(waiting, first)
+        moved = [n for n in values if local is None or n.startswith(tuple(f"blocks.{j}." for j in local))]
+        values = values | {n: _adamw_first_step(values[n], latest[n], lr, tc) for n in moved}
+        if local is None:
+            g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
+        else:
+            g = _block_gradients(model, first, values, waiting, local, tc)
         done += 1
         reached = _reached(model, g)
         for n in values:
@@ -137,12 +144,45 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     return stats
 
 
+def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | None:
+    """The blocks whose parameters wait, if every waiting parameter is in a block that the objective's gradient
+    reaches (nonzero at its output); None when the whole model must be evaluated again."""
+    if not all(n.startswith("blocks.") for n in waiting):
+        return None
+    blocks = sorted({int(n.split(".")[1]) for n in waiting})
+    return blocks if all(bool(first.block_output_grads[j].any()) for j in blocks) else None
+
+
+def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[str, Tensor], waiting: list[str],
+                     blocks: list[int], tc: TrainConfig) -> ObjectiveGradients:
+    """The waiting parameters' gradients, each block alone at its stepped weights, fed its step-1 input and
+    pulled by its step-1 output gradient (plus its own router loss): the step-2 gradient to first order in
+    the step, at the cost of those blocks only. Exact zeros stay exact: a unit zero on both sides of its
+    product gets none whatever its input and output gradient."""
+    grads, expert_tokens, k = {}, list(first.expert_tokens), model.config.top_k
+    for j in blocks:
+        prefix = f"blocks.{j}."
+        local = {n[len(prefix):]: v for n, v in values.items() if n.startswith(prefix)}
+        names = [n for n in waiting if n.startswith(prefix)]
+        leaves = [local[n[len(prefix):]].detach().requires_grad_(True) for n in names]
+        local.update({n[len(prefix):]: leaf for n, leaf in zip(names, leaves)})
+        with torch.enable_grad():
+            y, logits = functional_call(model.blocks[j], local, (first.block_inputs[j], model.rope_cos, model.rope_sin))
+            loss = (y * first.block_output_grads[j]).sum()
+            if logits is not None:
+                loss = loss + router_loss(logits, k, tc)
+                expert_tokens[j] = expert_load(logits.detach(), k)
+            g = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads.update({n: torch.zeros_like(leaf) if gr is None else gr for n, leaf, gr in zip(names, leaves, g)})
+    return ObjectiveGradients(grads, first.ce, first.total, expert_tokens, first.input_ids)
+
+
 def _unit_rms(name: str, g: Tensor, judged: Tensor, cfg) -> Tensor:
-    """(units,) RMS of each unit's gradient over its judged weights (0 for a unit with none)."""
+    """(units,) RMS of each unit's gradient over its judged weights (0 for a unit with none). Reach is
+    unit-aligned (whole experts, whole embedding rows), so a unit is either judged in full or not at all."""
     _, gu = _units(name, g, cfg)
     _, ju = _units(name, judged, cfg)
-    squares = gu.pow(2) if bool(ju.all()) else gu.pow(2) * ju  # most parameters: every weight reached
-    return (squares.sum(dim=1) / ju.sum(dim=1).clamp(min=1)).sqrt()
+    return torch.linalg.vector_norm(gu, dim=1) / gu.shape[1] ** 0.5 * ju.any(dim=1)
 
 
 def _judged_units(name: str, judged: Tensor, cfg) -> Tensor:
