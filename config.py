@@ -140,6 +140,7 @@ class TrainConfig:
     eval_batches: int = 10  # held-out batches per evaluation
     log_interval: int = 10  # steps between logged training losses
     checkpoint_interval: int = 250  # steps between checkpoints (and at each phase end)
+    keep_checkpoints: int = 2  # periodic checkpoints kept besides every phase-end one (0 = phase ends only)
     sample_tokens: int = 150  # length of the story sampled at each phase end
 
     def __post_init__(self) -> None:
@@ -152,7 +153,8 @@ class TrainConfig:
         for name in (f.name for f in fields(self) if f.name.endswith("_lr")):
             if not getattr(self, name) > 0:
                 p.append(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_coef", "sample_tokens"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_coef", "sample_tokens",
+                     "keep_checkpoints"):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} must be >= 0")
         if self.decay not in ("every_phase", "final_phase"):

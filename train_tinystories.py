@@ -16,15 +16,19 @@ stopped by SIGINT/SIGTERM after saving.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import torch
 
 from config import ConfigError
 from data import DataError, check_files
+from data.source import load_source, resume_source
 from training.checkpoint import CheckpointError, latest_checkpoint
+from training.disk import NotEnoughSpace, WriteFailed, existing_ancestor, remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.pipeline import RunRequest, run_pipeline
+from training.runlock import RunLock, RunLocked, acquire
 from training.runtime import StopSignals, setup_runtime, teardown_runtime
 from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
                                with_hf_model)
@@ -55,20 +59,48 @@ def parse(argv: list[str]) -> RunRequest:
     if settings.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={settings.run.device} but torch.cuda.is_available() is False (a CPU build of torch, "
                           "or no GPU visible); use --device=cpu or --device=auto")
-    if args.data_files is not None:
-        check_files(args.data_files)
-    _probe_writable(out_dir)
-    return RunRequest(settings, out_dir, args.data_files, args.resume, args.init_from_hf)
+    data_files, origin = args.data_files, "auto"
+    if args.resume:  # the run's own data, wherever --data-files now finds it
+        data_files, origin = resume_source(load_source(out_dir), args.data_files)
+    elif data_files is not None:
+        check_files(data_files)
+    _check_writable(out_dir)
+    return RunRequest(settings, out_dir, data_files, args.resume, args.init_from_hf, origin)
 
 
-def _probe_writable(out_dir: str) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # per process: torchrun ranks probe at once
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {out_dir}: {e.strerror}; choose a writable directory") from None
+def _check_writable(out_dir: str) -> None:
+    """Refuse an out-dir that cannot be created or written, without writing anything."""
+    existing = existing_ancestor(os.path.abspath(out_dir))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ConfigError(f"cannot write to --out-dir {out_dir}: {existing} {why}; choose a writable directory")
+
+
+def take_run(req: RunRequest, rt) -> RunLock | None:
+    """Rank 0 locks the run directory (creating it), then clears what killed writers left; every rank learns
+    whether that worked. ConfigError if another process holds the run or the directory cannot be written."""
+    lock, error = None, None
+    if rt.is_master:
+        try:
+            lock = acquire(req.out_dir)
+            if not req.resume and latest_checkpoint(req.out_dir, log=lambda _: None) is not None:
+                raise ConfigError(f"{req.out_dir} already holds a run (it finished while this one waited); pass "
+                                  "--resume to continue it, or choose another --out-dir")
+            remove_stale_temporaries(req.out_dir)
+        except (RunLocked, WriteFailed, ConfigError) as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    if not rt.broadcast_flag(error is None):
+        raise ConfigError(str(error) if error else "rank 0 could not take the run directory; see its message")
+    return lock
+
+
+def resume_line(out_dir: str) -> str:
+    """The command that continues the run, or what to do when nothing was saved yet."""
+    if load_saved_settings(out_dir) is None:
+        return "Nothing was saved yet: run the same command again to start over."
+    return f"Resume with:\n  python train_tinystories.py --out-dir {out_dir} --resume"
 
 
 def main(argv: list[str]) -> int:
@@ -77,20 +109,35 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rt = setup_runtime(req.settings.run.device)
+    new_dir = not os.path.exists(req.out_dir)
+    rt, lock = setup_runtime(req.settings.run.device), None
     try:
+        lock = take_run(req, rt)
         with StopSignals() as stop:
             return EXIT[run_pipeline(req, rt, lambda: stop.received).status]
-    except (DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, NotEnoughSpace) as e:
         print(f"error: {e}", file=sys.stderr)
+        if new_dir and rt.is_master and lock is not None:  # a refused start leaves nothing behind
+            lock.release()
+            shutil.rmtree(req.out_dir, ignore_errors=True)
         return 2
+    except WriteFailed as e:
+        print(f"error: {e}\n{resume_line(req.out_dir)}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         if rt.is_master:
             where = f"checkpoint saved: {e.checkpoint}" if e.checkpoint else "nothing new to save since the last checkpoint"
-            print(f"\nStopped by {e.signal_name}; {where}.\nResume with:\n  python train_tinystories.py "
-                  f"--out-dir {req.out_dir} --resume")
+            print(f"\nStopped by {e.signal_name}; {where}.\n{resume_line(req.out_dir)}")
         return 130 if e.signal_name == "SIGINT" else 143
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once; checkpoints are written aside, so the last is whole
+        if rt.is_master:
+            last = latest_checkpoint(req.out_dir, log=lambda _: None)
+            print(f"\nStopped at once by a second Ctrl-C; last complete checkpoint: {last.path if last else 'none'}."
+                  f"\n{resume_line(req.out_dir)}")
+        return 130
     finally:
+        if lock is not None:
+            lock.release()
         teardown_runtime(rt)
 
 

@@ -42,29 +42,38 @@ class Corpus:
     train: list[str]
     val: list[str]
     source: str
+    origin: str = "files"  # files | hub | generated: what a resumed run must read again
 
 
 def load_corpus(data_files: list[str] | None, val_fraction: float = 0.05, max_stories: int | None = None,
                 seed: int = 0, hub_dataset: str = "roneneldan/TinyStories", hub_timeout: float = 3.0,
-                offline_stories: int = 20000, log: Callable[[str], None] = print) -> Corpus:
+                offline_stories: int = 20000, log: Callable[[str], None] = print, origin: str = "auto") -> Corpus:
     """Stories from data_files; with None, from the hub, falling back within seconds to generated stories.
 
-    max_stories caps the training stories (None = all; the hub streams HUB_DEFAULT_STORIES).
+    max_stories caps the training stories (None = all; the hub streams HUB_DEFAULT_STORIES). origin "hub" or
+    "generated" (a resumed run's) takes that source only: no fallback from the hub, no hub probe for generated.
     """
     _check_args(val_fraction, max_stories, offline_stories)
     if data_files is not None:
         return _load_local(list(data_files), val_fraction, max_stories, seed)
-    reason = _hub_unavailable_reason(hub_timeout)
-    if reason is None:
-        try:
-            return _load_hub(hub_dataset, val_fraction, max_stories, seed)
-        except Exception as e:  # any failure of a remote service: fall back rather than stop the run
-            reason = f"loading {hub_dataset} failed: {_one_line(e)}"
+    if origin == "generated":
+        reason = "resuming a run that trained on them"
+    else:
+        reason = _hub_unavailable_reason(hub_timeout)
+        if reason is None:
+            try:
+                return _load_hub(hub_dataset, val_fraction, max_stories, seed)
+            except Exception as e:  # any failure of a remote service: fall back rather than stop the run
+                reason = f"loading {hub_dataset} failed: {_one_line(e)}"
+        if origin == "hub":
+            raise DataError(f"this run trained on {hub_dataset} from the hub, which cannot be read now ({reason}); "
+                            "resume where the hub is reachable")
     log(f"Hugging Face hub not used ({reason}); training on {offline_stories:,} generated template stories, "
         "NOT TinyStories: pass local data files (TinyStories .txt or .jsonl) for real text")
     train, val = split_stories(generate_stories(offline_stories, seed=seed), val_fraction, seed)
     return Corpus(_cap(train, max_stories), val,
-                  f"generated template stories (NOT TinyStories: offline fallback, {offline_stories:,} stories)")
+                  f"generated template stories (NOT TinyStories: offline fallback, {offline_stories:,} stories)",
+                  "generated")
 
 
 def split_stories(stories: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -251,4 +260,4 @@ def _load_hub(hub_dataset: str, val_fraction: float, max_stories: int | None, se
         raise DataError(f"{hub_dataset}: no stories in a 'text' field of its validation split")
     name = hub_dataset.rsplit("/", 1)[-1]
     return Corpus(train, val, f"{name} from the Hugging Face hub ({hub_dataset}; {len(train):,} training, "
-                              f"{len(val):,} validation stories)")
+                              f"{len(val):,} validation stories)", "hub")

@@ -139,3 +139,116 @@ def test_export_refuses_a_checkpoint_whose_weights_do_not_match_its_architecture
     err = capsys.readouterr().err
     assert "do not match its recorded architecture" in err and "size mismatch" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------------------------- printed commands, verbatim
+QUICK = ["--preset", "micro", "--dense_steps=40", "--moe_steps=20", "--grown_steps=20", "--checkpoint_interval=5",
+         "--eval_interval=10", "--log_interval=5"]
+
+
+def printed_command(output: str) -> list[str]:
+    """The last `python train_tinystories.py ...` line the program printed, split as a shell would."""
+    import shlex
+
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip().startswith("python train_tinystories.py")]
+    assert lines, output[-2000:]
+    return shlex.split(lines[-1])
+
+
+def run_printed(cmd: list[str]) -> subprocess.CompletedProcess:
+    assert cmd[:2] == ["python", "train_tinystories.py"]
+    return subprocess.run([sys.executable] + cmd[1:], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def story_file(tmp_path_factory):
+    from data.synthetic import generate_stories
+
+    path = tmp_path_factory.mktemp("data") / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(generate_stories(1500, seed=5)) + "\n<|endoftext|>\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def file_reference(tmp_path_factory, story_file):
+    out = tmp_path_factory.mktemp("fileref")
+    proc = subprocess.run([sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir",
+                           str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_resume_command_printed_after_a_signal_works_as_printed_on_a_file_run(tmp_path, story_file,
+                                                                                  file_reference, sig):
+    args = [sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list_checkpoints(str(tmp_path / "checkpoints")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    cmd = printed_command(out)
+    assert "--data-files" not in cmd  # the run knows its data
+    resumed = run_printed(cmd)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert losses(tmp_path) == file_reference
+
+
+def test_the_command_printed_after_a_failed_check_works_as_printed(tmp_path, story_file, file_reference):
+    proc = subprocess.run([sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir",
+                           str(tmp_path), "--noise_std=0"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "✗ HALTED" in proc.stdout
+    resumed = run_printed(printed_command(proc.stdout))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert losses(tmp_path) == file_reference  # resumed with noise_std=0.3, the reference's default
+
+
+def test_the_command_printed_after_nan_works_as_printed(tmp_path, story_file):
+    proc = subprocess.run([sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir",
+                           str(tmp_path), "--dense_lr=1e6", "--warmup_steps=1"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "loss became nan" in proc.stdout
+    cmd = printed_command(proc.stdout)
+    assert "--dense_lr=3.3e+05" in cmd
+    resumed = run_printed(cmd)  # still far too high: it halts again, but it is accepted and runs
+    assert resumed.returncode == 1 and "loss became nan" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_resume_refuses_other_data_and_finds_moved_files(tmp_path, story_file, capsys):
+    import shutil
+
+    monkey_env = dict(HF_HUB_OFFLINE="1")
+    os.environ.update(monkey_env)
+    own = tmp_path / "own.txt"
+    shutil.copy(story_file, own)
+    short = [*QUICK, "--dense_steps=10", "--moe_steps=5", "--grown_steps=5"]
+    run_dir = str(tmp_path / "run")
+    assert train_tinystories.main([*short, "--data-files", str(own), "--out-dir", run_dir, "--noise_std=0"]) == 1
+    other = tmp_path / "other.txt"
+    other.write_text(own.read_text().replace("Lily", "Lola"))
+    capsys.readouterr()
+    assert train_tinystories.main(["--out-dir", run_dir, "--resume", "--data-files", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "is not the data this run trained on (own.txt" in err and err.count("\n") == 1
+    moved = tmp_path / "moved.txt"
+    own.rename(moved)
+    assert train_tinystories.main(["--out-dir", run_dir, "--resume", "--noise_std=0.3"]) == 2
+    assert "own.txt is gone; pass the same file from where it is now with --data-files" in capsys.readouterr().err
+    assert train_tinystories.main(["--out-dir", run_dir, "--resume", "--noise_std=0.3", "--data-files",
+                                   str(moved)]) == 0
+
+
+def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(tmp_path, story_file, capsys):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Hi there little one.\n<|endoftext|>\nA cat sat.\n<|endoftext|>\n" * 3)
+    run_dir = tmp_path / "run"
+    assert train_tinystories.main([*QUICK, "--data-files", str(tiny), "--out-dir", str(run_dir)]) == 2
+    assert "too little text" in capsys.readouterr().err
+    assert train_tinystories.main([*QUICK, "--dense_steps=5", "--moe_steps=5", "--grown_steps=5", "--data-files",
+                                   story_file, "--out-dir", str(run_dir)]) == 0
+    from data import load_tokenizer
+
+    assert len(load_tokenizer(str(run_dir / "tokenizer"))) == 512  # micro's vocabulary, not the tiny text's

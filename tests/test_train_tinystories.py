@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -175,3 +176,63 @@ def test_by_default_phases_one_and_two_hold_their_lr_and_phase_three_decays(tmp_
     assert run(tmp_path / "cos", "--decay=every_phase") == 0
     lrs = phase_lrs(tmp_path / "cos")
     assert all(lrs[p][-1] < 0.2 * lrs[p][0] for p in lrs)
+
+
+# ------------------------------------------------------------------------- one process per run, disk, refused starts
+def test_a_second_process_on_the_same_run_is_refused_naming_the_first(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "train_tinystories.py", "--preset", "micro", "--out-dir", str(tmp_path / "run")]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-2000:]
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"PID {first.pid}" in second.stderr and "in use by another run" in second.stderr
+
+
+def test_a_start_refused_by_its_data_leaves_no_run_directory(tmp_path, capsys):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Hi.\n<|endoftext|>\nYo.\n<|endoftext|>\n")
+    assert run(tmp_path / "run", "--data-files", str(tiny)) == 2
+    assert "too little text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_little_disk_space_is_exit_2_before_training(tmp_path, monkeypatch, capsys):
+    import training.disk as disk
+
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 5 << 20)  # 5 MiB free: micro needs ~100 MiB of checkpoints
+    assert run(tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "checkpoints" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_write_that_fails_mid_run_is_one_line_and_the_printed_resume_works(tmp_path, finished_run, monkeypatch,
+                                                                           capsys):
+    import errno
+
+    import training.pipeline as pipeline
+    from training.disk import WriteFailed
+
+    real, calls = pipeline.save_checkpoint, {"n": 0}
+
+    def fails_on_the_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise WriteFailed(str(tmp_path / "checkpoints" / "moe-000015"), "no space left on device", 1 << 20,
+                              9 << 20, errno.ENOSPC)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_checkpoint", fails_on_the_fourth)
+    assert run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write") and "moe-000015" in err
+    command = err.strip().splitlines()[-1].split()
+    assert command[:2] == ["python", "train_tinystories.py"] and "--resume" in command
+    monkeypatch.setattr(pipeline, "save_checkpoint", real)
+    assert train_tinystories.main(command[2:]) == 0
+    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
+    assert [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)] == ref

@@ -10,25 +10,31 @@ second growth, say) is one entry here plus its two settings.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from config import config_to_dict
-from data import TokenBatches, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
+from config import ModelConfig, config_to_dict
+from data import DataError, TokenBatches, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
 from data import train_tokenizer
+from data.source import SOURCE_FILE, source_record
+from data.tokens import cache_bytes
 from models import build_model, generate
-from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, write_text_atomic
+from training.disk import (NotEnoughSpace, WriteFailed, check_free_space, checkpoint_bytes, dir_bytes,
+                           peak_checkpoint_bytes)
 from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingState, train_phase
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime
 from training.settings import Settings, save_settings
 from transfer import (GrowthReport, dense_to_moe, detailed_growth_check, judge_clone_divergence,
-                      measure_clone_divergence, scale_bilaterally, upcycling_check)
+                      grown_config, measure_clone_divergence, scale_bilaterally, upcycling_check)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Stage:
     grow: Callable[[nn.Module, Settings, torch.Tensor], nn.Module] | None = None  # previous model -> this one
     check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration_tokens) -> report
     describe: Callable[[Settings], str] | None = None  # the transition's title
+    config: Callable[[ModelConfig, Settings], ModelConfig] | None = None  # previous config -> this one's (sizes)
     transition: str = ""  # the transition's short name on the loss plot
     measure_clones: Callable[[nn.Module, Settings], dict] | None = None  # clone divergence, at every eval
 
@@ -62,10 +69,12 @@ def _grow_bilaterally(model: nn.Module, s: Settings, calibration: torch.Tensor) 
 PIPELINE: tuple[Stage, ...] = (
     Stage("dense", "Phase 1: dense", "Phase 1: dense"),
     Stage("moe", "Phase 2: MoE (upcycled)", "Phase 2: MoE", _upcycle, upcycling_check,
-          lambda s: f"dense -> MoE ({s.growth.n_experts} experts, top-{s.growth.top_k})", "dense → MoE"),
+          lambda s: f"dense -> MoE ({s.growth.n_experts} experts, top-{s.growth.top_k})",
+          lambda c, s: replace(c, n_experts=s.growth.n_experts, top_k=s.growth.top_k), "dense → MoE"),
     Stage("grown", "Phase 3: grown MoE", "Phase 3: grown MoE", _grow_bilaterally, detailed_growth_check,
           lambda s: (f"bilateral growth (width x{s.growth.scale_factor}, +{s.growth.extra_layers} layers, "
-                     f"noise_std {s.growth.noise_std})"), "bilateral growth",
+                     f"noise_std {s.growth.noise_std})"),
+          lambda c, s: grown_config(c, s.growth.scale_factor, s.growth.extra_layers), "bilateral growth",
           lambda model, s: measure_clone_divergence(model, s.growth.scale_factor)),
 )
 
@@ -81,24 +90,29 @@ class Data:
     val_batches: list
     tokenizer: object
     calibration: torch.Tensor  # (B, T) validation tokens for router centring and the checks
+    source: dict  # what was read, for data_source.json (data.source)
 
 
-def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime,
-              hf_path: str | None = None) -> Data:
+def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime, hf_path: str | None = None,
+              origin: str = "auto", resume: bool = False) -> Data:
     """Corpus -> tokenizer (trained once, kept beside the checkpoints) -> cached token arrays -> batches."""
     log = print if rt.is_master else (lambda _: None)
     corpus = load_corpus(data_files, s.data.val_fraction, s.data.max_stories or None, s.run.seed,
-                         offline_stories=s.data.offline_stories, log=log)
+                         offline_stories=s.data.offline_stories, log=log, origin=origin)
     log(f"Data: {corpus.source}; {len(corpus.train):,} training / {len(corpus.val):,} validation stories")
     tok_dir, cache = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "cache")
-    if rt.is_master:
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            # A model brought in with --init-from-hf keeps its own tokenizer; otherwise train one on the text.
-            tokenizer = load_tokenizer(hf_path) if hf_path else train_tokenizer(corpus.train, s.model.vocab_size)
-            save_tokenizer(tokenizer, tok_dir)
-        tokenize_to_cache(corpus.train, load_tokenizer(tok_dir), cache)
-        tokenize_to_cache(corpus.val, load_tokenizer(tok_dir), cache)
-    rt.barrier()
+    error = None
+    if rt.is_master:  # the other ranks read what rank 0 writes, once it says that worked
+        try:
+            _ensure_tokenizer(tok_dir, corpus.train, s.model.vocab_size, hf_path, resume)
+            tokenizer = load_tokenizer(tok_dir)
+            check_free_space(out_dir, disk_needs(s, corpus, tokenizer), dir_bytes(out_dir) if resume else 0)
+            tokenize_to_cache(corpus.train, tokenizer, cache)
+            tokenize_to_cache(corpus.val, tokenizer, cache)
+        except (DataError, NotEnoughSpace, WriteFailed) as e:
+            error = e
+    if not rt.broadcast_flag(error is None):
+        raise error or DataError("rank 0 could not prepare the data; see its message")
     tokenizer = load_tokenizer(tok_dir)
     train_tokens = tokenize_to_cache(corpus.train, tokenizer, cache)
     val_tokens = tokenize_to_cache(corpus.val, tokenizer, cache)
@@ -106,7 +120,50 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     tc = s.train
     batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    return Data(batches, val, tokenizer, val[0][0][:8])
+    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files))
+
+
+def stage_configs(s: Settings) -> list[ModelConfig]:
+    """The model config of every stage, each grown from the one before (no model is built)."""
+    configs = [s.model]
+    for stage in PIPELINE[1:]:
+        configs.append(stage.config(configs[-1], s))
+    return configs
+
+
+def disk_needs(s: Settings, corpus, tokenizer) -> dict[str, int]:
+    """Bytes the run will write: the most checkpoints held at once, the token caches, the small files."""
+    ckpts = [checkpoint_bytes(c) for c in stage_configs(s)]
+    return {"checkpoints": peak_checkpoint_bytes(ckpts, s.train.keep_checkpoints),
+            "token cache": cache_bytes(corpus.train, tokenizer) + cache_bytes(corpus.val, tokenizer),
+            "tokenizer, logs, plot": 2 << 20}
+
+
+TOKENIZER_KEY = "trained_on.sha256"  # beside tokenizer.json: the text and vocabulary it was trained for
+
+
+def _tokenizer_key(stories: list[str], vocab_size: int, hf_path: str | None) -> str:
+    h = hashlib.sha256(f"vocab {vocab_size}\nfrom {os.path.abspath(hf_path) if hf_path else 'training text'}\n".encode())
+    for story in stories:
+        data = story.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _ensure_tokenizer(tok_dir: str, stories: list[str], vocab_size: int, hf_path: str | None, resume: bool) -> None:
+    """The tokenizer for exactly this text and vocabulary: reused when its key matches, else trained anew (a
+    fresh start never inherits a failed start's tokenizer); a resumed run whose tokenizer does not match is
+    refused. A model brought in with --init-from-hf keeps its own tokenizer."""
+    key, key_path = _tokenizer_key(stories, vocab_size, hf_path), os.path.join(tok_dir, TOKENIZER_KEY)
+    have = os.path.exists(os.path.join(tok_dir, "tokenizer.json"))
+    found = open(key_path).read().strip() if os.path.exists(key_path) else None
+    if have and (found == key or (resume and found is None)):  # None: a run saved before tokenizers were keyed
+        return
+    if have and resume:
+        raise DataError(f"{tok_dir} was trained on other text or another vocabulary than this resume reads; "
+                        "resume with the run's own data and settings, or start a new run")
+    save_tokenizer(load_tokenizer(hf_path) if hf_path else train_tokenizer(stories, vocab_size), tok_dir)
+    write_text_atomic(key_path, key + "\n")
 
 
 def sample_story(model: nn.Module, data: Data, s: Settings, rt: Runtime) -> str:
@@ -147,6 +204,7 @@ class RunRequest:
     data_files: list[str] | None = None
     resume: bool = False
     init_from_hf: str | None = None  # a fresh run's phase-1 model and tokenizer
+    origin: str = "auto"  # the data source a resume must read again (data.source.resume_source)
 
 
 @dataclass
@@ -162,7 +220,7 @@ def make_saver(out_dir: str, s: Settings, rt: Runtime) -> Callable[[nn.Module, o
             return None
         meta = {**state.state_dict(), "model_config": config_to_dict(model.config), "settings": s.to_dict()}
         return save_checkpoint(out_dir, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                               meta)
+                               meta, keep_periodic=s.train.keep_checkpoints)
 
     return save
 
@@ -200,13 +258,14 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
         state = TrainingState()
         state.load_state_dict(ckpt.meta)
         return Outcome("already_finished", state)
-    data = load_data(s, req.data_files, out_dir, rt, None if req.resume else req.init_from_hf)
+    data = load_data(s, req.data_files, out_dir, rt, None if req.resume else req.init_from_hf, req.origin, req.resume)
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
     run = PhaseRun(rt, s.train, data.batches, data.val_batches, log, make_saver(out_dir, s, rt), s.run.compile,
                    stop_requested)
     model, index, state, opt_state = start_point(req, ckpt, data, rt)
     if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
         save_settings(s, out_dir)
+        write_text_atomic(os.path.join(out_dir, SOURCE_FILE), json.dumps(data.source, indent=1))
     for i in range(index, len(PIPELINE)):
         stage = PIPELINE[i]
         if state.phase != stage.name:  # entering the stage: grow the previous stage's model, then verify it

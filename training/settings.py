@@ -242,10 +242,11 @@ def build_settings(preset: str | None, overrides: Overrides | None = None, saved
     overrides = overrides or {}
     if saved is not None:
         base = Settings.from_dict(saved)
-        if overrides.get("model"):
-            given = " ".join(f"--{k}={v}" for k, v in overrides["model"].items())
-            raise ConfigError(f"{given}: the model of an existing run cannot change on --resume; start a new run in "
-                              "another --out-dir")
+        for section, what in (("model", "the model"), ("data", "the data")):
+            if overrides.get(section):
+                given = " ".join(f"--{k}={v}" for k, v in overrides[section].items())
+                raise ConfigError(f"{given}: {what} of an existing run cannot change on --resume; start a new run in "
+                                  "another --out-dir")
     else:
         base = Settings(**{s: cls() for s, cls in SECTIONS.items()})
         if preset is not None:
