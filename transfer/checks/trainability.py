@@ -98,18 +98,18 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     (at dim 512 a few per million fall below the line), a unit's RMS cannot."""
     lr = first_step_lr(tc.grown_lr, tc) if lr is None else lr
     g = first if first is not None and first.block_inputs is not None else objective_gradients(model, tokens, tc, block_io=True)
-    first, values = g, {n: p.detach() for n, p in model.named_parameters()}
+    first, values, cfg = g, {n: p.detach() for n, p in model.named_parameters()}, model.config
     squares = sum(gr.pow(2).sum() for gr in g.grads.values())
     reference = (squares / sum(gr.numel() for gr in g.grads.values())).sqrt().clamp(min=1e-300)
     zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
-    judged = _reached(model, g)
-    unit_rms = {n: _unit_rms(n, gr, judged[n], model.config) for n, gr in g.grads.items()}
+    judged = _reached_units(model, g)  # per parameter, (units,): reached at every evaluation of its gradient
+    unit_rms = {n: _unit_rms(n, gr, cfg) * judged[n] for n, gr in g.grads.items()}
     first_alive = {n: (u > zero_below).to(torch.int8) for n, u in unit_rms.items()}  # 0: not yet
     weakest = min((u[u > zero_below].min().item() for u in unit_rms.values() if (u > zero_below).any()), default=None)
-    latest, rms = dict(g.grads), {n: [_relative_rms(gr, judged[n], reference)] for n, gr in g.grads.items()}
+    latest, rms = dict(g.grads), {n: [_relative_rms(u, judged[n], reference)] for n, u in unit_rms.items()}
     done = 1
     while done < steps:
-        waiting = [n for n in values if (_judged_units(n, judged[n], model.config) & (first_alive[n] == 0)).any()]
+        waiting = [n for n in values if (judged[n] & (first_alive[n] == 0)).any()]
         if not waiting:
             break
         local = _local_blocks(waiting, first)
@@ -120,27 +120,33 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
         else:
             g = _block_gradients(model, first, values, waiting, local, tc)
         done += 1
-        reached = _reached(model, g)
+        reached = _reached_units(model, g)
         for n in values:
-            if n in waiting:
-                latest[n], judged[n] = g.grads[n], judged[n] & reached[n]
-                u = _unit_rms(n, g.grads[n], judged[n], model.config)
-                newly = (first_alive[n] == 0) & (u > zero_below)
-                first_alive[n][newly] = done
-                if newly.any():
-                    weakest = min(u[newly].min().item(), weakest if weakest is not None else float("inf"))
-            rms[n].append(_relative_rms(g.grads[n], judged[n], reference) if n in waiting else None)
+            if n not in waiting:
+                rms[n].append(None)
+                continue
+            latest[n], judged[n] = g.grads[n], judged[n] & reached[n]
+            u = _unit_rms(n, g.grads[n], cfg) * judged[n]
+            newly = (first_alive[n] == 0) & (u > zero_below)
+            first_alive[n][newly] = done
+            if newly.any():
+                weakest = min(u[newly].min().item(), weakest if weakest is not None else float("inf"))
+            rms[n].append(_relative_rms(u, judged[n], reference))
     stats = TrainabilityStats(done, lr, loss=g.ce, zero_below=(zero_below / reference).item(),
                               weakest_unit=None if weakest is None else weakest / reference.item())
     for n, v in values.items():
-        stats.parameters.append(_parameter_figures(n, v, judged[n], first_alive[n], rms[n], done, model.config))
-        dead = _judged_units(n, judged[n], model.config) & (first_alive[n] == 0)
+        per_unit = v.numel() // len(judged[n])
+        alive = [int(((first_alive[n] > 0) & (first_alive[n] <= t) & judged[n]).sum()) * per_unit for t in range(1, done + 1)]
+        stats.parameters.append(ParameterGradient(n, v.numel(), int(judged[n].sum()) * per_unit, alive, rms[n]))
+        dead = judged[n] & (first_alive[n] == 0)
         if dead.any():
-            stats.dead.append(_dead_units(n, dead, judged[n], model.config, layout))
+            place, module = parameter_place(n, layout)
+            stats.dead.append(DeadUnits(place, module, _unit_kind(n, v), dead.nonzero().flatten().tolist(), len(dead),
+                                        int(dead.sum()) * per_unit, int(judged[n].sum()) * per_unit))
     if model.lm_head.weight is not model.embed.weight:
-        stats.idle_embedding_rows = int((~judged["embed.weight"].any(dim=1)).sum())
+        stats.idle_embedding_rows = int((~judged["embed.weight"]).sum())
     stats.idle_experts = [f"block {j} expert {e}" for j in range(len(g.expert_tokens))
-                          for e in (~judged[f"blocks.{j}.ffn.gate_proj"].flatten(1).all(dim=1)).nonzero().flatten().tolist()]
+                          for e in (~judged[f"blocks.{j}.ffn.gate_proj"]).nonzero().flatten().tolist()]
     return stats
 
 
@@ -177,41 +183,31 @@ def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[s
     return ObjectiveGradients(grads, first.ce, first.total, expert_tokens, first.input_ids)
 
 
-def _unit_rms(name: str, g: Tensor, judged: Tensor, cfg) -> Tensor:
-    """(units,) RMS of each unit's gradient over its judged weights (0 for a unit with none). Reach is
-    unit-aligned (whole experts, whole embedding rows), so a unit is either judged in full or not at all."""
-    _, gu = _units(name, g, cfg)
-    _, ju = _units(name, judged, cfg)
-    return torch.linalg.vector_norm(gu, dim=1) / gu.shape[1] ** 0.5 * ju.any(dim=1)
+def _unit_rms(name: str, g: Tensor, cfg) -> Tensor:
+    """(units,) RMS of each unit's gradient."""
+    gu = _units(name, g, cfg)
+    return torch.linalg.vector_norm(gu, dim=1) / gu.shape[1] ** 0.5
 
 
-def _judged_units(name: str, judged: Tensor, cfg) -> Tensor:
-    return _units(name, judged, cfg)[1].any(dim=1)
+def _relative_rms(unit_rms: Tensor, judged: Tensor, reference: Tensor) -> float | None:
+    """RMS gradient over the judged units (all of equal size) / the model's RMS gradient at step 1."""
+    return (unit_rms[judged].pow(2).mean().sqrt() / reference).item() if judged.any() else None
 
 
-def _relative_rms(g: Tensor, judged: Tensor, reference: Tensor) -> float | None:
-    return (g[judged].pow(2).mean().sqrt() / reference).item() if judged.any() else None
-
-
-def _parameter_figures(name: str, value: Tensor, judged: Tensor, first_alive: Tensor, rms: list, done: int,
-                       cfg) -> ParameterGradient:
-    """Judged weights of units alive by each evaluation."""
-    per_unit = _units(name, judged, cfg)[1].sum(dim=1)
-    counts = [int(per_unit[(first_alive > 0) & (first_alive <= t)].sum()) for t in range(1, done + 1)]
-    return ParameterGradient(name, value.numel(), int(judged.sum()), counts, rms)
-
-
-def _reached(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]:
-    """Per parameter, which weights this evaluation's batch could reach: all, except embedding rows of ids absent
-    from the input (an untied embedding gets gradient only through them) and experts that got no token."""
-    reached = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+def _reached_units(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]:
+    """Per parameter, (units,) which units this evaluation's batch could reach: all, except embedding rows of
+    ids absent from the input (an untied embedding gets gradient only through them) and experts that got no
+    token. Reach is unit-aligned: whole rows, whole experts."""
+    cfg = model.config
+    reached = {n: torch.ones(_units(n, p, cfg).shape[0], dtype=torch.bool, device=p.device)
+               for n, p in model.named_parameters()}
     if model.lm_head.weight is not model.embed.weight:
-        rows = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=g.input_ids.device)
+        rows = torch.zeros_like(reached["embed.weight"])
         rows[g.input_ids] = True
-        reached["embed.weight"] &= rows[:, None]
+        reached["embed.weight"] = rows
     for j, tokens in enumerate(g.expert_tokens):
         for name in ("gate_proj", "up_proj", "down_proj"):
-            reached[f"blocks.{j}.ffn.{name}"] &= (tokens > 0).view(-1, 1, 1)
+            reached[f"blocks.{j}.ffn.{name}"] = tokens > 0
     return reached
 
 
@@ -221,36 +217,35 @@ def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tenso
     return w * (1 - lr * decay) - lr * g / (g.abs() + ADAM_EPS)
 
 
-def _units(name: str, mask: Tensor, cfg) -> tuple[str, Tensor]:
-    """(unit kind, tensor viewed as (units, weights per unit)) for a parameter of the project's Transformer."""
+def _unit_kind(name: str, p: Tensor) -> str:
     key = name.removesuffix(".weight").split(".")[-1]
-    if mask.dim() == 1:  # a norm weight: zeroed whole or not at all
-        return "vector", mask.view(1, -1)
-    if mask.dim() == 3:  # stacked experts (E, out, in)
-        return "expert", mask.flatten(1)
+    if p.dim() == 1:
+        return "vector"
+    if p.dim() == 3:
+        return "expert"
+    return {"q_proj": "head", "k_proj": "kv head", "v_proj": "kv head", "o_proj": "head", "gate_proj": "neuron",
+            "up_proj": "neuron", "down_proj": "neuron", "router": "expert", "embed": "token row",
+            "lm_head": "token row"}.get(key, "weight")
+
+
+def _units(name: str, t: Tensor, cfg) -> Tensor:
+    """A parameter (or its gradient) viewed as (units, weights per unit), in the units of _unit_kind."""
+    key = name.removesuffix(".weight").split(".")[-1]
+    if t.dim() == 1:  # a norm weight: zeroed whole or not at all
+        return t.view(1, -1)
+    if t.dim() == 3:  # stacked experts (E, out, in)
+        return t.flatten(1)
     if key == "q_proj":
-        return "head", mask.view(cfg.n_heads, -1)
+        return t.view(cfg.n_heads, -1)
     if key in ("k_proj", "v_proj"):
-        return "kv head", mask.view(cfg.kv_heads, -1)
+        return t.view(cfg.kv_heads, -1)
     if key == "o_proj":  # (D, H * hd): a head is a block of columns
-        return "head", mask.view(mask.shape[0], cfg.n_heads, -1).transpose(0, 1).flatten(1)
-    if key in ("gate_proj", "up_proj"):
-        return "neuron", mask
+        return t.view(t.shape[0], cfg.n_heads, -1).transpose(0, 1).flatten(1)
     if key == "down_proj":
-        return "neuron", mask.t()
-    if key == "router":
-        return "expert", mask
-    if key in ("embed", "lm_head"):
-        return "token row", mask
-    return "weight", mask.reshape(-1, 1)
-
-
-def _dead_units(name: str, dead: Tensor, judged: Tensor, cfg, layout) -> DeadUnits:
-    """dead: (units,) judged units that never received gradient; judged: per weight."""
-    unit, j = _units(name, judged, cfg)
-    place, module = parameter_place(name, layout)
-    return DeadUnits(place, module, unit, dead.nonzero().flatten().tolist(), j.shape[0], int(j[dead].sum()),
-                     int(judged.sum()))
+        return t.t()
+    if key in ("gate_proj", "up_proj", "router", "embed", "lm_head"):
+        return t
+    return t.reshape(-1, 1)
 
 
 def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = TrainabilityLimits()) -> CheckResult:
