@@ -65,12 +65,16 @@ def _raw(model: nn.Module) -> nn.Module:
 
 def _pair_distances(w: Tensor) -> Tensor:
     """For w (s, units, ...): the relative distance of every unit's every pair of copies a < b, zero units skipped."""
-    w = w.flatten(2).float()
-    a, b = torch.triu_indices(w.shape[0], w.shape[0], offset=1, device=w.device)
-    norms = w.norm(dim=-1)
-    mean = (norms[a] + norms[b]) / 2
-    dist = (w[a] - w[b]).norm(dim=-1)
-    return (dist[mean > 0] / mean[mean > 0]).flatten()
+    w = w.flatten(2)
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    norms = torch.linalg.vector_norm(w, dim=-1)  # (s, units)
+    out = []
+    for a in range(w.shape[0]):
+        for b in range(a + 1, w.shape[0]):
+            mean = (norms[a] + norms[b]) / 2
+            dist = torch.linalg.vector_norm(w[a] - w[b], dim=-1)
+            out.append(dist[mean > 0] / mean[mean > 0])
+    return torch.cat(out)
 
 
 def _by_copy(w: Tensor, s: int) -> Tensor:
