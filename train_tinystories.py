@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     rt, lock = setup_runtime(req.settings.run.device), None
     try:
         lock = take_run(req, rt)
-        with StopSignals() as stop:
+        with StopSignals(at_once=f"The last complete checkpoint is intact. {resume_line(req.out_dir)}") as stop:
             return EXIT[run_pipeline(req, rt, lambda: stop.received).status]
     except (ConfigError, DataError, CheckpointError, NotEnoughSpace) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,12 +129,6 @@ def main(argv: list[str]) -> int:
             where = f"checkpoint saved: {e.checkpoint}" if e.checkpoint else "nothing new to save since the last checkpoint"
             print(f"\nStopped by {e.signal_name}; {where}.\n{resume_line(req.out_dir)}")
         return 130 if e.signal_name == "SIGINT" else 143
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once; checkpoints are written aside, so the last is whole
-        if rt.is_master:
-            last = latest_checkpoint(req.out_dir, log=lambda _: None)
-            print(f"\nStopped at once by a second Ctrl-C; last complete checkpoint: {last.path if last else 'none'}."
-                  f"\n{resume_line(req.out_dir)}")
-        return 130
     finally:
         if lock is not None:
             lock.release()

@@ -252,3 +252,19 @@ def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(tmp_path, story_fil
     from data import load_tokenizer
 
     assert len(load_tokenizer(str(run_dir / "tokenizer"))) == 512  # micro's vocabulary, not the tiny text's
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_the_last_checkpoint_is_whole(tmp_path, reference):
+    proc = start(tmp_path, resume=False)
+    deadline = time.time() + 60
+    while not list_checkpoints(str(tmp_path / "checkpoints")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert "Stopped" in out and "--resume" in out
+    assert latest_checkpoint(str(tmp_path)) is not None  # hashes verified: whole
+    resumed = start(tmp_path, resume=True)
+    assert resumed.wait(timeout=300) == 0
+    assert losses(tmp_path) == reference

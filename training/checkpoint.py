@@ -10,7 +10,6 @@ LATEST are untouched.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from config import ModelConfig
+from data.source import sha256_file
 from models import build_model
 from training.disk import PendingWrite, checkpoint_bytes, guarded_write, remove_quietly, tensor_bytes
 
@@ -54,14 +54,6 @@ class Checkpoint:
 
     def load_state(self) -> dict:
         return torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=False)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -123,7 +115,7 @@ def _write_files(directory: str, model: nn.Module, state: dict, meta: dict) -> N
         os.fsync(f.fileno())
     with open(weights, "rb+") as f:
         os.fsync(f.fileno())
-    meta = dict(meta, files={os.path.basename(p): _sha256(p) for p in (weights, training_state)})
+    meta = dict(meta, files={os.path.basename(p): sha256_file(p) for p in (weights, training_state)})
     with open(os.path.join(directory, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -142,7 +134,7 @@ def read_checkpoint(path: str, verify: bool = True) -> Checkpoint | None:
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        if verify and any(_sha256(os.path.join(path, n)) != h for n, h in meta["files"].items()):
+        if verify and any(sha256_file(os.path.join(path, n)) != h for n, h in meta["files"].items()):
             return None
         return Checkpoint(path, meta)
     except (OSError, ValueError, KeyError):

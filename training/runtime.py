@@ -73,18 +73,24 @@ def teardown_runtime(rt: Runtime) -> None:
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the training loop reads between steps (it then saves and stops)."""
+    """Turns SIGINT/SIGTERM into a flag the training loop reads between steps (it then saves and stops).
 
-    def __init__(self):
+    A second signal stops the process at once (exit 130 / 143) after printing `at_once`: checkpoints are
+    written aside and renamed, so the last complete one stays whole, and the next start clears the rest.
+    """
+
+    def __init__(self, at_once: str = ""):
         self.received: str | None = None
+        self.at_once = at_once
 
     def __enter__(self) -> "StopSignals":
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.received:
+            os.write(2, f"\nStopped at once by a second {signal.Signals(signum).name}. {self.at_once}\n".encode())
+            os._exit(130 if signum == signal.SIGINT else 143)
         self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
