@@ -14,7 +14,7 @@ from training.loop import TrainingState
 from training.pipeline import PIPELINE, RunRequest, Stage, run_pipeline, stage_index
 from training.runtime import Runtime
 from training.settings import build_settings, parse_overrides
-from transfer import detailed_growth_check, scale_bilaterally
+from transfer import detailed_growth_check, grown_config, scale_bilaterally
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +74,8 @@ def test_a_fourth_stage_is_one_entry_plus_its_settings(tmp_path, monkeypatch, ca
     def deepen(model, s, calibration):
         return scale_bilaterally(model, 1, 1, s.growth.noise_std, s.run.seed, calibration_tokens=calibration)
 
-    extra = Stage("deeper", "Phase 4: deeper MoE", "Phase 4: deeper", deepen, detailed_growth_check,
-                  lambda s: "one more block", "deeper")
+    extra = Stage("deeper", "Phase 4: deeper MoE", "Phase 4: deeper", grow=deepen, check=detailed_growth_check,
+                  describe=lambda s: "one more block", config=lambda c, s: grown_config(c, 1, 1), transition="deeper")
     monkeypatch.setattr(pipeline, "PIPELINE", PIPELINE + (extra,))
     Train4 = make_dataclass("Train4", [("deeper_steps", int, 10), ("deeper_lr", float, 1e-4)], bases=(TrainConfig,))
     s = build_settings("micro", parse_overrides(["--dense_steps=10", "--moe_steps=6", "--grown_steps=6",

@@ -145,7 +145,7 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
     assert run(tmp_path, "--noise_std=0") == 1
     settings = (tmp_path / "settings.json").read_text()
     assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--seed=9", "--noise_std=0.3"]) == 2
-    assert "cannot resume the batch stream exactly" in capsys.readouterr().err
+    assert "--seed=9: the seed (data split, batch order, noise) of an existing run cannot change" in capsys.readouterr().err
     assert (tmp_path / "settings.json").read_text() == settings
     assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--noise_std=0.3"]) == 0
 

@@ -242,9 +242,12 @@ def build_settings(preset: str | None, overrides: Overrides | None = None, saved
     overrides = overrides or {}
     if saved is not None:
         base = Settings.from_dict(saved)
-        for section, what in (("model", "the model"), ("data", "the data")):
-            if overrides.get(section):
-                given = " ".join(f"--{k}={v}" for k, v in overrides[section].items())
+        fixed = {"model": "the model", "data": "the data", "run.seed": "the seed (data split, batch order, noise)"}
+        for key, what in fixed.items():
+            section, _, name = key.partition(".")
+            given = {k: v for k, v in overrides.get(section, {}).items() if not name or k == name}
+            if given:
+                given = " ".join(f"--{k}={v}" for k, v in given.items())
                 raise ConfigError(f"{given}: {what} of an existing run cannot change on --resume; start a new run in "
                                   "another --out-dir")
     else:
