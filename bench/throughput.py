@@ -185,7 +185,7 @@ def main(argv: list[str]) -> int:
         result["speedup"][kind] = times["hf"] / times["ours"]
     print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
           f"{tokens} tokens, dim {m.dim}:")
-        for n_experts, moe_ms, dense_ms in moe_layer_costs(m.dim, m.hidden_dim, tokens, device, a.reps):
+    for n_experts, moe_ms, dense_ms in moe_layer_costs(m.dim, m.hidden_dim, tokens, device, a.reps):
         print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  ({100 * (moe_ms / dense_ms - 1):+.0f}%)")
         result["moe_layer"].append(dict(experts=n_experts, moe_ms=moe_ms, dense_ms=dense_ms))
     os.makedirs(a.out_dir, exist_ok=True)

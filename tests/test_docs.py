@@ -42,3 +42,15 @@ def test_readme_commands_name_real_files_and_options():
                 name = opt.replace("-", "_")
                 assert (name in known or f'"--{opt}"' in source or f'"--{opt.replace("_", "-")}"' in source
                         or opt in ("help",)), f"{doc}: {script} --{opt}"
+
+
+SCRIPTS = ["train_tinystories.py", "test_growth_checks.py", "export_hf.py", "bench/growth_vs_scratch.py",
+           "bench/throughput.py", "bench/growth_exactness.py", "bench/verify_cost.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and proc.stderr == "", proc.stderr[-2000:]
