@@ -20,3 +20,12 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return tokens_for()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine can be 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

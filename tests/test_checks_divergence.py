@@ -20,12 +20,7 @@ from transfer.checks.divergence import (KINDS, RAW_KINDS, DivergenceLimits, judg
 from transfer.simple_growth import scale_bilaterally
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train(model, steps: int, lr: float = 3e-4) -> None:

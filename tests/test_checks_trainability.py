@@ -69,12 +69,7 @@ def tokens() -> torch.Tensor:
     return story_tokens(4, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ the project's own growth: 2 steps needed

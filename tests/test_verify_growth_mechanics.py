@@ -984,13 +984,7 @@ def test_symmetry_check_on_ungrown_dense_model_has_nothing_to_compare(tokens):
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine can be 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -156,8 +156,9 @@ def parse_overrides(tokens: list[str]) -> Overrides:
 def settings_help() -> str:
     """Every setting grouped by section, with its default and doc (the second half of --help)."""
     lines = ["settings (config.py; --name=value, --name value, --name-with-hyphens, or --section.name):"]
+    table = settings_table()
     for section, cls in SECTIONS.items():
-        rows = [s for s in settings_table() if s.section == section]
+        rows = [s for s in table if s.section == section]
         lines.append(f"\n  {section}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}".rstrip())
         width = max(len(s.name) for s in rows) + 2
         for s in rows:
@@ -175,15 +176,17 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser for a script's own options; parse_command_line adds the settings and --help."""
-    return _ArgumentParser(description=description, epilog=epilog, add_help=False, allow_abbrev=False,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(description=description, epilog=epilog, add_help=False, allow_abbrev=False,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help, every setting included, and exit")
+    return parser
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Overrides]:
     """(the script's own options, the settings); options too take hyphens or underscores. --help prints both
     and exits 0; bad input raises ConfigError before any work."""
     if "-h" in argv or "--help" in argv:
-        print(parser.format_help().rstrip() + "\n  -h, --help   show this help and exit\n\n" + settings_help())
+        print(parser.format_help().rstrip() + "\n\n" + settings_help())
         raise SystemExit(0)
     options = {o for a in parser._actions for o in a.option_strings}
     argv = [_option_spelling(tok, options) for tok in argv]
