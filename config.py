@@ -199,7 +199,7 @@ class RunConfig:
 
 
 # Named presets: overrides on top of the dataclass defaults. `micro` is the smallest run that exercises
-# everything (tests use it); `cpu` trains readable little stories in about 15 minutes on 2 cores; `cuda`
+# everything (tests use it); `cpu` trains readable little stories in 15-45 minutes on 2 cores; `cuda`
 # is sized for one modern GPU.
 PRESETS: dict[str, dict[str, object]] = {
     "micro": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=128, seq_len=64, batch_size=8,
