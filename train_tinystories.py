@@ -38,7 +38,8 @@ EXIT = {"finished": 0, "already_finished": 0, "halted": 1}
 
 def parse(argv: list[str]) -> RunRequest:
     """The validated request, or ConfigError / DataError for any bad input (before any work)."""
-    p = make_parser(__doc__.split("\n")[0], epilog="Settings follow; e.g. --noise-std=0.2, --noise_std 0.2 or --growth.noise_std=0.2")
+    p = make_parser(__doc__.split("\n")[0],
+                    epilog="Settings follow; e.g. --noise-std=0.2, --noise_std 0.2 or --growth.noise_std=0.2")
     p.add_argument("--preset", help="micro | cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--data-files", nargs="+", help="local TinyStories .txt (<|endoftext|> separated) or .json/.jsonl")
     p.add_argument("--out-dir", help="run directory (default runs/<preset>)")
