@@ -113,7 +113,9 @@ class TrainConfig:
     A pipeline stage named X (training/pipeline.py) trains for X_steps at peak learning rate X_lr.
     """
 
-    batch_size: int = 16  # sequences per step (per process under DDP)
+    batch_size: int = 16  # sequences per micro-batch per process; a step sees batch_size x grad_accum_steps x processes
+    grad_accum_steps: int = 1  # micro-batches summed into each optimizer step (same optimisation, less memory)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
     seq_len: int = 256  # tokens per sequence, <= max_seq_len
     dense_steps: int = 1000  # optimizer steps of phase 1 (the dense model)
     moe_steps: int = 500  # optimizer steps of phase 2 (the upcycled MoE)
@@ -146,7 +148,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p: list[str] = []
         stage_steps = [f.name for f in fields(self) if f.name.endswith("_steps") and f.name != "warmup_steps"]
-        for name in ("batch_size", "seq_len", *stage_steps, "eval_interval", "eval_batches", "log_interval",
+        for name in ("batch_size", "grad_accum_steps", "seq_len", *stage_steps, "eval_interval", "eval_batches", "log_interval",
                      "checkpoint_interval"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -192,10 +194,19 @@ class RunConfig:
     seed: int = 1337  # one seed for the run: init, data order, growth noise, routers, samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the training model (CUDA)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast, CPU too) | fp32
+    tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tensorboard (pip install tensorboard)
 
     def __post_init__(self) -> None:
+        p: list[str] = []
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"invalid RunConfig: device={self.device!r} must be auto, cpu, cuda or cuda:N")
+            p.append(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        _raise_if(p, "RunConfig")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # Named presets: overrides on top of the dataclass defaults. `micro` is the smallest run that exercises
