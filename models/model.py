@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
 from models.moe import MoEFeedForward
@@ -134,6 +135,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # A training choice, not architecture: growth, checkpoints and export never see it.
+        self.activation_checkpointing = False  # recompute each block in backward instead of keeping its activations
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -156,8 +159,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(tokens)
         hidden_states, router_logits = [x], []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x, logits = block(x, self.rope_cos, self.rope_sin)
+            if recompute:  # keeps only the block's input; non-reentrant: works with compile, DDP and autocast
+                x, logits = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x, logits = block(x, self.rope_cos, self.rope_sin)
             hidden_states.append(x)
             if logits is not None:
                 router_logits.append(logits)

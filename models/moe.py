@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Combine weights (N, k), renormalised to sum to 1, and chosen expert ids (N, k)."""
-    probs = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)).softmax(dim=-1)
+    probs = _at_least_fp32(router_logits).softmax(dim=-1)
     weights, experts = probs.topk(top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
@@ -29,14 +29,18 @@ def expert_load(router_logits: Tensor, top_k: int) -> Tensor:
 def load_balancing_loss(router_logits: Tensor, top_k: int) -> Tensor:
     """Switch balance loss E * sum_i f_i * P_i, normalised so perfect balance reads 1.0 (Megatron's scale)."""
     n_experts = router_logits.shape[-1]
-    probs = router_logits.float().softmax(dim=-1)
-    frac_assigned = expert_load(router_logits, top_k).float() / (router_logits.shape[0] * top_k)
+    probs = _at_least_fp32(router_logits).softmax(dim=-1)
+    frac_assigned = expert_load(router_logits, top_k).to(probs.dtype) / (router_logits.shape[0] * top_k)
     return n_experts * (frac_assigned * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(router_logits: Tensor) -> Tensor:
     """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE)."""
-    return router_logits.float().logsumexp(dim=-1).square().mean()
+    return _at_least_fp32(router_logits).logsumexp(dim=-1).square().mean()
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def load_entropy(counts: Tensor) -> float:

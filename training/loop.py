@@ -1,6 +1,7 @@
 """The training loop, written once and called for each phase."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from config import TrainConfig
 from models import load_balancing_loss, router_z_loss
+from models.moe import expert_load, load_entropy
 from training.runtime import Runtime
 
 
@@ -52,6 +54,8 @@ class TrainingState:
     global_step: int = 0  # steps completed over all phases
     eval_losses: dict[str, float] = field(default_factory=dict)  # final eval loss of each finished phase
     data_position: dict = field(default_factory=dict)  # TokenBatches.state_dict() after the last step
+    tokens: int = 0  # tokens trained over all phases, all processes
+    flops: float = 0.0  # training FLOPs over all phases, all processes (Transformer.flops_per_token)
 
     def begin(self, phase: str) -> None:
         self.phase, self.step, self.phase_done = phase, 0, False
@@ -59,12 +63,18 @@ class TrainingState:
     def state_dict(self) -> dict:
         return {"phase": self.phase, "step": self.step, "phase_done": self.phase_done,
                 "global_step": self.global_step, "eval_losses": dict(self.eval_losses),
-                "data_position": dict(self.data_position)}
+                "data_position": dict(self.data_position), "tokens": self.tokens, "flops": self.flops}
 
     def load_state_dict(self, d: dict) -> None:
         self.phase, self.step, self.phase_done = d["phase"], int(d["step"]), bool(d["phase_done"])
         self.global_step, self.eval_losses = int(d["global_step"]), dict(d["eval_losses"])
         self.data_position = dict(d.get("data_position", {}))
+        self.tokens, self.flops = int(d.get("tokens", 0)), float(d.get("flops", 0.0))
+
+    def progress(self, train_tokens: int | None) -> dict:
+        """tokens, flops and epochs (over train_tokens, when known) for a metrics record."""
+        epochs = self.tokens / train_tokens if train_tokens else None
+        return {"tokens": self.tokens, "flops": self.flops, "epochs": epochs}
 
 
 @dataclass
@@ -82,6 +92,13 @@ class PhaseRun:
     # At each eval: watch(model, state) -> (extra fields of the eval record, e.g. clone_divergence; a reason to
     # halt or None). A halt saves the step and raises TrainingHalted.
     watch: Callable[[nn.Module, "TrainingState"], tuple[dict, str | None]] | None = None
+    peak_flops: float | None = None  # one process's peak FLOP/s at the run's precision, for MFU (None: unknown)
+
+    @property
+    def train_tokens(self) -> int | None:
+        """Tokens in the training stream (one epoch), when the batches know it."""
+        tokens = getattr(self.batches, "tokens", None)
+        return len(tokens) if tokens is not None else None
 
 
 def lr_at(step: int, steps: int, lr: float, tc: TrainConfig, decays: bool = True) -> float:
@@ -109,15 +126,25 @@ def make_optimizer(model: nn.Module, lr: float, tc: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2))
 
 
-def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token cross-entropy, total objective including the MoE balance and z losses)."""
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
+            stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy, total objective including the MoE balance and z losses). With stats, also
+    stats["balance"]: the balance loss averaged over MoE layers (detached; 1.0 is perfect balance)."""
     out = model(x, return_details=True)
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-    total = loss
+    loss = F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), y.flatten())
+    total, balances = loss, []
     for logits in out.router_logits:
-        top_k = _config(model).top_k
-        total = total + tc.balance_coef * load_balancing_loss(logits, top_k) + tc.z_coef * router_z_loss(logits)
+        balance = load_balancing_loss(logits, _config(model).top_k)
+        total = total + tc.balance_coef * balance + tc.z_coef * router_z_loss(logits)
+        balances.append(balance.detach())
+    if stats is not None and balances:
+        stats["balance"] = torch.stack(balances).mean()
     return loss, total
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 logits are upcast for the softmax; a float64 model (the equality tests) keeps float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _config(model: nn.Module):
@@ -126,12 +153,32 @@ def _config(model: nn.Module):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list, rt: Runtime) -> float:
-    total = 0.0
+    """Mean next-token cross-entropy over the held-out batches."""
+    return evaluate_details(model, batches, rt)[0]
+
+
+@torch.no_grad()
+def evaluate_details(model: nn.Module, batches: list, rt: Runtime) -> tuple[float, dict | None]:
+    """(mean cross-entropy, routing over the batches or None for a dense model): routing holds, per MoE layer,
+    each expert's fraction of the top-k assignments, the load entropy (1 = balanced) and the dead experts."""
+    total, counts = 0.0, None
     for x, y in batches:
         with rt.autocast():
-            logits = model(x.to(rt.device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(rt.device).flatten()).item()
-    return total / len(batches)
+            out = model(x.to(rt.device), return_details=True)
+        total += F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), y.to(rt.device).flatten()).item()
+        if out.router_logits:
+            top_k = _config(model).top_k
+            layer_counts = torch.stack([expert_load(logits, top_k) for logits in out.router_logits]).cpu()
+            counts = layer_counts if counts is None else counts + layer_counts
+    return total / len(batches), None if counts is None else routing_record(counts)
+
+
+def routing_record(counts: torch.Tensor) -> dict:
+    """counts (layers, experts) of assignments -> the eval record's routing fields."""
+    fractions = counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return {"load": [[round(f, 6) for f in row] for row in fractions.tolist()],
+            "entropy": [round(load_entropy(row), 6) for row in counts],
+            "dead": [int((row == 0).sum()) for row in counts]}
 
 
 def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
@@ -149,15 +196,23 @@ def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
 def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingState | None = None,
                 optimizer_state: dict | None = None) -> TrainingState:
     """Train `model` (raw, on the run's device) from state.step to the phase's end; return the state, whose
-    eval_losses then hold the phase's final eval loss. A fresh state (None) starts the phase at step 0."""
+    eval_losses then hold the phase's final eval loss. A fresh state (None) starts the phase at step 0.
+
+    Each optimizer step sums the gradients of grad_accum_steps micro-batches of batch_size sequences, each
+    loss divided by their number, so it equals one step over the whole batch for the cross-entropy and the
+    z-loss; the balance loss is computed per micro-batch and averaged (as Megatron-LM does)."""
     rt, tc = run.rt, run.train
     if state is None:
         state = TrainingState()
         state.begin(phase.name)
+    model.activation_checkpointing = tc.activation_checkpointing
     net = _wrap(model, run)
     opt = make_optimizer(model, phase.lr, tc)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
+    k = tc.grad_accum_steps
+    tokens_per_step = tc.batch_size * tc.seq_len * k * rt.world_size
+    flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
     nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
     start_step = state.step
     t_last, last_logged = time.perf_counter(), start_step
@@ -168,16 +223,14 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = run.batches.next()
-        with rt.autocast():
-            loss, total = lm_loss(net, x.to(rt.device), y.to(rt.device), tc)
-        total.backward()
-        nonfinite |= ~torch.isfinite(total.detach())
+        loss, total, balance = _accumulate_gradients(net, run, k)
+        nonfinite |= ~torch.isfinite(total)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state.step, state.global_step = step + 1, state.global_step + 1
+        state.tokens, state.flops = state.tokens + tokens_per_step, state.flops + flops_per_step
         state.data_position = run.batches.state_dict()
         done = step + 1 == phase.steps
         due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
@@ -186,21 +239,27 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
             raise TrainingDiverged(f"loss became {total.item()} at {phase.name} step {step + 1}")
         if due[0]:
             now = time.perf_counter()
-            ms, t_last, last_logged = 1000 * (now - t_last) / (step + 1 - last_logged), now, step + 1
-            value = loss.item()
+            steps, seconds = step + 1 - last_logged, now - t_last
+            t_last, last_logged = now, step + 1
+            record = _throughput(steps, seconds, tokens_per_step, flops_per_step, run)
+            record.update(loss=loss.item(), lr=lr, **state.progress(run.train_tokens))
+            if balance is not None:
+                record["balance"] = balance.item()
             if rt.is_master:
-                bar.write(f"step {step + 1} | loss {value:.4f} | lr {lr:.2e} | {ms:.0f} ms/step")
+                bar.write(_train_line(step + 1, record))
             run.log.write(kind="train", phase=phase.name, step=step + 1, global_step=state.global_step,
-                          loss=value, lr=lr, time=time.time())
+                          time=time.time(), **record)
         if due[1]:
-            eval_loss = evaluate(model, run.val_batches, rt)
+            eval_loss, routing = evaluate_details(model, run.val_batches, rt)
             if rt.is_master:
                 bar.write(f"step {step + 1} | eval loss {eval_loss:.4f}")
             if done:
                 state.eval_losses[phase.name] = eval_loss
             extra, halt_reason = run.watch(model, state) if run.watch else ({}, None)
+            if routing is not None:
+                extra["routing"] = routing
             run.log.write(kind="eval", phase=phase.name, step=step + 1, global_step=state.global_step,
-                          loss=eval_loss, time=time.time(), **extra)
+                          loss=eval_loss, time=time.time(), **state.progress(run.train_tokens), **extra)
         state.phase_done = done
         if due[2] or halt_reason:  # a halt keeps the steps done: resuming with the fix loses nothing
             run.save(model, opt, state)
@@ -208,6 +267,54 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
             raise TrainingHalted(halt_reason)
     bar.close()
     return state
+
+
+def _accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward over k micro-batches (DDP reduces gradients only on the last); the mean cross-entropy, mean
+    objective and mean balance loss (None for a dense model), all detached and left on the device."""
+    rt, tc = run.rt, run.train
+    loss_sum = total_sum = balance_sum = None
+    for micro in range(k):
+        x, y = run.batches.next()
+        stats: dict = {}
+        last = micro == k - 1
+        with contextlib.nullcontext() if last or not rt.distributed else net.no_sync():
+            with rt.autocast():
+                loss, total = lm_loss(net, x.to(rt.device), y.to(rt.device), tc, stats)
+            (total / k).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        total_sum = total.detach() if total_sum is None else total_sum + total.detach()
+        if "balance" in stats:
+            balance_sum = stats["balance"] if balance_sum is None else balance_sum + stats["balance"]
+    return loss_sum / k, total_sum / k, None if balance_sum is None else balance_sum / k
+
+
+def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step: float, run: PhaseRun) -> dict:
+    """Speed over the steps since the last log line: ms/step, tokens/s (all processes and each), MFU."""
+    seconds = max(seconds, 1e-9)
+    world = run.rt.world_size
+    tokens_per_s = steps * tokens_per_step / seconds
+    mfu = steps * flops_per_step / seconds / (run.peak_flops * world) if run.peak_flops else None
+    return {"ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_process": tokens_per_s / world, "mfu": mfu}
+
+
+def _train_line(step: int, r: dict) -> str:
+    parts = [f"step {step}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"{r['ms_per_step']:.0f} ms/step",
+             f"{_si(r['tokens_per_s'])} tok/s"]
+    if r["mfu"] is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    seen = f"{_si(r['tokens'])} tokens"
+    parts.append(seen + (f" ({r['epochs']:.2f} epochs)" if r["epochs"] is not None else ""))
+    return " | ".join(parts)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int) -> None:

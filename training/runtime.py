@@ -10,12 +10,20 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """bf16 or fp32: "auto" is bf16 autocast on CUDA and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
 @dataclass
 class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    precision: str = "auto"  # RunConfig.precision; resolved for the device by .autocast_dtype
 
     @property
     def is_master(self) -> bool:
@@ -27,7 +35,8 @@ class Runtime:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" else None  # CPU trains in fp32
+        """bf16 autocast (weights, gradients and optimizer stay fp32), or None for plain fp32."""
+        return torch.bfloat16 if resolve_precision(self.precision, self.device.type) == "bf16" else None
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -47,7 +56,7 @@ class Runtime:
         return bool(t.item())
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
+def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Pick the device; under torchrun (RANK/WORLD_SIZE set) join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -64,7 +73,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, world_size, local_rank)
+    return Runtime(dev, rank, world_size, local_rank, precision)
 
 
 def teardown_runtime(rt: Runtime) -> None:
