@@ -38,6 +38,8 @@ from transfer.checks.results import FIX_SYMMETRY, CheckResult
 KINDS = ("attention_heads", "ffn_neurons", "residual")
 RAW_KINDS = ("attention_heads_raw", "ffn_neurons_raw")
 NAME = "Clone divergence"
+Q_LATEST = "lowest latest clone divergence over kinds"  # >= floor, once min_evals records are in
+Q_RELOCK = "lowest latest / running-maximum clone divergence of a re-locking kind"  # >= relock_fraction
 FIX_STALLED = f"the clones never started to move apart: {FIX_SYMMETRY}"
 FIX_RELOCK = ("the clones are converging again: lower phase 3's weight decay or learning rate (they shrink the "
               "differences the noise started faster than training grows them), or raise noise_std at growth")
@@ -146,23 +148,31 @@ def judge_clone_divergence(history: list[dict[str, float]], limits: DivergenceLi
     keys (step, phase, ...) ignored; the verdict's metrics hold each kind's latest figure and maximum."""
     kinds = [k for k in KINDS if history and k in history[-1]]
     if not kinds:
-        return CheckResult(NAME, True, "no clone-divergence records with cloned units to judge", {"evals": len(history)})
+        return CheckResult(NAME, True, "no clone-divergence records with cloned units to judge", {"evals": len(history)},
+                           quantity="clone-divergence records: none")
     metrics: dict = {"evals": len(history), "latest": {}, "peak": {}, "limits": limits.__dict__.copy()}
-    stalled, relocking = [], []
+    stalled, relocking, ratios, judged = [], [], [], []  # judged: latest figures the floor rule applies to
     for k in kinds:
         values = [h[k] for h in history if k in h]
         latest, peak = values[-1], max(values)
         metrics["latest"][k], metrics["peak"][k] = latest, peak
+        if len(values) >= limits.min_evals:
+            judged.append(latest)
         if len(values) >= limits.min_evals and latest < limits.floor:
             stalled.append(f"{k} {latest:.2e} after {len(values)} evals (floor {limits.floor:.0e})")
         elif peak >= limits.floor and latest < limits.relock_fraction * peak:
             relocking.append(f"{k} fell to {latest:.3g} from its maximum {peak:.3g} (limit {limits.relock_fraction:g} "
                              f"x maximum)")
+            ratios.append(latest / peak)
+    # Before min_evals records the floor does not apply yet: the figure is shown without a limit.
+    lowest = min(judged or metrics["latest"].values())
+    latest = dict(quantity=Q_LATEST, value=lowest, limit=limits.floor if judged else None, higher_is_better=True)
     if stalled:
         msg = f"cloned units have not diverged: {'; '.join(stalled)}."
-        return CheckResult(NAME, False, f"{msg} Fix: {FIX_STALLED}.", metrics, FIX_STALLED)
+        return CheckResult(NAME, False, f"{msg} Fix: {FIX_STALLED}.", metrics, FIX_STALLED, **latest)
     if relocking:
         msg = f"cloned units are re-locking: {'; '.join(relocking)}."
-        return CheckResult(NAME, False, f"{msg} Fix: {FIX_RELOCK}.", metrics, FIX_RELOCK)
+        return CheckResult(NAME, False, f"{msg} Fix: {FIX_RELOCK}.", metrics, FIX_RELOCK, quantity=Q_RELOCK,
+                           value=min(ratios), limit=limits.relock_fraction, higher_is_better=True)
     figures = ", ".join(f"{k} {metrics['latest'][k]:.3g} (max {metrics['peak'][k]:.3g})" for k in kinds)
-    return CheckResult(NAME, True, f"clones keep diverging after {len(history)} evals: {figures}", metrics)
+    return CheckResult(NAME, True, f"clones keep diverging after {len(history)} evals: {figures}", metrics, **latest)

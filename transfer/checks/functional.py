@@ -13,6 +13,7 @@ from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, requi
 from transfer.checks.results import FIX_FUNCTIONAL, CheckResult, norm_fix
 
 NAME = "Functional equivalence"
+QUANTITY = "max relative drift of hidden states and logits from the old model's"  # limit: <= tolerance
 
 # What to look at, by the first drifting place (the section-4 table of GROWTH_VERIFICATION.md, one line each).
 STAGE_FIX = {
@@ -87,9 +88,11 @@ def judge_functional(stats: FunctionalStats, limits: FunctionalLimits = Function
     metrics = {"layer_drift": stats.drifts, "max_drift": max(values), "logits_drift": stats.drifts["logits"],
                "first_bad_layer": None if first is None else stats.labels[first],
                "first_bad_stage": None, "stage_drift": stats.stages}
+    headline = dict(quantity=QUANTITY, value=metrics["max_drift"], limit=tol)
     if first is None:
         return CheckResult(NAME, True, f"{stats.n_blocks} blocks and logits match the old model: max relative drift "
-                           f"{metrics['max_drift']:.1e} (limit {tol:.0e}), logits {stats.drifts['logits']:.1e}", metrics)
+                           f"{metrics['max_drift']:.1e} (limit {tol:.0e}), logits {stats.drifts['logits']:.1e}", metrics,
+                           **headline)
     where, why = stats.labels[first], ""
     if first == 0:
         fix = f"{STAGE_FIX['embedding']}; {FIX_FUNCTIONAL}"
@@ -109,7 +112,7 @@ def judge_functional(stats: FunctionalStats, limits: FunctionalLimits = Function
     msg = (f"the grown model's hidden state first departs from the old one's at {where}: relative drift "
            f"{values[first]:.2e} (limit {tol:.0e}; every layer before it is within the limit); logits drift "
            f"{stats.drifts['logits']:.2e}.{why}{changes} Fix: {fix}.")
-    return CheckResult(NAME, False, msg, metrics, fix)
+    return CheckResult(NAME, False, msg, metrics, fix, **headline)
 
 
 def check_functional_equivalence(old_model: nn.Module, new_model: nn.Module, tokens: Tensor,

@@ -43,7 +43,8 @@ def rejected_pair(name: str, old: nn.Module, new: nn.Module) -> CheckResult | No
     problem = pair_problem(old.config, new.config)
     if problem is None:
         return None
-    return CheckResult(name, False, f"not a grown pair: {problem}. Fix: {FIX_PAIR}.", {"problem": problem}, FIX_PAIR)
+    return CheckResult(name, False, f"not a grown pair: {problem}. Fix: {FIX_PAIR}.", {"problem": problem}, FIX_PAIR,
+                       quantity="old and new configs form a grown pair")  # a yes/no: no figure, no limit
 
 
 def config_changes(oc, nc) -> list[str]:

@@ -2,6 +2,7 @@
 fix text the checks give, in one place so the summary, the pipeline and the tests name the same words."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 FIX_ROPE = "heads must scale with width: multiply n_heads (and n_kv_heads) by the scale factor, keep head_dim and rope_theta"
@@ -38,9 +39,38 @@ class CheckResult:
     metrics: dict = field(default_factory=dict)
     fix: str = ""
     consequence_of: str | None = None
+    # The headline figure: what decided the verdict when failed, the main criterion when passed. Passing means
+    # value <= limit (a drift, a count of bad units), or value >= limit when higher_is_better (an entropy, a
+    # gradient difference). None where no figure applies (a rejected pair, nothing to compare).
+    quantity: str = ""  # what value measures, e.g. "max attention-probability drift of cloned heads"
+    value: float | None = None
+    limit: float | None = None
+    higher_is_better: bool = False
 
     def __str__(self) -> str:
         return f"{'✓ PASSED' if self.passed else '✗ FAILED'}  {self.name}: {self.message}"
+
+    def within_limit(self) -> bool | None:
+        """value against limit in the check's direction; None when either is missing."""
+        if self.value is None or self.limit is None:
+            return None
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+    def to_record(self) -> dict:
+        """A JSON-serialisable dict for metrics.jsonl: plain floats, NaN and infinities as null."""
+        return {"name": self.name, "passed": bool(self.passed), "message": self.message, "quantity": self.quantity,
+                "value": _json_float(self.value), "limit": _json_float(self.limit),
+                "higher_is_better": bool(self.higher_is_better), "fix": self.fix,
+                "consequence_of": self.consequence_of}
+
+
+def _json_float(x) -> float | None:
+    """A Python float from a float, int, 0-d tensor or numpy scalar; None for None and non-finite values
+    (strict JSON has no NaN or Infinity)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 @dataclass

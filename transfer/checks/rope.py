@@ -13,6 +13,8 @@ from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, requi
 from transfer.checks.results import FIX_FUNCTIONAL, FIX_ROPE, CheckResult, norm_fix
 
 NAME = "RoPE integrity"
+QUANTITY = "max drift of cloned heads' attention probabilities and of the RoPE tables"  # limit: <= tolerance
+QUANTITY_CONFIG = "RoPE config fields changed (head_dim, head counts, theta)"  # limit: 0
 
 
 @dataclass(frozen=True)
@@ -101,40 +103,42 @@ def judge_rope(stats: RopeStats, limits: RopeLimits = RopeLimits()) -> CheckResu
                "new_n_heads": stats.new_heads[0], "scale_factor": stats.scale_factor}
     problems = stats.config_problems()
     if problems:
-        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {FIX_ROPE}.", metrics, FIX_ROPE)
+        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {FIX_ROPE}.", metrics, FIX_ROPE,
+                           quantity=QUANTITY_CONFIG, value=len(problems), limit=0)
     worst = max(stats.blocks, key=lambda b: b.drift, default=None)
     worst_far = max((b.drift_far for b in stats.blocks), default=0.0)
+    headline = dict(quantity=QUANTITY, value=max(stats.table_drift, worst.drift if worst else 0.0), limit=tol)
     metrics.update(rope_table_drift=stats.table_drift, max_attention_prob_drift=worst.drift if worst else 0.0,
                    max_attention_prob_drift_far=worst_far, seq_len=stats.seq_len,
                    max_input_drift=max((b.input_drift for b in stats.blocks), default=0.0))
     if stats.table_drift > tol:
         msg = f"RoPE cos/sin tables differ by {stats.table_drift:.2e} (limit {tol:.0e})."
-        return CheckResult(NAME, False, f"{msg} Fix: {FIX_ROPE}.", metrics, FIX_ROPE)
+        return CheckResult(NAME, False, f"{msg} Fix: {FIX_ROPE}.", metrics, FIX_ROPE, **headline)
     failing = [b for b in stats.blocks if b.drift > tol]
     if not failing:
         drift = worst.drift if worst else 0.0
         return CheckResult(NAME, True, f"head_dim {stats.new_heads[2]} kept, heads {stats.old_heads[0]}->"
                            f"{stats.new_heads[0]}, theta {stats.new_theta:g}; attention probabilities of cloned heads "
-                           f"match over {stats.seq_len} positions within {drift:.1e} (limit {tol:.0e})", metrics)
+                           f"match over {stats.seq_len} positions within {drift:.1e} (limit {tol:.0e})", metrics, **headline)
     own = [b for b in failing if b.input_drift <= tol]
     if not own:  # every drifting block already gets a drifting input: the norm, not RoPE
-        return _consequence(failing[0], stats.config_changes, tol, metrics)
+        return _consequence(failing[0], stats.config_changes, tol, metrics, headline)
     b = max(own, key=lambda b: b.drift)
     fix = (f"{FIX_ROPE}; the head layout and RoPE settings are right here, so look at that block's q/k "
            f"projections and attention norm ({FIX_FUNCTIONAL})")
     msg = (f"cloned heads attend differently from their source heads: attention probabilities drift by {b.drift:.2e} "
            f"at off-diagonal positions (limit {tol:.0e}), worst in {b.label}; {worst_far:.2e} at query positions "
            f">= {stats.seq_len // 2}.")
-    return CheckResult(NAME, False, f"{msg} Fix: {fix}.", metrics, fix)
+    return CheckResult(NAME, False, f"{msg} Fix: {fix}.", metrics, fix, **headline)
 
 
-def _consequence(b: BlockAttention, changes: list[str], tol: float, metrics: dict) -> CheckResult:
+def _consequence(b: BlockAttention, changes: list[str], tol: float, metrics: dict, headline: dict) -> CheckResult:
     fix = norm_fix(changes)
     where = f"{b.label} attention_norm"
     msg = (f"attention probabilities drift by {b.drift:.2e} (limit {tol:.0e}) in {b.label}, but that block's input "
            f"already drifts: its attention_norm output differs by {b.input_drift:.2e} relative (limit {tol:.0e}). "
            f"A consequence of the drift at {where}, not a RoPE fault. Fix: {fix}.")
-    return CheckResult(NAME, False, msg, metrics, fix, consequence_of=where)
+    return CheckResult(NAME, False, msg, metrics, fix, consequence_of=where, **headline)
 
 
 def check_rope_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Tensor | None = None,

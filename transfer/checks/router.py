@@ -16,6 +16,12 @@ from transfer.checks.results import (FIX_COLLAPSE, FIX_INSERTED_COLLAPSE, FIX_RE
                                      CheckResult, norm_fix)
 
 NAME = "Router integrity"
+# Headline figures; the limit of each is in the comment, and the one reported is the first criterion that fails.
+Q_DRIFT = "max router-logit drift relative to |w_e||x_t|"  # <= tolerance
+Q_TOPK = "tokens whose top-k experts changed (near-ties excluded)"  # <= 0
+Q_LOAD = "per-expert load difference beyond near-ties, in tokens"  # <= 0
+Q_ENTROPY = "lowest per-layer load entropy, as a fraction of ln E"  # >= min_load_entropy
+Q_DEAD = "most experts without a token in one layer"  # <= max_dead_fraction * E
 RELABEL_TOKENS = 64  # tokens on which expert functions are compared when looking for a relabelling
 
 
@@ -153,7 +159,7 @@ def judge_router(stats: RouterStats, limits: RouterLimits = RouterLimits()) -> C
     """Collapse (with its cause: inherited, inserted block, or growth) and routing agreement; a disagreement
     whose router input already drifts is reported as that drift's consequence."""
     if not stats.is_moe:
-        return CheckResult(NAME, True, "new model is dense: no router to check")
+        return CheckResult(NAME, True, "new model is dense: no router to check", quantity="routers: none (dense)")
     tol, E = limits.tolerance, stats.n_experts
     entropies, dead = [b.entropy for b in stats.balance], [b.dead for b in stats.balance]
     metrics = {"min_load_entropy": min(entropies), "max_dead_experts": max(dead), "n_experts": E}
@@ -185,10 +191,32 @@ def judge_router(stats: RouterStats, limits: RouterLimits = RouterLimits()) -> C
                             f"relative (limit {tol:.0e}). A consequence of the drift at {cause}, not a router fault.")
         compared = (f"logits match within {drift:.1e} (limit {tol:.0e}), 100% top-{stats.top_k} agreement, "
                     f"identical per-expert load" + _relabel_note(r))
+    headline = _headline(stats, limits)
     if problems:
-        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix, cause)
+        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix, cause, **headline)
     ok = f"{compared}; balance: load entropy >= {min(entropies):.2f} of ln(E), {max(dead)} dead expert(s) of {E}"
-    return CheckResult(NAME, True, ok, metrics)
+    return CheckResult(NAME, True, ok, metrics, **headline)
+
+
+def _headline(stats: RouterStats, limits: RouterLimits) -> dict:
+    """The first failing criterion in the order the verdict reports them (collapse, then agreement), else the
+    main one: logit drift when routing was compared, load entropy when the old model was dense."""
+    entropy = min(b.entropy for b in stats.balance)
+    balance = dict(quantity=Q_ENTROPY, value=entropy, limit=limits.min_load_entropy, higher_is_better=True)
+    if entropy < limits.min_load_entropy:
+        return balance
+    dead = max(b.dead for b in stats.balance)
+    if dead > limits.max_dead_fraction * stats.n_experts:
+        return dict(quantity=Q_DEAD, value=dead, limit=limits.max_dead_fraction * stats.n_experts)
+    if not stats.routing:
+        return balance
+    r, tol = stats.routing, limits.tolerance
+    drift = dict(quantity=Q_DRIFT, value=max(b.logit_drift for b in r), limit=tol)
+    if drift["value"] > tol or all(b.agrees(tol) for b in r):
+        return drift
+    if any(b.topk_disagreements for b in r):
+        return dict(quantity=Q_TOPK, value=sum(b.topk_disagreements for b in r), limit=0)
+    return dict(quantity=Q_LOAD, value=max(b.load_difference - b.near_ties for b in r), limit=0)
 
 
 def _collapsed(entropy: float, dead: int, E: int, limits: RouterLimits) -> bool:

@@ -15,6 +15,13 @@ from transfer.checks.results import FIX_COLLAPSE, FIX_SYMMETRY, CheckResult
 
 NAME = "Symmetry breaking"
 FIX_SCALE = "pass the scale factor the model was grown by"
+# Headline figures; the limit of each is in the comment, and the one reported is the first criterion that fails.
+Q_SMALLEST = "smallest relative gradient difference of cloned unit pairs"  # >= identical_below
+Q_MEDIAN = "median relative gradient difference of cloned unit pairs"  # >= min_relative_difference
+Q_TWINS = "pairs of identical experts with identical gradients"  # <= 0
+Q_TESTED = "cloned unit pairs that received gradient"  # >= 1
+Q_EXPERTS = "smallest relative gradient difference of identical experts"  # >= identical_below
+Q_NONE = "cloned units or identical experts to compare: none"  # nothing measured, no limit
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,8 @@ def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits
     """No pair identical up to rounding, the median pair's difference at least min_relative_difference,
     identical experts told apart, and something tested at all when the width grew."""
     if not stats.has_clones:
-        return CheckResult(NAME, True, "width unchanged and no experts: no cloned units to compare")
+        return CheckResult(NAME, True, "width unchanged and no experts: no cloned units to compare",
+                           quantity=Q_NONE)
     # "Identical" = equal up to rounding: pure clones differ by 0 to ~1e-16 in float64. A threshold on each
     # pair's difference would be wrong the other way: among thousands of noisy pairs a few differ little by
     # chance, so the noise strength is judged on the median pair instead.
@@ -154,9 +162,28 @@ def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits
             fix = FIX_COLLAPSE
     if tested == 0 and stats.scale_factor > 1:
         problems.append("no gradient reached any cloned unit, so symmetry breaking cannot be shown.")
+    headline = _headline(stats, r, twins, identical_below, min_rel)
     if problems:
-        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix)
-    return CheckResult(NAME, True, _ok_message(stats, r, median, min_rel), metrics)
+        return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix, **headline)
+    return CheckResult(NAME, True, _ok_message(stats, r, median, min_rel), metrics, **headline)
+
+
+def _headline(stats: SymmetryStats, r: Tensor, twins: list[str], identical_below: float, min_rel: float) -> dict:
+    """The first failing criterion in the order the verdict reports them, else the main one that applies."""
+    if len(r):
+        smallest = r.min().item()
+        if smallest < identical_below:
+            return dict(quantity=Q_SMALLEST, value=smallest, limit=identical_below, higher_is_better=True)
+        if r.median().item() < min_rel or not twins:
+            return dict(quantity=Q_MEDIAN, value=r.median().item(), limit=min_rel, higher_is_better=True)
+    if twins:
+        return dict(quantity=Q_TWINS, value=len(twins), limit=0)
+    if stats.scale_factor > 1:
+        return dict(quantity=Q_TESTED, value=0, limit=1, higher_is_better=True)
+    if stats.expert_pairs:
+        return dict(quantity=Q_EXPERTS, value=min(rel for _, rel in stats.expert_pairs), limit=identical_below,
+                    higher_is_better=True)
+    return dict(quantity=Q_NONE)
 
 
 def _ok_message(stats: SymmetryStats, r: Tensor, median: float | None, min_rel: float) -> str:
@@ -192,7 +219,8 @@ def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: i
     """The verdict for width factor s from gradients of the objective (None when there is nothing to compare)."""
     problem = scale_problem(model, s)
     if problem:
-        return CheckResult(NAME, False, f"{problem}. Fix: {FIX_SCALE}.", {"scale_factor": s}, FIX_SCALE)
+        return CheckResult(NAME, False, f"{problem}. Fix: {FIX_SCALE}.", {"scale_factor": s}, FIX_SCALE,
+                           quantity="scale factor divides the model's widths")  # a yes/no: no figure, no limit
     if s == 1 and not model.config.is_moe:
         return judge_symmetry(SymmetryStats(1, 0.0, has_clones=False), limits)
     return judge_symmetry(measure_symmetry(model, gradients, s), limits)

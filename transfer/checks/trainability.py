@@ -27,6 +27,7 @@ from transfer.checks.pair import copy_model, require_tokens
 from transfer.checks.results import FIX_TRAINABILITY, CheckResult
 
 NAME = "Trainability"
+QUANTITY = "weights the batch reached that never receive gradient"  # limit: <= max_dead_weights
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which training.loop.make_optimizer keeps
 
 
@@ -262,6 +263,7 @@ def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = Tr
                "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None),
                "weakest_unit_gradient": stats.weakest_unit}
     idle = _idle_note(stats)
+    headline = dict(quantity=QUANTITY, value=dead, limit=limits.max_dead_weights)
     if dead > limits.max_dead_weights:
         places = dict.fromkeys(d.place for d in stats.dead)  # in model order
         listed = "; ".join(f"{p}: " + ", ".join(d.describe() for d in stats.dead if d.place == p) for p in places)
@@ -269,14 +271,14 @@ def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = Tr
                f"gradient at most {stats.zero_below:.1e} of the model's; limit {limits.max_dead_weights} such weights), so "
                f"training cannot move them and weight decay holds them where they are: {listed}.{idle} "
                f"Fix: {FIX_TRAINABILITY}.")
-        return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY)
+        return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY, **headline)
     later = (f", the other {alive_after[-1] - alive_after[0]} after {stats.steps - 1} AdamW step(s) (lr {stats.lr:g})"
              if stats.steps > 1 else "")
     weakest = ("" if stats.weakest_unit is None else f"; the weakest unit's RMS gradient is {stats.weakest_unit:.1e} "
                f"of the model's (none at or below {stats.zero_below:.0e})")
     ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): {alive_after[0]} at "
           f"step 1{later}{weakest}.{idle}")
-    return CheckResult(NAME, True, ok, metrics)
+    return CheckResult(NAME, True, ok, metrics, **headline)
 
 
 def _idle_note(stats: TrainabilityStats) -> str:
