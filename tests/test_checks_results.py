@@ -137,7 +137,8 @@ def broken_growths(old, good):
     perturbed = copy.deepcopy(good)
     with torch.no_grad():
         for p in perturbed.blocks[2].parameters():
-            p.add_(1e-3 * p.detach().pow(2).mean().sqrt() * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+            p.add_(1e-3 * p.detach().pow(2).mean().sqrt() * noise)
     dead = copy.deepcopy(good)
     with torch.no_grad():
         dead.blocks[1].ffn.up_proj[2] = 0  # with its zero down_proj: an expert that never gets gradient
