@@ -1,0 +1,513 @@
+"""A plan before any work: per phase, its parameters, tokens, FLOPs, epochs, peak memory, checkpoint size and time.
+
+    plan = make_plan(settings, device_type="cuda", gpu_name=torch.cuda.get_device_name())
+    print(plan.table())
+    if not plan.fits(free_bytes):
+        print(fit_settings(settings, lambda s: make_plan(s, device_type="cuda"), free_bytes))
+
+Everything is computed from the stage configs (training.pipeline.stage_configs): no model is built, so the plan
+of a GPU-sized run takes milliseconds on any machine. The memory model follows what this code allocates, one
+process, eager mode (no torch.compile), and is checked against measurement by bench/memory_model.py:
+
+  training step    fp32 weights, fp32 gradients, AdamW's two fp32 moments, and what autograd keeps for backward
+                   over one micro-batch (per block, counted op by op below), the cross-entropy's fp32 (B*T, V)
+                   tensors, and under bf16 autocast the bf16 copies of the matmul weights. Gradients build up in
+                   backward while activations are freed, so at grad_accum_steps=1 the step peaks at weights +
+                   AdamW + max(gradients, activations); with accumulation the gradients persist through the next
+                   micro-batch's forward, and the peak is their sum.
+  transition       both models in fp32 plus the checks' float64 copies of both (transfer.checks.pair), the
+                   forward outputs they share, and the float64 gradient of the objective on 4 calibration rows
+                   (transfer.checks.objective), then for a deepened model a stepped copy of the inserted blocks.
+  eval             phase 3's clone-divergence measurement at each eval holds folded copies of the block weights.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from config import ModelConfig, TrainConfig
+from training.disk import _SAFETENSORS_PER_TENSOR, _STATE_PER_TENSOR, checkpoint_bytes, human, peak_checkpoint_bytes
+from training.pipeline import PIPELINE, stage_configs
+from training.runtime import resolve_precision
+from training.settings import Settings
+
+GIB = 1024 ** 3
+
+# ------------------------------------------------------------------------------------------ device speed
+# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets: NVIDIA prints tensor figures "with
+# sparsity", which are twice these. "fp32" is the TF32 tensor figure: training.runtime sets allow_tf32, so fp32
+# matmuls run as TF32. Patterns are matched in order against torch.cuda.get_device_name(), most specific first.
+GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"GH200", {"bf16": 989.4e12, "fp32": 494.7e12}),
+    (r"H200 NVL", {"bf16": 835.5e12, "fp32": 417.5e12}),
+    (r"H200", {"bf16": 989.4e12, "fp32": 494.7e12}),  # SXM
+    (r"H100 NVL", {"bf16": 835.5e12, "fp32": 417.5e12}),
+    (r"H100 PCIe", {"bf16": 756.5e12, "fp32": 378.0e12}),
+    (r"H100", {"bf16": 989.4e12, "fp32": 494.7e12}),  # SXM5, "NVIDIA H100 80GB HBM3"
+    (r"B200", {"bf16": 2250e12, "fp32": 1100e12}),
+    (r"A100", {"bf16": 312e12, "fp32": 156e12}),  # SXM4 and PCIe, 40 and 80 GB
+    (r"L40S", {"bf16": 366.5e12, "fp32": 183e12}),
+    (r"L40\b", {"bf16": 181e12, "fp32": 90.5e12}),
+    (r"\bL4\b", {"bf16": 121e12, "fp32": 60e12}),
+    # No NVIDIA datasheet for the A10G (AWS's GA102 variant of the A10): the A10's figures, not verified.
+    (r"A10G", {"bf16": 125e12, "fp32": 62.5e12}),
+    (r"\bA10\b", {"bf16": 125e12, "fp32": 62.5e12}),
+    (r"RTX 6000 Ada", {"bf16": 364.2e12, "fp32": 182.1e12}),
+    (r"RTX 4090", {"bf16": 165.2e12, "fp32": 82.6e12}),  # with fp32 accumulate (what torch uses)
+    (r"RTX 3090", {"bf16": 71e12, "fp32": 35.6e12}),
+    (r"V100", {"fp32": 15.7e12}),  # no bf16 tensor cores, no TF32
+    (r"\bT4\b", {"fp32": 8.1e12}),
+)
+DEFAULT_MFU = 0.35  # assumed model FLOPs utilisation for time estimates (bf16, an H100-class GPU, mid-sized model)
+REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a cuda plan assumes when none is named (planning on a CPU)
+# Achieved, not peak: the cpu preset's three phases ran 42-53 GFLOP/s of model FLOPs on 2 threads (config.py's
+# step times, fp32), ~20 GFLOP/s a thread. bf16 on a CPU is slower than fp32: no figure, no time.
+CPU_FLOPS_PER_THREAD = 20e9
+MEMORY_MARGIN = 0.1  # a plan fits when its peak x (1 + margin) is free: allocator fragmentation, CUDA context
+
+
+def peak_flops(gpu_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of one GPU at precision "bf16" or "fp32" (TF32 matmuls), or None if unknown."""
+    for pattern, peaks in GPU_PEAK_FLOPS:
+        if re.search(pattern, gpu_name):
+            return peaks.get(precision)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ sizes
+def parameter_count(cfg: ModelConfig, active: bool = False) -> int:
+    """Transformer.num_parameters(active) from the config alone."""
+    D, L = cfg.dim, cfg.n_layers
+    total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * D + L * _block_matmul(cfg)
+    if active and cfg.is_moe:
+        total -= L * (cfg.n_experts - cfg.top_k) * 3 * D * cfg.hidden_dim
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Transformer.flops_per_token(seq_len) from the config alone (its docstring gives the convention)."""
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    matmul = parameter_count(cfg, active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    return 6 * matmul + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+def _attention_weights(cfg: ModelConfig) -> int:
+    q = cfg.n_heads * cfg.head_dim
+    return 2 * cfg.dim * q + 2 * cfg.dim * cfg.kv_heads * cfg.head_dim
+
+
+def _block_matmul(cfg: ModelConfig) -> int:
+    """Matrix weights of one block: attention, then the dense FFN or the router and every expert."""
+    ffn = 3 * cfg.dim * cfg.hidden_dim
+    return _attention_weights(cfg) + (cfg.n_experts * (ffn + cfg.dim) if cfg.is_moe else ffn)
+
+
+def _tensor_count(cfg: ModelConfig) -> int:
+    per_block = 2 + 4 + (4 if cfg.is_moe else 3)  # two norms, q k v o, router + 3 stacked experts or 3 linears
+    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block
+
+
+def checkpoint_size(cfg: ModelConfig) -> int:
+    """training.disk.checkpoint_bytes(cfg) without building the model (same bookkeeping per tensor)."""
+    per_tensor = _SAFETENSORS_PER_TENSOR + 2 * _STATE_PER_TENSOR
+    return checkpoint_bytes(parameter_count(cfg)) + _tensor_count(cfg) * per_tensor
+
+
+# ------------------------------------------------------------------------------------------ activations
+@dataclass(frozen=True)
+class Widths:
+    """Bytes per element of what autograd saves, for one precision."""
+
+    act: int  # matmul inputs and outputs (bf16 under autocast)
+    full: int  # residual stream, norms, softmaxes, the cross-entropy (fp32; float64 in the checks)
+    autocast: bool  # each linear saves its own bf16 cast of its input, and weights are cast to bf16
+
+
+WIDTHS = {"fp32": Widths(4, 4, False), "bf16": Widths(2, 4, True), "float64": Widths(8, 8, False)}
+INDEX = 8  # int64 indices (token ids, expert ids and orders)
+
+
+def block_saved_bytes(cfg: ModelConfig, w: Widths, seq_len: int = 0, math_attention: bool = False) -> int:
+    """Bytes per token one block keeps for backward, op by op (measured by bench/memory_model.py's hooks)."""
+    D, Dq, F, k = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim, cfg.top_k
+    norms = 2 * (2 * w.full * D + w.full)  # each RMSNorm: its input, the normalised x and the 1/rms
+    attn_in = 3 * w.act * D if w.autocast else w.full * D  # q, k and v each cast the normed input under autocast
+    # q, k, v (kv heads expanded) and the output, which o_proj reads as a view (the kernels lay it out (B, T, H, hd)),
+    # and per row the logsumexp (flash / memory-efficient kernels on CUDA, torch's flash kernel on CPU) or, on
+    # CUDA's math path (float64: the checks), the (T, T) probabilities
+    sdpa = 4 * w.act * Dq + w.full * cfg.n_heads * (seq_len if math_attention else 1)
+    if not cfg.is_moe:
+        ffn_in = 2 * w.act * D if w.autocast else w.full * D
+        return norms + attn_in + sdpa + ffn_in + 4 * w.act * F  # gate, silu(gate), up, their product
+    E = cfg.n_experts
+    router = (w.act if w.autocast else w.full) * D + w.full * (E + 1 + 2 * k) + 3 * INDEX * k  # softmax, top-k, orders
+    expert_in = 2 * w.act * k * D if w.autocast else w.full * k * D  # tokens sorted by expert (cast twice in bf16)
+    experts = 4 * w.act * k * F + w.act * k * D + w.full * k * D  # SwiGLU per assignment, outputs, weighted outputs
+    losses = w.full * (2 * E + 2)  # balance loss softmax, z-loss logsumexp input and output
+    return norms + attn_in + sdpa + router + expert_in + experts + losses
+
+
+def head_saved_bytes(cfg: ModelConfig, w: Widths) -> int:
+    """Bytes per token the final norm, LM head and cross-entropy keep: log-softmax output (B*T, V) in fp32."""
+    lm_in = w.act * cfg.dim if w.autocast else w.full * cfg.dim
+    return 2 * w.full * cfg.dim + w.full + lm_in + w.full * cfg.vocab_size + 2 * INDEX  # + input ids and targets
+
+
+def head_backward_bytes(cfg: ModelConfig, w: Widths) -> int:
+    """Bytes per token at backward's start besides the saved ones: the loss's and log-softmax's (B*T, V) gradients."""
+    return 2 * w.full * cfg.vocab_size
+
+
+def block_backward_bytes(cfg: ModelConfig, w: Widths) -> int:
+    """Bytes per token in flight while one block runs backward, beyond its saved tensors: the residual gradients,
+    and the SwiGLU product's two input gradients (its saved output is freed by then) or, for an MoE, the
+    gradients of the sorted, weighted expert outputs (the experts themselves go one at a time)."""
+    if cfg.is_moe:
+        return 2 * w.full * cfg.dim + 3 * w.full * cfg.top_k * cfg.dim
+    return 2 * w.full * cfg.dim + 2 * w.act * cfg.hidden_dim
+
+
+def autocast_weights(cfg: ModelConfig, cached_only: bool = False) -> int:
+    """bf16 copies (bytes) of the weights autocast casts: every matmul weight, the LM head included. Expert
+    weights are views (unbind), never cached: cached_only leaves them out."""
+    experts = cfg.n_layers * cfg.n_experts * 3 * cfg.dim * cfg.hidden_dim if cfg.is_moe else 0
+    weights = cfg.n_layers * _block_matmul(cfg) + cfg.vocab_size * cfg.dim
+    return 2 * (weights - experts if cached_only else weights)
+
+
+def activation_moments(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> dict[str, int]:
+    """Bytes beyond weights, gradients and AdamW at the moments of one micro-batch that can peak."""
+    w = WIDTHS[precision]
+    L, N = cfg.n_layers, tokens
+    blocks, head = N * L * block_saved_bytes(cfg, w), N * head_saved_bytes(cfg, w)
+    copies = autocast_weights(cfg) if w.autocast else 0
+    head_copy = 2 * cfg.vocab_size * cfg.dim if w.autocast else 0
+    logits = N * cfg.vocab_size * (w.act + (w.full if w.autocast else 0))  # logits and their fp32 upcast
+    if not checkpointing:
+        return {"backward start": copies + blocks + head + N * head_backward_bytes(cfg, w),
+                "last block's backward": copies + blocks + head - N * w.full * cfg.vocab_size
+                + N * block_backward_bytes(cfg, w)}
+    inputs = N * L * w.full * cfg.dim  # each block's input, all the checkpoint keeps
+    block_copy = 2 * _block_matmul(cfg) if w.autocast else 0
+    cached = autocast_weights(cfg, cached_only=True) if w.autocast else 0
+    return {"forward end": cached + inputs + head + logits,
+            "backward start": head_copy + inputs + head + N * head_backward_bytes(cfg, w),
+            "a block's recompute": block_copy + inputs + N * (block_saved_bytes(cfg, w) + block_backward_bytes(cfg, w))}
+
+
+# ------------------------------------------------------------------------------------------ memory at peak
+@dataclass
+class Memory:
+    """Bytes at one phase's peak moments: the training step, the transition (if any), the evals."""
+
+    terms: dict[str, int]  # the training step's parts: weights, gradients, AdamW, activations, ...
+    step_peak: int
+    step_moment: str  # which moment of the step peaks
+    transition: dict[str, int] = field(default_factory=dict)  # the transition's parts ({} without one)
+    transition_peak: int = 0
+    eval_peak: int = 0
+
+    @property
+    def peak(self) -> int:
+        return max(self.step_peak, self.transition_peak, self.eval_peak)
+
+    @property
+    def where(self) -> str:
+        """What the phase's peak is: training step, transition checks or eval."""
+        return max((self.step_peak, "training step"), (self.transition_peak, "transition checks"),
+                   (self.eval_peak, "eval"))[1]
+
+
+def step_memory(cfg: ModelConfig, tc: TrainConfig, precision: str,
+                world_size: int = 1) -> tuple[dict[str, int], int, str]:
+    """(terms, peak bytes, peak moment) of one optimizer step of grad_accum_steps micro-batches."""
+    P = parameter_count(cfg)
+    moments = activation_moments(cfg, tc.batch_size * tc.seq_len, precision, tc.activation_checkpointing)
+    moment, activations = max(moments.items(), key=lambda kv: kv[1])
+    terms = {"weights": 4 * P, "gradients": 4 * P, "AdamW": 8 * P, "activations": activations}
+    if world_size > 1:  # DDP's reducer keeps its own flat gradient buckets (gradient_as_bucket_view=False)
+        terms["DDP buckets"] = 4 * P
+    held = terms["weights"] + terms["AdamW"] + terms.get("DDP buckets", 0)
+    if tc.grad_accum_steps > 1:  # the gradients of earlier micro-batches wait through this one's forward
+        return terms, held + terms["gradients"] + activations, moment
+    if terms["gradients"] >= activations:
+        return terms, held + terms["gradients"], "optimizer step"
+    return terms, held + activations, moment
+
+
+CALIBRATION_ROWS = 8  # training.pipeline.load_data: data.calibration is the first validation batch's first 8 rows
+GRADIENT_ROWS = 4  # transfer.checks.suite.GRADIENT_SEQUENCES
+
+
+def transition_memory(old: ModelConfig, new: ModelConfig, tc: TrainConfig,
+                      device_type: str = "cuda") -> tuple[dict[str, int], int]:
+    """(terms, peak bytes) of growing old into new and running the checks (transfer.checks.suite) on the
+    device: both fp32 models, float64 copies of both, their shared forward outputs, and the largest of what a
+    check adds on top (the RoPE check's attention probabilities, the objective's float64 gradient pass, and for
+    a deepened model AdamW's first step on the inserted blocks and their second gradient). On CUDA, float64
+    attention takes SDPA's math path, which saves the (T, T) probabilities."""
+    f64 = WIDTHS["float64"]
+    rows = min(CALIBRATION_ROWS, tc.batch_size)
+    n_out, n_grad = rows * tc.seq_len, min(GRADIENT_ROWS, rows) * (tc.seq_len - 1)
+    P_old, P_new = parameter_count(old), parameter_count(new)
+
+    def outputs(c: ModelConfig) -> int:  # logits, every hidden state and router logits, kept for all checks
+        return n_out * 8 * (c.vocab_size + (c.n_layers + 1) * c.dim + c.n_layers * c.n_experts)
+
+    terms = {"fp32 models": 4 * (P_old + P_new), "float64 copies": 8 * (P_old + P_new),
+             "check outputs": outputs(old) + outputs(new)}
+    per_block = block_saved_bytes(new, f64, tc.seq_len - 1, math_attention=device_type == "cuda")
+    grads = 8 * P_new + 2 * n_grad * new.n_layers * new.dim * 8  # + each block's input and output gradient
+    inserted = new.n_layers - old.n_layers
+    if inserted:  # trainability's second evaluation, one inserted block at a time: all of them stepped (a
+        # float64 copy), the earlier ones' gradients of the weights still waiting (all but o_proj and down_proj,
+        # which were zero), and one block's activations
+        block = 2 * new.dim + _block_matmul(new)
+        waiting = block - new.dim * new.n_heads * new.head_dim - max(1, new.n_experts) * new.dim * new.hidden_dim
+        grads += 8 * inserted * block + 8 * (inserted - 1) * waiting + n_grad * per_block
+    # objective_gradients keeps its forward output, so the float64 logits live through backward as well
+    head = head_saved_bytes(new, f64) + head_backward_bytes(new, f64) + 8 * new.vocab_size
+    adds = {"check activations": n_grad * (new.n_layers * per_block + head),
+            "check gradients": grads,
+            # RoPE: attention probabilities (rows, heads, T, T) of an old and a new block, and their difference
+            "RoPE probabilities": rows * tc.seq_len ** 2 * 8 * (2 * old.n_heads + 3 * new.n_heads)
+            if new.dim != old.dim else 0}
+    name, extra = max(adds.items(), key=lambda kv: kv[1])
+    terms[name] = extra
+    return terms, sum(terms.values())
+
+
+CLONE_COPIES = 1.45  # measure_clone_divergence holds 1.42-1.44 x the fp32 block weights (measured, MoE, s=2)
+
+
+def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool) -> int:
+    """Bytes at an eval during training: weights and AdamW, plus the larger of a no-grad forward at batch_size
+    (hidden states kept, logits and the loss's fp32 copies) and, for a width-grown phase, clone divergence."""
+    w, N = WIDTHS[precision], tc.batch_size * tc.seq_len
+    P = parameter_count(cfg)
+    forward = N * ((cfg.n_layers + 1) * w.full * cfg.dim + (w.act + w.full + (w.full if w.autocast else 0))
+                   * cfg.vocab_size) + (autocast_weights(cfg, cached_only=True) if w.autocast else 0)
+    return 12 * P + max(forward, clone_divergence_bytes(cfg) if clones else 0)
+
+
+def clone_divergence_bytes(cfg: ModelConfig) -> int:
+    """What measure_clone_divergence holds at its peak: folded and re-laid-out copies of the block weights."""
+    return int(CLONE_COPIES * 4 * cfg.n_layers * (2 * cfg.dim + _block_matmul(cfg)))
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass
+class PhasePlan:
+    name: str
+    label: str
+    config: ModelConfig
+    params: int
+    active_params: int
+    steps: int
+    tokens: int  # steps x batch_size x grad_accum_steps x world_size x seq_len
+    flops: float  # flops_per_token x tokens
+    epochs: float | None  # tokens / the training tokens, when known
+    memory: Memory
+    checkpoint_bytes: int
+    seconds: float | None  # at the plan's device throughput; None when unknown
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.peak
+
+
+@dataclass
+class Plan:
+    phases: list[PhasePlan]
+    device: str  # "cuda" or "cpu"
+    gpu_name: str | None  # the GPU the times assume (cuda)
+    precision: str  # bf16 | fp32
+    world_size: int
+    batch_size: int
+    grad_accum_steps: int
+    seq_len: int
+    activation_checkpointing: bool
+    mfu: float | None
+    device_flops: float | None  # FLOP/s the times assume per process (peak x MFU, or a CPU's achieved)
+    peak_device_flops: float | None  # the GPU's datasheet peak at this precision
+    disk_bytes: int  # the most the checkpoints directory holds at once
+    train_tokens: int | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest per-phase peak, transitions included (one process)."""
+        return max(p.peak_bytes for p in self.phases)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.phases)
+
+    @property
+    def flops(self) -> float:
+        return sum(p.flops for p in self.phases)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [p.seconds for p in self.phases]
+        return None if None in times else sum(times)
+
+    def fits(self, free_bytes: int, margin: float = MEMORY_MARGIN) -> bool:
+        return self.peak_bytes * (1 + margin) <= free_bytes
+
+    def table(self) -> str:
+        """The plan as fixed-width text: work per phase, memory per phase, totals, and the assumptions."""
+        name_w = max(len(p.label) for p in self.phases) + 2
+        head = (f"{'phase':<{name_w}}{'params':>9}{'active':>9}{'steps':>8}{'tokens':>9}{'FLOPs':>10}"
+                f"{'epochs':>8}{'ckpt':>11}{'time':>10}")
+        lines = [head, "-" * len(head)]
+        for p in self.phases:
+            lines.append(f"{p.label:<{name_w}}{_si(p.params):>9}{_si(p.active_params):>9}{p.steps:>8}"
+                         f"{_si(p.tokens):>9}{p.flops:>10.2e}{_epochs(p.epochs):>8}{human(p.checkpoint_bytes):>11}"
+                         f"{_duration(p.seconds):>10}")
+        epochs = self.tokens / self.train_tokens if self.train_tokens else None
+        lines.append(f"{'total':<{name_w}}{'':>18}{sum(p.steps for p in self.phases):>8}{_si(self.tokens):>9}"
+                     f"{self.flops:>10.2e}{_epochs(epochs):>8}{human(self.disk_bytes):>11}"
+                     f"{_duration(self.seconds):>10}")
+        mem = (f"{'memory (GiB)':<{name_w}}{'weights':>9}{'grads':>8}{'AdamW':>8}{'activ.':>8}{'step':>8}"
+               f"{'transition':>12}{'eval':>8}{'peak':>8}  peak at")
+        lines += ["", mem, "-" * len(mem)]
+        for p in self.phases:
+            m, t = p.memory, p.memory.terms
+            lines.append(f"{p.label:<{name_w}}{_gib(t['weights']):>9}{_gib(t['gradients']):>8}{_gib(t['AdamW']):>8}"
+                         f"{_gib(t['activations']):>8}{_gib(m.step_peak):>8}"
+                         f"{_gib(m.transition_peak) if m.transition_peak else '-':>12}{_gib(m.eval_peak):>8}"
+                         f"{_gib(m.peak):>8}  {m.where}")
+        worst = max(self.phases, key=lambda p: p.peak_bytes)
+        lines.append(f"{'peak':<{name_w}}{'':>57}{_gib(self.peak_bytes):>8}  {worst.label}, {worst.memory.where}")
+        return "\n".join(lines + [""] + self.assumptions())
+
+    def assumptions(self) -> list[str]:
+        """What the figures assume, one line each."""
+        if self.device == "cuda" and self.device_flops:
+            speed = (f"time at MFU {self.mfu:g} of the {self.gpu_name}'s {self.peak_device_flops / 1e12:g} TFLOP/s "
+                     f"dense {self.precision} peak (datasheet, no sparsity)"
+                     + (f" x {self.world_size} GPUs" if self.world_size > 1 else ""))
+        elif self.device == "cuda":
+            speed = f"time unknown: no peak FLOP/s for {self.gpu_name!r} at {self.precision} (give mfu and a known GPU)"
+        elif self.device_flops:
+            speed = (f"time at {self.device_flops / 1e9:.0f} GFLOP/s achieved on the CPU "
+                     f"({CPU_FLOPS_PER_THREAD / 1e9:g} GFLOP/s a thread, measured on the cpu preset)")
+        else:
+            speed = f"time unknown: no CPU throughput figure for {self.precision}"
+        if self.precision == "bf16":
+            precision = "bf16 autocast (fp32 weights, gradients and AdamW; bf16 matmul activations and weight copies)"
+        else:
+            precision = "fp32" + (" (TF32 matmuls)" if self.device == "cuda" else "")
+        micro = (f"activations for one micro-batch of {self.batch_size} x {self.seq_len} tokens "
+                 f"(grad_accum_steps {self.grad_accum_steps}, "
+                 f"{'with' if self.activation_checkpointing else 'no'} activation checkpointing), per process, eager")
+        return ["Assumptions:", f"  {speed}", f"  precision {precision}", f"  {micro}",
+                "  step peak = weights + AdamW + max(gradients, activations) at grad_accum_steps 1 (gradients build up"
+                " as activations are freed), + both above it",
+                "  transition = both models in fp32 + their float64 copies + the checks' outputs and float64 gradient",
+                "  memory model vs measurement: bench/memory_model.py (bench/results/memory_model.json)"]
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def _gib(n: int) -> str:
+    g = n / GIB
+    return f"{g:.3f}" if g < 1 else f"{g:.2f}" if g < 10 else f"{g:.1f}"
+
+
+def _epochs(e: float | None) -> str:
+    return "-" if e is None else f"{e:.2f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = None, world_size: int = 1,
+              train_tokens: int | None = None, mfu: float | None = None) -> Plan:
+    """The plan of the run s describes on device_type ("cuda" or "cpu"), from configs only (no model built).
+
+    gpu_name: torch.cuda.get_device_name() (None on a cuda plan: REFERENCE_GPU); train_tokens: tokens in the
+    training data, for epochs; mfu: the utilisation times assume (default DEFAULT_MFU)."""
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type={device_type!r} must be cuda or cpu")
+    tc, precision = s.train, resolve_precision(s.run.precision, device_type)
+    gpu = (gpu_name or REFERENCE_GPU) if device_type == "cuda" else None
+    mfu = (DEFAULT_MFU if mfu is None else mfu) if device_type == "cuda" else None
+    peak = peak_flops(gpu, precision) if gpu else None
+    if device_type == "cuda":
+        device_flops = peak * mfu if peak else None
+    else:
+        import torch  # the threads this process would train with
+
+        device_flops = CPU_FLOPS_PER_THREAD * torch.get_num_threads() if precision == "fp32" else None
+    configs = stage_configs(s)
+    phases = []
+    for i, (stage, cfg) in enumerate(zip(PIPELINE, configs)):
+        steps = getattr(tc, f"{stage.name}_steps")
+        tokens = steps * tc.batch_size * tc.grad_accum_steps * world_size * tc.seq_len
+        flops = float(flops_per_token(cfg, tc.seq_len)) * tokens
+        terms, step_peak, moment = step_memory(cfg, tc, precision, world_size)
+        memory = Memory(terms, step_peak, moment)
+        if stage.grow is not None:
+            memory.transition, memory.transition_peak = transition_memory(configs[i - 1], cfg, tc, device_type)
+        clones = stage.measure_clones is not None and cfg.dim != configs[i - 1].dim
+        memory.eval_peak = eval_memory(cfg, tc, precision, clones)
+        seconds = flops / (device_flops * world_size) if device_flops else None
+        phases.append(PhasePlan(stage.name, stage.label, cfg, parameter_count(cfg), parameter_count(cfg, active=True),
+                                steps, tokens, flops, tokens / train_tokens if train_tokens else None, memory,
+                                checkpoint_size(cfg), seconds))
+    disk = peak_checkpoint_bytes([p.checkpoint_bytes for p in phases], tc.keep_checkpoints)
+    return Plan(phases, device_type, gpu, precision, world_size, tc.batch_size, tc.grad_accum_steps, tc.seq_len,
+                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens)
+
+
+# ------------------------------------------------------------------------------------------ fitting
+def _with_train(s: Settings, **changes) -> Settings:
+    return replace(s, train=replace(s.train, **changes))
+
+
+def fit_settings(s: Settings, plan_fn: Callable[[Settings], Plan], free_bytes: int,
+                 margin: float = MEMORY_MARGIN) -> list[str]:
+    """Overrides that make the run fit in free_bytes, each alone enough: the smallest split of batch_size into
+    grad_accum_steps micro-batches (the same optimisation), then activation checkpointing (alone, or with the
+    smallest split that then fits). [] when the plan already fits, or when nothing here can make it fit (the
+    weights, AdamW state and the transition's copies alone do not: a smaller model or more memory)."""
+    if plan_fn(s).fits(free_bytes, margin):
+        return []
+    tc = s.train
+
+    def smallest_split(base: Settings) -> tuple[int, Settings] | None:
+        for k in range(2, tc.batch_size + 1):
+            if tc.batch_size % k == 0:
+                t = _with_train(base, batch_size=tc.batch_size // k, grad_accum_steps=tc.grad_accum_steps * k)
+                if plan_fn(t).fits(free_bytes, margin):
+                    return k, t
+        return None
+
+    def split_flags(k: int) -> str:
+        return f"--batch_size={tc.batch_size // k} --grad_accum_steps={tc.grad_accum_steps * k}"
+
+    found = []
+    split = smallest_split(s)
+    if split:
+        found.append(split_flags(split[0]))
+    if not tc.activation_checkpointing:
+        checkpointed = _with_train(s, activation_checkpointing=True)
+        if plan_fn(checkpointed).fits(free_bytes, margin):
+            found.append("--activation_checkpointing=true")
+        else:
+            both = smallest_split(checkpointed)
+            if both and (not split or both[0] < split[0]):
+                found.append(f"--activation_checkpointing=true {split_flags(both[0])}")
+    return found
