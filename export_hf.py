@@ -14,21 +14,8 @@ import argparse
 import os
 import sys
 
-from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
+from training.checkpoint import CheckpointError, find_checkpoint
 from training.disk import NotEnoughSpace, WriteFailed, check_free_space
-
-
-def find_checkpoint(path: str) -> tuple[Checkpoint, str]:
-    """(checkpoint, run directory) for a checkpoint directory or a run directory."""
-    if os.path.exists(os.path.join(path, "meta.json")):
-        ckpt = read_checkpoint(path)
-        if ckpt is None:
-            raise ValueError(f"{path}: checkpoint is incomplete or corrupted (hash mismatch)")
-        return ckpt, os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    ckpt = latest_checkpoint(path, log=lambda _: None)
-    if ckpt is None:
-        raise ValueError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
-    return ckpt, path
 
 
 def main(argv: list[str]) -> int:

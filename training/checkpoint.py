@@ -2,6 +2,7 @@
 
     out_dir/checkpoints/dense-000500/{model.safetensors, state.pt, meta.json}
     out_dir/checkpoints/LATEST          # name of the newest complete checkpoint
+    ckpt, run_dir = find_checkpoint(path)   # a checkpoint directory, or a run directory (its newest checkpoint)
 
 meta.json holds the model config, phase, step and a SHA-256 of each file, so a truncated or corrupted
 checkpoint is detected on load and the previous good one is used instead. A write that fails (disk full, I/O
@@ -160,3 +161,22 @@ def latest_checkpoint(out_dir: str, log=print) -> Checkpoint | None:
     for bad in sorted(set(names) - {os.path.basename(c.path) for c in good}):
         log(f"checkpoint {os.path.join(root, bad)} is incomplete or corrupted (hash mismatch): skipped")
     return good[-1] if good else None
+
+
+def find_checkpoint(path: str) -> tuple[Checkpoint, str]:
+    """(checkpoint, run directory) for a checkpoint directory or a run directory (its newest good checkpoint).
+
+    CheckpointError (a ValueError), one line naming the path and the problem, when there is none.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory; pass a run directory (--out-dir of a training run) "
+                              "or one of its checkpoints/<phase>-<step> directories")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        ckpt = read_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointError(f"{path}: checkpoint is incomplete or corrupted (hash mismatch)")
+        return ckpt, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    ckpt = latest_checkpoint(path, log=lambda _: None)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return ckpt, path
