@@ -1,6 +1,7 @@
 """Text sources and token streams: local files, the hub or generated stories -> tokenizer -> cached token arrays.
 
     from data import load_corpus, train_tokenizer, tokenize_to_cache, TokenBatches
+    from data import prepare_dataset, open_prepared          # prepared once (prepare_data.py), then memory-mapped
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ _EXPORTS = {
     "train_tokenizer": "tokenizer", "save_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "tokenize_to_cache": "tokens", "TokenBatches": "tokens", "eval_batches": "tokens",
     "generate_stories": "synthetic",
+    "prepare_dataset": "prepared", "open_prepared": "prepared", "PreparedDataset": "prepared",
 }
 __all__ = list(_EXPORTS)
 
