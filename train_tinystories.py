@@ -15,19 +15,21 @@ stopped by SIGINT/SIGTERM after saving.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
+from dataclasses import replace
 
 import torch
 
 from config import ConfigError
 from data import DataError, check_files
-from data.source import load_source, resume_source
+from data.source import load_source, resume_prepared, resume_source
 from training.checkpoint import CheckpointError, latest_checkpoint
 from training.disk import NotEnoughSpace, WriteFailed, existing_ancestor, remove_stale_temporaries
 from training.loop import TrainingInterrupted
-from training.pipeline import RunRequest, run_pipeline
+from training.pipeline import RunRequest, run_pipeline, run_plan
 from training.runlock import RunLock, RunLocked, acquire
 from training.runtime import StopSignals, setup_runtime, teardown_runtime
 from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
@@ -36,12 +38,17 @@ from training.settings import (build_settings, default_preset, load_saved_settin
 EXIT = {"finished": 0, "already_finished": 0, "halted": 1}
 
 
-def parse(argv: list[str]) -> RunRequest:
-    """The validated request, or ConfigError / DataError for any bad input (before any work)."""
+def parse(argv: list[str]) -> tuple[RunRequest, bool]:
+    """The validated request and whether only its plan is asked for; ConfigError / DataError for any bad input
+    (before any work)."""
     p = make_parser(__doc__.split("\n")[0],
                     epilog="Settings follow; e.g. --noise-std=0.2, --noise_std 0.2 or --growth.noise_std=0.2")
     p.add_argument("--preset", help="micro | cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--data-files", nargs="+", help="local TinyStories .txt (<|endoftext|> separated) or .json/.jsonl")
+    p.add_argument("--dataset", metavar="DIR", help="a dataset prepared once by prepare_data.py: memory-mapped tokens "
+                   "and their tokenizer (vocab_size follows it)")
+    p.add_argument("--plan", action="store_true", help="print the run's plan (parameters, tokens, FLOPs, epochs, "
+                   "memory, checkpoint size, time) and exit without training")
     p.add_argument("--out-dir", help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     p.add_argument("--init-from-hf", metavar="PATH", help="start phase 1 from a Llama-architecture transformers "
@@ -52,21 +59,54 @@ def parse(argv: list[str]) -> RunRequest:
     saved = load_saved_settings(out_dir) if args.resume else None
     if args.resume and saved is None:
         raise ConfigError(f"--resume: {out_dir} holds no run (no settings.json); drop --resume to start one")
-    if not args.resume and latest_checkpoint(out_dir, log=lambda _: None) is not None:
+    if not args.resume and not args.plan and latest_checkpoint(out_dir, log=lambda _: None) is not None:
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
+    if settings_asks_tensorboard(overrides, saved) and importlib.util.find_spec("tensorboard") is None:
+        from training.tensorboard import MISSING
+
+        raise ConfigError(MISSING)
+    if args.dataset and args.data_files:
+        raise ConfigError("--dataset and --data-files both given: pass one (a prepared dataset holds its own text)")
     settings = build_settings(None if saved else preset, overrides, saved)
     if args.init_from_hf and not args.resume:
         settings = with_hf_model(settings, args.init_from_hf, overrides)
     if settings.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={settings.run.device} but torch.cuda.is_available() is False (a CPU build of torch, "
                           "or no GPU visible); use --device=cpu or --device=auto")
-    data_files, origin = args.data_files, "auto"
-    if args.resume:  # the run's own data, wherever --data-files now finds it
-        data_files, origin = resume_source(load_source(out_dir), args.data_files)
+    data_files, origin, dataset = args.data_files, "auto", None
+    if args.resume:  # the run's own data, wherever --data-files / --dataset now finds it
+        recorded = load_source(out_dir)
+        data_files, origin = resume_source(recorded, args.data_files)
+        if origin == "prepared":
+            dataset = resume_prepared(recorded, args.dataset)
+        elif args.dataset:
+            raise DataError(f"this run did not train on a prepared dataset ({origin}); drop --dataset to resume it")
+    elif args.dataset:
+        from data.prepared import open_prepared
+
+        dataset = args.dataset
+        settings = with_prepared_vocab(settings, open_prepared(dataset), overrides)
     elif data_files is not None:
         check_files(data_files)
-    _check_writable(out_dir)
-    return RunRequest(settings, out_dir, data_files, args.resume, args.init_from_hf, origin)
+    req = RunRequest(settings, out_dir, data_files, args.resume, args.init_from_hf, origin,
+                     None if args.resume else preset, dataset)
+    if not args.plan:
+        _check_writable(out_dir)
+    return req, args.plan
+
+
+def settings_asks_tensorboard(overrides, saved: dict | None) -> bool:
+    asked = overrides.get("run", {}).get("tensorboard")
+    return bool(asked if asked is not None else (saved or {}).get("run", {}).get("tensorboard"))
+
+
+def with_prepared_vocab(settings, prepared, overrides):
+    """The model's vocabulary is the prepared tokenizer's; a different --vocab_size given is refused."""
+    asked = overrides.get("model", {}).get("vocab_size")
+    if asked is not None and asked != prepared.vocab_size:
+        raise ConfigError(f"--vocab_size={asked} but {prepared.path} was prepared with a {prepared.vocab_size}-token "
+                          f"tokenizer: drop --vocab_size, or prepare the data again with --vocab_size {asked}")
+    return replace(settings, model=replace(settings.model, vocab_size=prepared.vocab_size))
 
 
 def _check_writable(out_dir: str) -> None:
@@ -106,12 +146,15 @@ def resume_line(out_dir: str) -> str:
 
 def main(argv: list[str]) -> int:
     try:
-        req = parse(argv)
+        req, plan_only = parse(argv)
+        if plan_only:
+            print(run_plan(req).table())
+            return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     new_dir = not os.path.exists(req.out_dir)
-    rt, lock = setup_runtime(req.settings.run.device), None
+    rt, lock = setup_runtime(req.settings.run.device, req.settings.run.precision), None
     try:
         lock = take_run(req, rt)
         with StopSignals(at_once=f"The last complete checkpoint is intact. {resume_line(req.out_dir)}") as stop:

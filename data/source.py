@@ -2,6 +2,7 @@
 
     out_dir/data_source.json   {"origin": "files", "files": [{"path", "bytes", "sha256"}, ...]}
                                {"origin": "hub", "dataset": "roneneldan/TinyStories"} | {"origin": "generated"}
+                               {"origin": "prepared", "path": DIR, "fingerprint": ..., "source": {...}}
 
 A resume reads the same source again: the recorded files (or, given --data-files, files with the same
 contents, wherever they now are), the hub without falling back, or the generated stories without asking the
@@ -45,12 +46,33 @@ def load_source(out_dir: str) -> dict | None:
         return json.load(f)
 
 
+def resume_prepared(recorded: dict, dataset: str | None) -> str:
+    """The prepared dataset directory that continues the run: the recorded one, or `dataset` if it was moved;
+    DataError (one line) if it is gone or holds other tokens than the run trained on."""
+    from data.prepared import open_prepared
+
+    path = dataset or recorded["path"]
+    if not dataset and not os.path.exists(path):
+        raise DataError(f"the run's prepared dataset {path} is gone; pass it from where it is now with --dataset "
+                        f"(checked by its fingerprint {recorded['fingerprint'][:12]}...)")
+    found = open_prepared(path).fingerprint
+    if found != recorded["fingerprint"]:
+        raise DataError(f"{path} is not the prepared dataset this run trained on (fingerprint {found[:12]}..., the "
+                        f"run's {recorded['fingerprint'][:12]}...): resume with the same dataset, or start a new run")
+    return path
+
+
 def resume_source(recorded: dict | None, data_files: list[str] | None) -> tuple[list[str] | None, str]:
     """(data files, origin) that continue the recorded source; DataError (one line) if the given or recorded
     files are missing or hold other contents. A run saved before sources were recorded takes what is given."""
     if recorded is None:
         return data_files, "auto"
     origin = recorded["origin"]
+    if origin == "prepared":
+        if data_files:
+            raise DataError(f"this run trained on the prepared dataset {recorded['path']}, not on files; drop "
+                            "--data-files (a moved dataset is passed with --dataset)")
+        return None, origin
     if origin != "files":
         if data_files:
             raise DataError(f"this run trained on {_describe(recorded)}, not on files; drop --data-files to resume it")
@@ -74,6 +96,8 @@ def resume_source(recorded: dict | None, data_files: list[str] | None) -> tuple[
 
 
 def _describe(recorded: dict) -> str:
+    if recorded["origin"] == "prepared":
+        return f"the prepared dataset {recorded['path']}"
     if recorded["origin"] == "hub":
         return f"{recorded['dataset']} from the hub"
     return "the project's generated stories (offline fallback)"

@@ -86,7 +86,7 @@ def test_a_fourth_stage_is_one_entry_plus_its_settings(tmp_path, monkeypatch, ca
     text = capsys.readouterr().out
     assert "TRANSITION 3: one more block" in text and "Phase 4: deeper" in text and "3 transitions verified" in text
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in recs if r["phase"] == "deeper" and r["kind"] == "eval"] == [5, 10]
+    assert [r["step"] for r in recs if r.get("phase") == "deeper" and r["kind"] == "eval"] == [0, 5, 10]
     done = [c.phase for c in list_checkpoints(str(tmp_path / "checkpoints")) if c.meta["phase_done"]]
     assert done == ["dense", "moe", "grown", "deeper"]
     assert os.path.getsize(tmp_path / "loss_curve.png") > 10_000

@@ -24,7 +24,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THRE
 
 def losses(out_dir) -> list[tuple]:
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if line.strip()]
-    return [(r["kind"], r["phase"], r["global_step"], r["loss"]) for r in recs]
+    return [(r["kind"], r["phase"], r["global_step"], r["loss"]) for r in recs if r["kind"] in ("train", "eval")]
 
 
 def start(out_dir, resume: bool) -> subprocess.Popen:

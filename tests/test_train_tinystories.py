@@ -29,6 +29,12 @@ def records(out_dir) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+def losses(out_dir) -> list[tuple]:
+    """Every train and eval loss with where it was taken: what a resumed run must reproduce exactly."""
+    return [(r["kind"], r["phase"], r["step"], r["global_step"], r["loss"]) for r in records(out_dir)
+            if r["kind"] in ("train", "eval")]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro")
@@ -40,7 +46,7 @@ def finished_run(tmp_path_factory):
 def test_micro_pipeline_runs_all_phases_with_outputs(finished_run, capsys):
     out = finished_run
     recs = records(out)
-    assert [p for p in ("dense", "moe", "grown") if any(r["phase"] == p for r in recs)] == ["dense", "moe", "grown"]
+    assert [p for p in ("dense", "moe", "grown") if any(r.get("phase") == p for r in recs)] == ["dense", "moe", "grown"]
     evals = [r for r in recs if r["kind"] == "eval"]
     assert all(r["loss"] == r["loss"] for r in evals) and evals[-1]["loss"] < evals[0]["loss"]
     assert os.path.getsize(out / "loss_curve.png") > 10_000
@@ -69,9 +75,7 @@ def test_zero_noise_halts_at_transition_2_then_resume_matches_uninterrupted(tmp_
     assert latest_checkpoint(str(tmp_path)).meta["phase"] == "moe"  # the trained phases are kept
     assert (tmp_path / "loss_curve.png").exists()
     assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--noise_std=0.3"]) == 0
-    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
-    got = [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)]
-    assert got == ref  # data order, RNG and optimizer state restored: bit-identical losses
+    assert losses(tmp_path) == losses(finished_run)  # data order, RNG and optimizer state restored: bit-identical
 
 
 def test_resume_mid_phase_reproduces_the_uninterrupted_losses(tmp_path, finished_run):
@@ -86,8 +90,7 @@ def test_resume_mid_phase_reproduces_the_uninterrupted_losses(tmp_path, finished
             shutil.rmtree(c.path)
     (root / "LATEST").write_text(keep)
     assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume"]) == 0
-    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
-    assert [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)] == ref
+    assert losses(tmp_path) == losses(finished_run)
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
@@ -159,7 +162,33 @@ def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("VERIFICATION SUMMARY") == 1  # checks run once, on rank 0
     assert proc.stdout.count("TRAINING SUMMARY") == 1 and "✓ ALL CHECKS PASSED" in proc.stdout
-    assert {r["phase"] for r in records(tmp_path)} == {"dense", "moe", "grown"}
+    assert {r["phase"] for r in records(tmp_path) if "phase" in r} == {"dense", "moe", "grown"}
+
+
+def test_every_stage_is_evaluated_at_step_0_and_a_grown_model_starts_at_the_old_ones_loss(finished_run):
+    recs = records(finished_run)
+    first_evals = {r["phase"]: r for r in recs if r["kind"] == "eval" and r["step"] == 0}
+    assert set(first_evals) == {"dense", "moe", "grown"}
+    transitions = [r for r in recs if r["kind"] == "transition"]
+    assert [t["stage"] for t in transitions] == ["moe", "grown"] and all(t["passed"] for t in transitions)
+    for t in transitions:
+        last_eval = [r for r in recs if r["kind"] == "eval" and r["global_step"] == t["global_step"]
+                     and r["phase"] != t["stage"]][-1]
+        assert t["loss_before"] == last_eval["loss"] and t["loss_after"] == first_evals[t["stage"]]["loss"]
+        assert abs(t["loss_after"] - t["loss_before"]) < 1e-5 * t["loss_before"]  # the functional check's tolerance
+        assert all(c["passed"] for c in t["checks"].values())
+    assert len(transitions[1]["checks"]) == 5
+    assert [r["kind"] for r in recs][0] == "start" and recs[-1]["kind"] == "outcome"
+    assert recs[-1]["status"] == "finished" and [r["phase"] for r in recs if r["kind"] == "sample"] == [
+        "dense", "moe", "grown"]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert all(b["tokens"] > a["tokens"] and b["flops"] > a["flops"] for a, b in zip(train, train[1:]))
+    assert train[-1]["epochs"] == pytest.approx(train[-1]["tokens"] / recs[0]["train_tokens"])
+    assert all(r["tokens_per_s"] > 0 for r in train) and any("balance" in r for r in train)
+    layers = {"moe": 2, "grown": 4}  # micro: 2 blocks, growth adds 2
+    routed = [r for r in recs if r["kind"] == "eval" and r["phase"] != "dense"]
+    assert all(len(r["routing"]["load"]) == layers[r["phase"]] for r in routed)
+    assert all(abs(sum(row) - 1) < 1e-4 and len(row) == 4 for r in routed for row in r["routing"]["load"])
 
 
 def phase_lrs(out_dir) -> dict[str, list[float]]:
@@ -234,5 +263,94 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_printed_resume_works(tmp
     assert command[:2] == ["python", "train_tinystories.py"] and "--resume" in command
     monkeypatch.setattr(pipeline, "save_checkpoint", real)
     assert train_tinystories.main(command[2:]) == 0
-    ref = [(r["kind"], r["global_step"], r["loss"]) for r in records(finished_run)]
-    assert [(r["kind"], r["global_step"], r["loss"]) for r in records(tmp_path)] == ref
+    assert losses(tmp_path) == losses(finished_run)
+
+
+# ------------------------------------------------------------------------- plan, prepared data, memory pre-flight
+def test_plan_of_the_cuda_preset_prints_on_a_cpu_and_writes_nothing(tmp_path, capsys):
+    assert train_tinystories.main(["--preset", "cuda", "--plan", "--out-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    for text in ("Phase 1: dense", "Phase 3: grown MoE", "peak", "transition", "MFU", "NVIDIA H100"):
+        assert text in out, text
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_counts_epochs_over_local_files(tmp_path, capsys):
+    data = tmp_path / "stories.txt"
+    data.write_text("".join(f"{s}\n<|endoftext|>\n" for s in generate_stories(300, seed=0)))
+    assert run(tmp_path / "run", "--plan", "--data-files", str(data)) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total")).split()
+    from training.plan import estimate_tokens
+
+    # micro: 70 steps of 8 x 64 tokens; 95% of the stories train (val_fraction 0.05)
+    assert float(total[4]) == pytest.approx(35_840 / (estimate_tokens(data.stat().st_size, 512) * 0.95), rel=0.02)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared_micro(tmp_path_factory):
+    from data.prepared import prepare_dataset
+
+    out = str(tmp_path_factory.mktemp("prepared") / "micro-512")
+    prepare_dataset(out, None, 512, origin="generated", offline_stories=2000, val_fraction=0.05, seed=1337,
+                    workers=1, log=lambda _: None)
+    return out
+
+
+def test_a_prepared_dataset_trains_resumes_and_is_recorded(tmp_path, prepared_micro, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--dataset", prepared_micro, "--dense_steps=10", "--moe_steps=6", "--grown_steps=6",
+               "--checkpoint_interval=5", "--eval_interval=5", "--grad_accum_steps=2") == 0
+    assert "Data: prepared dataset" in capsys.readouterr().out
+    source = json.load(open(out / "data_source.json"))
+    assert source["origin"] == "prepared" and os.path.samefile(source["path"], prepared_micro)
+    assert (out / "tokenizer" / "tokenizer.json").exists() and not (out / "cache").exists()  # nothing re-tokenized
+    start = records(out)[0]
+    from data.prepared import open_prepared
+
+    assert start["train_tokens"] == len(open_prepared(prepared_micro).train_tokens)
+    keep = [c for c in list_checkpoints(str(out / "checkpoints")) if c.meta["phase"] == "moe" and c.meta["phase_done"]]
+    for c in list_checkpoints(str(out / "checkpoints")):
+        if c.meta["global_step"] > keep[0].meta["global_step"]:
+            import shutil
+
+            shutil.rmtree(c.path)
+    (out / "checkpoints" / "LATEST").write_text(os.path.basename(keep[0].path))
+    before = losses(out)
+    assert train_tinystories.main(["--out-dir", str(out), "--resume"]) == 0
+    assert losses(out) == before
+
+
+def test_a_prepared_dataset_fixes_the_vocabulary_and_is_checked_on_resume(tmp_path, prepared_micro, capsys):
+    assert run(tmp_path / "a", "--dataset", prepared_micro, "--vocab_size=1024") == 2
+    err = capsys.readouterr().err
+    assert "prepared with a 512-token tokenizer" in err and "--vocab_size 1024" in err
+    assert run(tmp_path / "b", "--dataset", str(tmp_path / "nowhere")) == 2
+    assert "prepare_data.py" in capsys.readouterr().err
+    assert run(tmp_path / "c", "--dataset", prepared_micro, "--data-files", "x.txt") == 2
+    assert "pass one" in capsys.readouterr().err
+
+
+def test_a_run_that_would_not_fit_the_gpu_stops_before_any_work_naming_what_fits(tmp_path, monkeypatch):
+    import torch
+
+    from config import ConfigError
+    from training.pipeline import RunRequest, check_memory
+    from training.runtime import Runtime
+    from training.settings import build_settings
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
+    s = build_settings("cuda", {"train": {"batch_size": 64}})
+    req = RunRequest(s, str(tmp_path / "run"), preset="cuda")
+    rt = Runtime(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 << 30, 80 << 30))
+    check_memory(req, rt)  # fits: nothing said
+    from training.plan import make_plan
+
+    peak = make_plan(s, device_type="cuda", gpu_name="NVIDIA A100-SXM4-40GB").peak_bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(peak * 0.8), 40 << 30))
+    with pytest.raises(ConfigError) as e:
+        check_memory(req, rt)
+    message = str(e.value)
+    assert "GiB at its peak" in message and ("--grad_accum_steps" in message or "--activation_checkpointing" in message)
+    assert not (tmp_path / "run").exists()

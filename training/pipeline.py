@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from config import ModelConfig, config_to_dict
+from config import ConfigError, ModelConfig, config_to_dict
 from data import DataError, TokenBatches, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
 from data import train_tokenizer
 from data.source import SOURCE_FILE, source_record
@@ -29,10 +29,12 @@ from models import build_model, generate
 from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, write_text_atomic
 from training.disk import (NotEnoughSpace, WriteFailed, check_free_space, checkpoint_bytes, dir_bytes,
                            peak_checkpoint_bytes)
-from training.loop import Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingState, train_phase
+from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
+                           evaluate_details, train_phase)
+from training.html_report import write_report
 from training.report import BAR, MetricsLog, phase_header, plot_losses
-from training.runtime import Runtime
-from training.settings import Settings, save_settings
+from training.runtime import Runtime, resolve_precision
+from training.settings import Settings, build_settings, save_settings
 from transfer import (GrowthReport, dense_to_moe, detailed_growth_check, judge_clone_divergence,
                       grown_config, measure_clone_divergence, scale_bilaterally, upcycling_check)
 
@@ -91,6 +93,12 @@ class Data:
     tokenizer: object
     calibration: torch.Tensor  # (B, T) validation tokens for router centring and the checks
     source: dict  # what was read, for data_source.json (data.source)
+    description: str = ""  # one line: where the text came from
+    val_tokens: int = 0  # tokens in the validation split
+
+    @property
+    def train_tokens(self) -> int:
+        return len(self.batches.tokens)
 
 
 def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime, hf_path: str | None = None,
@@ -120,7 +128,92 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     tc = s.train
     batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files))
+    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
+                len(val_tokens))
+
+
+def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: bool) -> Data:
+    """A dataset prepared once (prepare_data.py): its tokens memory-mapped in place, its tokenizer copied into the
+    run (so the run directory stays whole for sampling and export). Start-up reads no text."""
+    from data.prepared import open_prepared
+
+    log = print if rt.is_master else (lambda _: None)
+    prepared = open_prepared(path)
+    tok_dir, error = os.path.join(out_dir, "tokenizer"), None
+    if rt.is_master:
+        try:
+            ckpts = [checkpoint_bytes(c) for c in stage_configs(s)]
+            need = {"checkpoints": peak_checkpoint_bytes(ckpts, s.train.keep_checkpoints), "tokenizer, logs": 2 << 20}
+            check_free_space(out_dir, need, dir_bytes(out_dir) if resume else 0)
+            if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+                save_tokenizer(prepared.tokenizer, tok_dir)
+        except (NotEnoughSpace, WriteFailed) as e:
+            error = e
+    if not rt.broadcast_flag(error is None):
+        raise error or DataError("rank 0 could not prepare the run directory; see its message")
+    log(f"Data: {prepared.describe()}")
+    train_tokens, val_tokens = prepared.train_tokens, prepared.val_tokens
+    log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {prepared.vocab_size:,})")
+    tc = s.train
+    batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
+    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
+    return Data(batches, val, prepared.tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(),
+                len(val_tokens))
+
+
+# ------------------------------------------------------------------------------------------- the plan
+def plan_device(s: Settings, preset: str | None) -> tuple[str, str | None]:
+    """(device type, GPU name) a plan is for: the visible GPU; a cuda run planned where none is visible assumes
+    training.plan.REFERENCE_GPU (gpu name None)."""
+    if s.run.device.startswith("cuda") or (s.run.device == "auto" and torch.cuda.is_available()):
+        return "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return ("cuda", None) if preset == "cuda" else ("cpu", None)
+
+
+def planned_train_tokens(req: "RunRequest") -> int | None:
+    """Training tokens, where known without reading the text: a prepared dataset's count, or local files' size
+    times the measured tokens per byte of TinyStories at this vocabulary; None for the hub."""
+    if req.dataset:
+        from data.prepared import open_prepared
+
+        return len(open_prepared(req.dataset).train_tokens)
+    if req.data_files:
+        from training.plan import estimate_tokens
+
+        n_bytes = sum(os.path.getsize(f) for f in req.data_files)
+        return round(estimate_tokens(n_bytes, req.settings.model.vocab_size) * (1 - req.settings.data.val_fraction))
+    return None
+
+
+def run_plan(req: "RunRequest", world_size: int | None = None) -> "Plan":
+    """The plan of the run req asks for (training.plan), on the device it will use; nothing is built or read."""
+    from training.plan import make_plan
+
+    device_type, gpu_name = plan_device(req.settings, req.preset)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    return make_plan(req.settings, device_type=device_type, gpu_name=gpu_name, world_size=world,
+                     train_tokens=planned_train_tokens(req))
+
+
+def check_memory(req: "RunRequest", rt: Runtime) -> None:
+    """On CUDA, before any work: ConfigError (exit 2) when the plan's peak exceeds the device's free memory,
+    naming the settings that would fit."""
+    if rt.device.type != "cuda":
+        return
+    from training.plan import fit_settings, make_plan
+
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    name = torch.cuda.get_device_name(rt.device)
+    plan_for = lambda s: make_plan(s, device_type="cuda", gpu_name=name, world_size=rt.world_size)  # noqa: E731
+    plan = plan_for(req.settings)
+    if plan.fits(free):
+        return
+    fixes = fit_settings(req.settings, plan_for, free)
+    fix = ("; or ".join(fixes) + " (then --resume picks them up)") if fixes else \
+        "a smaller model (dim, n_layers, n_experts) or a GPU with more memory"
+    worst = max(plan.phases, key=lambda ph: ph.peak_bytes)
+    raise ConfigError(f"the run needs about {plan.peak_bytes / 2**30:.1f} GiB at its peak ({worst.label}) but "
+                      f"{name} has {free / 2**30:.1f} GiB free: use {fix}")
 
 
 def stage_configs(s: Settings) -> list[ModelConfig]:
@@ -166,8 +259,11 @@ def _ensure_tokenizer(tok_dir: str, stories: list[str], vocab_size: int, hf_path
     write_text_atomic(key_path, key + "\n")
 
 
+SAMPLE_PROMPT = "Once upon a time"
+
+
 def sample_story(model: nn.Module, data: Data, s: Settings, rt: Runtime) -> str:
-    prompt = torch.tensor([data.tokenizer.encode("Once upon a time")], device=rt.device)
+    prompt = torch.tensor([data.tokenizer.encode(SAMPLE_PROMPT)], device=rt.device)
     gen = torch.Generator().manual_seed(s.run.seed)
     ids = generate(model, prompt, s.train.sample_tokens, temperature=0.8, top_k=50,
                    eos_id=data.tokenizer.eos_token_id, generator=gen)
@@ -180,18 +276,20 @@ class TransitionResult:
     model: nn.Module
     passed: bool  # the same on every rank
     failed: list[str]  # names of the failed checks (rank 0)
+    results: dict | None = None  # check name -> CheckResult (rank 0)
+    title: str = ""
 
 
 def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runtime) -> TransitionResult:
     """Grow the previous stage's model into stage's and verify the pair on rank 0."""
     calib, raw = data.calibration.to(rt.device), model.to(rt.device)
     new = stage.grow(raw, s, calib)
-    passed, failed = True, []
+    passed, failed, results = True, [], None
     if rt.is_master:
         print(f"\n{BAR}\nTRANSITION {stage_index(stage.name)}: {stage.describe(s)}\n{BAR}")
         report = stage.check(raw, new, calib)
-        passed, failed = report.passed, [k for k, r in report.results.items() if not r.passed]
-    return TransitionResult(new, rt.broadcast_flag(passed), failed)
+        passed, failed, results = report.passed, [k for k, r in report.results.items() if not r.passed], report.results
+    return TransitionResult(new, rt.broadcast_flag(passed), failed, results, stage.describe(s))
 
 
 # ---------------------------------------------------------------------------------------------- a run
@@ -205,6 +303,8 @@ class RunRequest:
     resume: bool = False
     init_from_hf: str | None = None  # a fresh run's phase-1 model and tokenizer
     origin: str = "auto"  # the data source a resume must read again (data.source.resume_source)
+    preset: str | None = None  # the preset a fresh run started from (the report shows settings that differ)
+    dataset: str | None = None  # a prepared dataset directory (data.prepared), instead of data_files or the hub
 
 
 @dataclass
@@ -252,53 +352,156 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
     """Train every stage from where the run stands; a failed check or a divergence halts (printed on rank 0)."""
     started, s, out_dir = time.time(), req.settings, req.out_dir
     say = print if rt.is_master else (lambda *a, **k: None)
+    check_memory(req, rt)
     ckpt = latest_checkpoint(out_dir, log=say) if req.resume else None
     if ckpt is not None and ckpt.phase == PIPELINE[-1].name and ckpt.meta["phase_done"]:
         say(f"Run in {out_dir} already finished (final eval loss {ckpt.meta['eval_losses'][ckpt.phase]:.4f}).")
         state = TrainingState()
         state.load_state_dict(ckpt.meta)
         return Outcome("already_finished", state)
-    data = load_data(s, req.data_files, out_dir, rt, None if req.resume else req.init_from_hf, req.origin, req.resume)
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), ckpt.meta["global_step"] if ckpt else None, rt.is_master)
+    if req.dataset:
+        data = load_prepared(s, req.dataset, out_dir, rt, req.resume)
+    else:
+        data = load_data(s, req.data_files, out_dir, rt, None if req.resume else req.init_from_hf, req.origin,
+                         req.resume)
+    log = open_metrics(req, rt, ckpt)
     run = PhaseRun(rt, s.train, data.batches, data.val_batches, log, make_saver(out_dir, s, rt), s.run.compile,
-                   stop_requested)
+                   stop_requested, peak_flops=peak_flops_of(rt))
     model, index, state, opt_state = start_point(req, ckpt, data, rt)
     if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
         save_settings(s, out_dir)
         write_text_atomic(os.path.join(out_dir, SOURCE_FILE), json.dumps(data.source, indent=1))
+    log.write(**start_record(req, rt, data, state))
+    try:
+        status, message = _train_stages(req, rt, data, run, log, model, index, state, opt_state)
+        finish(log, out_dir, rt, status, message, state, started)
+    except TrainingInterrupted as e:
+        finish(log, out_dir, rt, "interrupted", f"stopped by {e.signal_name}", state, started)
+        raise
+    finally:
+        log.close()
+    if rt.is_master and status == "finished":
+        summary(state, time.time() - started, out_dir, log)
+    return Outcome(status, state)
+
+
+def open_metrics(req: RunRequest, rt: Runtime, ckpt: Checkpoint | None) -> MetricsLog:
+    """metrics.jsonl (rank 0) cut back to the checkpoint resumed from, plus TensorBoard scalars when the
+    tensorboard setting asks for them."""
+    resume_global_step = ckpt.meta["global_step"] if ckpt else None
+    sinks = []
+    if rt.is_master and req.settings.run.tensorboard:
+        from training.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(os.path.join(req.out_dir, "tensorboard"), purge_step=None if resume_global_step is None else resume_global_step + 1))
+    return MetricsLog(os.path.join(req.out_dir, "metrics.jsonl"), resume_global_step, rt.is_master, sinks,
+                      ckpt.phase if ckpt else None)
+
+
+def peak_flops_of(rt: Runtime) -> float | None:
+    """One process's peak FLOP/s at the run's precision, for MFU: known for the GPUs training.plan lists."""
+    if rt.device.type != "cuda":
+        return None
+    from training.plan import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(rt.device), resolve_precision(rt.precision, "cuda"))
+
+
+def finish(log: MetricsLog, out_dir: str, rt: Runtime, status: str, message: str, state: TrainingState,
+           started: float) -> None:
+    """The outcome record, the report brought up to date, TensorBoard closed."""
+    log.write(kind="outcome", status=status, message=message, global_step=state.global_step, time=time.time(),
+              seconds=time.time() - started)
+    write_report_quietly(out_dir, rt)
+
+
+def write_report_quietly(out_dir: str, rt: Runtime) -> None:
+    """report.html, rewritten (rank 0); a report that cannot be written costs a warning, never the run."""
+    if not rt.is_master:
+        return
+    try:
+        write_report(out_dir, PIPELINE)
+    except WriteFailed as e:
+        print(f"warning: report.html not updated: {e}")
+
+
+def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: MetricsLog, model: nn.Module,
+                  index: int, state: TrainingState, opt_state: dict | None) -> tuple[str, str]:
+    """Each stage from `index` on: its transition (grow, verify, eval the grown model), then its training.
+    Returns (finished | halted, the message); `state` is updated in place."""
+    s, out_dir = req.settings, req.out_dir
+    say = print if rt.is_master else (lambda *a, **k: None)
     for i in range(index, len(PIPELINE)):
         stage = PIPELINE[i]
         if state.phase != stage.name:  # entering the stage: grow the previous stage's model, then verify it
+            loss_before = state.eval_losses.get(PIPELINE[i - 1].name) if i else None
             if stage.grow is not None:
                 grown = transition(stage, model, data, s, rt)
                 if not grown.passed:
-                    halt(f"transition {i} failed the {', '.join(grown.failed)} check(s); see the summary above.",
-                         out_dir, resume_hint(out_dir, grown.failed, s), log, rt)
-                    return Outcome("halted", state)
+                    log.write(**transition_record(stage, grown, state, loss_before, None))
+                    why = f"transition {i} failed the {', '.join(grown.failed)} check(s); see the summary above."
+                    halt(why, out_dir, resume_hint(out_dir, grown.failed, s), log, rt)
+                    return "halted", why
                 model = grown.model
             state.begin(stage.name)
+            loss_after = evaluate_at_start(model, stage, state, data, log, rt)
+            if stage.grow is not None:
+                log.write(**transition_record(stage, grown, state, loss_before, loss_after))
+                say(f"Eval loss before transition {i}: {loss_before:.6f}; grown model: {loss_after:.6f} "
+                    f"(difference {loss_after - loss_before:+.1e})")
         phase = stage.phase(s, last=i == len(PIPELINE) - 1)
         say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
         run.watch = clone_watch(stage, s, log, rt) if stage.measure_clones else None
         try:
-            state = train_phase(model, phase, run, state, opt_state)
+            train_phase(model, phase, run, state, opt_state)
         except TrainingDiverged as e:
-            halt(f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps.", out_dir,
-                 f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 3:.1e}",
-                 log, rt)
-            return Outcome("halted", state)
+            why = f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps."
+            halt(why, out_dir, f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr="
+                 f"{phase.lr / 3:.1e}", log, rt)
+            return "halted", why
         except TrainingHalted as e:
-            halt(f"{e} (halt_on_relock is on; turn it off to only warn)", out_dir,
-                 f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr={phase.lr / 2:.1e}",
-                 log, rt)
-            return Outcome("halted", state)
+            why = f"{e} (halt_on_relock is on; turn it off to only warn)"
+            halt(why, out_dir, f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr="
+                 f"{phase.lr / 2:.1e}", log, rt)
+            return "halted", why
         opt_state = None
         if rt.is_master:
-            print(f"{phase.title} finished: eval loss {state.eval_losses[phase.name]:.4f}\n"
-                  f"Sample: {sample_story(model, data, s, rt)}")
-    if rt.is_master:
-        summary(state, time.time() - started, out_dir, log)
-    return Outcome("finished", state)
+            story = sample_story(model, data, s, rt)
+            print(f"{phase.title} finished: eval loss {state.eval_losses[phase.name]:.4f}\nSample: {story}")
+            log.write(kind="sample", phase=phase.name, global_step=state.global_step, time=time.time(),
+                      prompt=SAMPLE_PROMPT, text=story)
+        write_report_quietly(out_dir, rt)
+    return "finished", f"{len(PIPELINE)} phases trained, {sum(st.grow is not None for st in PIPELINE)} transitions verified"
+
+
+def evaluate_at_start(model: nn.Module, stage: Stage, state: TrainingState, data: Data, log: MetricsLog,
+                      rt: Runtime) -> float:
+    """The eval at a stage's step 0 (before phase 1 trains; right after a transition): the curve's first point,
+    which for a grown model must equal the previous stage's last eval."""
+    loss, routing = evaluate_details(model, data.val_batches, rt)
+    extra = {"routing": routing} if routing is not None else {}
+    log.write(kind="eval", phase=stage.name, step=0, global_step=state.global_step, loss=loss, time=time.time(),
+              **state.progress(data.train_tokens), **extra)
+    return loss
+
+
+def start_record(req: RunRequest, rt: Runtime, data: Data, state: TrainingState) -> dict:
+    """The metrics record of a (re)start: where, on what, with which settings (and the preset's, to compare)."""
+    preset = None if req.preset is None else build_settings(req.preset).to_dict()
+    return dict(kind="start", global_step=state.global_step, time=time.time(), preset=req.preset,
+                device=str(rt.device), world_size=rt.world_size,
+                precision=resolve_precision(req.settings.run.precision, rt.device.type), data=data.description,
+                train_tokens=data.train_tokens, val_tokens=data.val_tokens, settings=req.settings.to_dict(),
+                preset_settings=preset, resumed=req.resume)
+
+
+def transition_record(stage: Stage, result: "TransitionResult", state: TrainingState, loss_before: float | None,
+                      loss_after: float | None) -> dict:
+    """The metrics record of a transition: every check's verdict, and the eval loss on either side."""
+    checks = {k: r.to_record() for k, r in result.results.items()} if result.results else {}
+    return dict(kind="transition", index=stage_index(stage.name), stage=stage.name, title=result.title,
+                global_step=state.global_step, time=time.time(), **state.progress(None), passed=result.passed,
+                loss_before=loss_before, loss_after=loss_after, checks=checks)
 
 
 def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
@@ -354,4 +557,5 @@ def summary(state: TrainingState, seconds: float, out_dir: str, log: MetricsLog)
             previous = loss
     n = sum(1 for st in PIPELINE if st.grow is not None)
     print(f"  {n} transitions verified. ✓ ALL CHECKS PASSED\n  Time: {seconds / 60:.1f} min")
-    print(f"  Outputs in {out_dir}: metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, tokenizer/\n{BAR}")
+    print(f"  Outputs in {out_dir}: report.html, metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, "
+          f"tokenizer/\n{BAR}")

@@ -22,6 +22,8 @@ process, eager mode (no torch.compile), and is checked against measurement by be
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -65,6 +67,17 @@ REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a cuda plan assumes when none
 # step times, fp32), ~20 GFLOP/s a thread. bf16 on a CPU is slower than fp32: no figure, no time.
 CPU_FLOPS_PER_THREAD = 20e9
 MEMORY_MARGIN = 0.1  # a plan fits when its peak x (1 + margin) is free: allocator fragmentation, CUDA context
+
+
+# Tokens (eos included) per byte of a TinyStories .txt file, by vocabulary: measured on the 3.7 MB real sample
+# (bench/tokenize_rate.py, bench/results/tokenize_rate.json). The plan's epochs over local files use it.
+TOKENS_PER_FILE_BYTE = {2048: 0.268, 4096: 0.2472}
+
+
+def estimate_tokens(n_bytes: int, vocab_size: int) -> int:
+    """Tokens in n_bytes of TinyStories-like text at vocab_size (the nearest measured vocabulary's rate)."""
+    nearest = min(TOKENS_PER_FILE_BYTE, key=lambda v: abs(math.log(v / vocab_size)))
+    return round(n_bytes * TOKENS_PER_FILE_BYTE[nearest])
 
 
 def peak_flops(gpu_name: str, precision: str) -> float | None:

@@ -40,10 +40,10 @@ class MetricsLog:
     Each sink gets every record written after it reached the file; a disabled log (ranks > 0) feeds none."""
 
     def __init__(self, path: str, resume_global_step: int | None = None, enabled: bool = True,
-                 sinks: Iterable[Sink] = ()):
+                 sinks: Iterable[Sink] = (), resume_phase: str | None = None):
         self.path, self.enabled, self.sinks = path, enabled, list(sinks)
         if enabled and resume_global_step is not None and os.path.exists(path):
-            kept = [line for line in open(path) if (r := _parse(line)) and r.get("global_step", 0) <= resume_global_step]
+            kept = [line for line in open(path) if (r := _parse(line)) and _before(r, resume_global_step, resume_phase)]
             write_text_atomic(path, "".join(kept))
         elif enabled and resume_global_step is None and os.path.exists(path):
             os.remove(path)
@@ -68,6 +68,14 @@ class MetricsLog:
         """Close the sinks (the file itself is closed after every write)."""
         for sink in self.sinks:
             sink.close()
+
+
+def _before(record: dict, global_step: int, phase: str | None) -> bool:
+    """Whether a record precedes a checkpoint at (global_step, phase): a finished phase's checkpoint shares its
+    global step with the next stage's transition and step-0 eval, which the resumed run writes again."""
+    step = record.get("global_step", 0)
+    stage = record.get("phase") or record.get("stage")
+    return step < global_step or (step == global_step and (phase is None or stage is None or stage == phase))
 
 
 def read_records(path: str) -> list[dict]:
