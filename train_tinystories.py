@@ -30,7 +30,7 @@ from training.checkpoint import CheckpointError, latest_checkpoint
 from training.disk import NotEnoughSpace, WriteFailed, existing_ancestor, remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.pipeline import RunRequest, run_pipeline, run_plan
-from training.runlock import RunLock, RunLocked, acquire
+from training.runlock import RunLock, RunLocked, acquire, refuse_if_held
 from training.runtime import StopSignals, setup_runtime, teardown_runtime
 from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
                                with_hf_model)
@@ -59,6 +59,8 @@ def parse(argv: list[str]) -> tuple[RunRequest, bool]:
     saved = load_saved_settings(out_dir) if args.resume else None
     if args.resume and saved is None:
         raise ConfigError(f"--resume: {out_dir} holds no run (no settings.json); drop --resume to start one")
+    if not args.plan:
+        refuse_if_held(out_dir)  # a running run's directory: name it, whatever it holds so far
     if not args.resume and not args.plan and latest_checkpoint(out_dir, log=lambda _: None) is not None:
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
     if settings_asks_tensorboard(overrides, saved) and importlib.util.find_spec("tensorboard") is None:
@@ -150,7 +152,7 @@ def main(argv: list[str]) -> int:
         if plan_only:
             print(run_plan(req).table())
             return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     new_dir = not os.path.exists(req.out_dir)

@@ -298,6 +298,15 @@ def _replace(path: str, me: Holder, dead: Holder | None, log) -> RunLock | None:
     return RunLock(path, fd, me)
 
 
+def refuse_if_held(out_dir: str) -> None:
+    """RunLocked (one line naming the holder) if a live process holds out_dir's lock; nothing is written."""
+    path = os.path.join(out_dir, LOCK_NAME)
+    text = _read_text(path) if os.path.exists(path) else ""
+    holder = _parse(text) if text else None
+    if holder is not None:
+        _refuse_live(path, holder, Holder.me())
+
+
 def _refuse_live(path: str, holder: Holder, me: Holder) -> None:
     """RunLocked naming the holder and what to do; returns only if the recorded holder is dead, on this host."""
     out_dir = os.path.dirname(path)
