@@ -1,6 +1,13 @@
 """Shared fixtures: tiny configs and batches of real (byte-level) token ids from generated stories."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers already fill the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the runs the tests start
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    torch.set_num_threads(1)
 
 from config import ModelConfig
 from data.synthetic import byte_token_batch, generate_stories

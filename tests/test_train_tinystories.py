@@ -299,8 +299,8 @@ def prepared_micro(tmp_path_factory):
 
 def test_a_prepared_dataset_trains_resumes_and_is_recorded(tmp_path, prepared_micro, capsys):
     out = tmp_path / "run"
-    assert run(out, "--dataset", prepared_micro, "--dense_steps=10", "--moe_steps=6", "--grown_steps=6",
-               "--checkpoint_interval=5", "--eval_interval=5", "--grad_accum_steps=2") == 0
+    assert run(out, "--dataset", prepared_micro, "--dense_steps=4", "--moe_steps=4", "--grown_steps=4",
+               "--checkpoint_interval=2", "--eval_interval=2", "--log_interval=2", "--grad_accum_steps=2") == 0
     assert "Data: prepared dataset" in capsys.readouterr().out
     source = json.load(open(out / "data_source.json"))
     assert source["origin"] == "prepared" and os.path.samefile(source["path"], prepared_micro)
@@ -354,3 +354,20 @@ def test_a_run_that_would_not_fit_the_gpu_stops_before_any_work_naming_what_fits
     message = str(e.value)
     assert "GiB at its peak" in message and ("--grad_accum_steps" in message or "--activation_checkpointing" in message)
     assert not (tmp_path / "run").exists()
+
+
+def test_micro_with_bf16_autocast_compile_and_accumulation_runs_every_phase_verified(tmp_path, capsys):
+    """The CUDA defaults' code paths on CPU: bf16 autocast end to end (the checks stay float64), torch.compile of
+    every phase's model, two micro-batches per step. Few steps: compiling dominates (about a minute a phase)."""
+    assert run(tmp_path, "--precision=bf16", "--compile=true", "--grad_accum_steps=2", "--dense_steps=4",
+               "--moe_steps=2", "--grown_steps=2", "--eval_interval=2", "--checkpoint_interval=4",
+               "--log_interval=2") == 0
+    out = capsys.readouterr().out
+    assert out.count("✓ ALL CHECKS PASSED") == 2 and "TRAINING SUMMARY" in out
+    recs = records(tmp_path)
+    assert recs[0]["precision"] == "bf16" and recs[-1]["status"] == "finished"
+    train = [r for r in recs if r["kind"] == "train"]
+    assert all(r["loss"] == r["loss"] and r["loss"] < 7 for r in train)
+    assert train[-1]["tokens"] == (4 + 2 + 2) * 2 * 8 * 64  # steps x micro-batches x batch_size x seq_len
+    for t in (r for r in recs if r["kind"] == "transition"):  # bf16 evals: equal to bf16 rounding, not 1e-5
+        assert abs(t["loss_after"] - t["loss_before"]) < 1e-3 * t["loss_before"]
