@@ -22,7 +22,8 @@ def test_readme_has_snippets_to_run():
 
 @pytest.mark.parametrize("snippet", [s for s in python_snippets("README.md") if NEEDS_EXPORT not in s])
 def test_readme_python_snippet_runs_as_written(snippet, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

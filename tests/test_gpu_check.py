@@ -40,7 +40,7 @@ def test_phase_throughput_measures_every_stage_at_the_presets_shapes(cpu_result)
         assert p["flops_per_s"] == pytest.approx(p["flops_per_token"] * p["tokens_per_s"])
         assert p["loss_finite"] and 5 < p["loss_first"] < 7.5  # random tokens: about ln(512) = 6.24
         assert p["mfu"] is None and p["peak_memory_bytes"] is None and p["memory_ratio"] is None
-        assert p["mfu_goal"] == pt.GOALS[p["phase"]]
+        assert p["mfu_goal"] == (pt.MOE_GOAL if cfg.is_moe else pt.DENSE_GOAL)
 
 
 def test_phase_throughput_reads_the_plan_for_each_phase(cpu_result):

@@ -147,3 +147,29 @@ def test_fit_settings_suggests_settings_whose_plan_fits():
         half = apply(s, parse_overrides([f"--batch_size={2 * 64 // k}", f"--grad_accum_steps={k // 2}"]))
         assert not plan_fn(half).fits(free)
     assert fit_settings(s, plan_fn, 2**20) == []  # 1 MiB: the weights alone do not fit; nothing to suggest
+
+
+def test_fsdp_divides_weights_gradients_and_adamw_by_the_world_and_is_suggested_when_ddp_does_not_fit():
+    """Per process: 1/8 of weights, gradients and AdamW on 8 processes (FSDP pads rows: ceil), activations unchanged
+    but for the weight copies autocast no longer makes; no DDP buckets; rank 0's transition as large as ever (it
+    grows and checks whole copies). A run that fits sharded but not replicated is told --parallel=fsdp."""
+    s = build_settings("cuda")
+    sharded = apply(s, parse_overrides(["--parallel=fsdp"]))
+    ddp, fsdp = (make_plan(t, device_type="cuda", world_size=8) for t in (s, sharded))
+    for a, b in zip(ddp.phases, fsdp.phases):
+        shard = -(-a.params // 8)  # ceil(P / 8) parameters a process
+        assert (b.memory.terms["weights"], b.memory.terms["gradients"], b.memory.terms["AdamW"]) == \
+            (4 * shard, 4 * shard, 8 * shard)
+        assert "DDP buckets" in a.memory.terms and "DDP buckets" not in b.memory.terms
+        assert 0 < b.memory.terms["FSDP gathered"] < a.memory.terms["weights"]
+        assert b.memory.terms["activations"] < a.memory.terms["activations"]  # no bf16 copies of the weights
+        assert b.memory.transition_peak >= a.memory.transition_peak and b.peak_bytes < a.peak_bytes
+    assert "fsdp: weights, gradients and AdamW sharded, 1/8" in fsdp.table()
+
+    def plan_fn(t):
+        return make_plan(t, device_type="cuda", world_size=8)
+
+    free = int(1.1 * (plan_fn(sharded).peak_bytes + 1)) + 1
+    assert not plan_fn(s).fits(free) and plan_fn(sharded).fits(free)
+    assert "--parallel=fsdp" in fit_settings(s, plan_fn, free)
+    assert "--parallel=fsdp" not in fit_settings(s, lambda t: make_plan(t, device_type="cuda"), free)  # one process

@@ -19,7 +19,9 @@ SHORT = ["--preset", "micro", "--dense_steps=40", "--moe_steps=20", "--grown_ste
 # Long enough (about 10 s of training) for kills to land mid-phase, mid-transition and mid-checkpoint.
 LONG = ["--preset", "micro", "--dense_steps=150", "--moe_steps=60", "--grown_steps=60", "--checkpoint_interval=10",
         "--eval_interval=30", "--log_interval=5"]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="2")
+# two threads alone; one under pytest -n, where the workers already fill the cores (tests/conftest.py)
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+           OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
 
 
 def losses(out_dir) -> list[tuple]:

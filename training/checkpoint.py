@@ -5,7 +5,9 @@
     ckpt, run_dir = find_checkpoint(path)   # a checkpoint directory, or a run directory (its newest checkpoint)
 
 meta.json holds the model config, phase, step and a SHA-256 of each file, so a truncated or corrupted
-checkpoint is detected on load and the previous good one is used instead. A write that fails (disk full, I/O
+checkpoint is detected on load and the previous good one is used instead. A sharded run (parallel=fsdp) gathers
+its model and optimizer state whole to rank 0 first (training/sharding.py): every checkpoint has this one format,
+whatever number of processes wrote it or resumes it. A write that fails (disk full, I/O
 error, permissions) raises training.disk.WriteFailed after removing its partial files; earlier checkpoints and
 LATEST are untouched.
 """
@@ -53,8 +55,10 @@ class Checkpoint:
                                   "it was not written by this project's model") from None
         return model.to(device)
 
-    def load_state(self) -> dict:
-        return torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=False)
+    def load_state(self, mmap: bool = False) -> dict:
+        """Optimizer, RNG and batch state; mmap leaves the tensors on disk until read (a rank that needs only the
+        RNG state of a large optimizer's checkpoint)."""
+        return torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def write_text_atomic(path: str, text: str) -> None:

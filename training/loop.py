@@ -182,7 +182,15 @@ def routing_record(counts: torch.Tensor) -> dict:
 
 
 def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
-    """The module the loop steps through: compiled and/or DDP-wrapped; growth always sees the raw model."""
+    """The module the loop steps through: sharded in place (fsdp; the pipeline hands it over sharded already) or
+    DDP-wrapped, and/or compiled; growth always sees the raw (or sharded) model, never a wrapper."""
+    if run.rt.sharded:
+        from training.sharding import is_sharded, resharded, shard
+
+        if not is_sharded(model):  # identical on every rank (same seed or checkpoint): each keeps its shards
+            shard(model, run.rt)
+        resharded(model)  # an eval leaves the root's weights gathered: the optimizer must see the shards
+        return torch.compile(model) if run.compile else model
     wrapped = torch.compile(model) if run.compile else model
     if run.rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -195,8 +203,8 @@ def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
 
 def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingState | None = None,
                 optimizer_state: dict | None = None) -> TrainingState:
-    """Train `model` (raw, on the run's device) from state.step to the phase's end; return the state, whose
-    eval_losses then hold the phase's final eval loss. A fresh state (None) starts the phase at step 0.
+    """Train `model` (raw, on the run's device, or sharded: parallel=fsdp) from state.step to the phase's end; return
+    the state, whose eval_losses then hold the phase's final eval loss. A fresh state (None) starts the phase at 0.
 
     Each optimizer step sums the gradients of grad_accum_steps micro-batches of batch_size sequences, each
     loss divided by their number, so it equals one step over the whole batch for the cross-entropy and the
@@ -209,9 +217,11 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
     net = _wrap(model, run)
     opt = make_optimizer(model, phase.lr, tc)
     if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
-    k = tc.grad_accum_steps
-    tokens_per_step = tc.batch_size * tc.seq_len * k * rt.world_size
+        _load_optimizer(model, opt, optimizer_state, rt)
+    # A step's micro-batches on this process: grad_accum_steps, or its share of the step on another world size
+    k = getattr(run.batches, "micro_batches", tc.grad_accum_steps)
+    sequences = getattr(run.batches, "sequences_per_step", tc.batch_size * tc.grad_accum_steps * rt.world_size)
+    tokens_per_step = sequences * tc.seq_len
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
     nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
     start_step = state.step
@@ -235,16 +245,18 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         done = step + 1 == phase.steps
         due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
         halt_reason = None
-        if any(due) and nonfinite.item():  # checked before anything after the divergence is logged or saved
-            raise TrainingDiverged(f"loss became {total.item()} at {phase.name} step {step + 1}")
+        if any(due) and rt.any(nonfinite):  # before anything after the divergence is logged or saved; every rank
+            value = total.item()
+            what = value if not math.isfinite(value) else "non-finite on another process"
+            raise TrainingDiverged(f"loss became {what} at {phase.name} step {step + 1}")
         if due[0]:
             now = time.perf_counter()
             steps, seconds = step + 1 - last_logged, now - t_last
             t_last, last_logged = now, step + 1
             record = _throughput(steps, seconds, tokens_per_step, flops_per_step, run)
-            record.update(loss=loss.item(), lr=lr, **state.progress(run.train_tokens))
+            record.update(loss=rt.mean(loss).item(), lr=lr, **state.progress(run.train_tokens))  # the global batch's
             if balance is not None:
-                record["balance"] = balance.item()
+                record["balance"] = rt.mean(balance).item()
             if rt.is_master:
                 bar.write(_train_line(step + 1, record))
             run.log.write(kind="train", phase=phase.name, step=step + 1, global_step=state.global_step,
@@ -271,15 +283,18 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
 
 def _accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Backward over k micro-batches (DDP reduces gradients only on the last); the mean cross-entropy, mean
-    objective and mean balance loss (None for a dense model), all detached and left on the device."""
+    """Backward over k micro-batches; the mean cross-entropy, mean objective and mean balance loss (None for a dense
+    model), all detached and left on the device. DDP reduces gradients only on the last micro-batch. FSDP reduces
+    (reduce-scatters) every one: its no_sync analogue, set_requires_gradient_sync(False), would hold every
+    parameter's whole gradient between micro-batches, undoing the gradients' sharding in exactly the runs that
+    accumulate because memory is short; the price is one reduce-scatter per micro-batch instead of per step."""
     rt, tc = run.rt, run.train
     loss_sum = total_sum = balance_sum = None
     for micro in range(k):
         x, y = run.batches.next()
         stats: dict = {}
         last = micro == k - 1
-        with contextlib.nullcontext() if last or not rt.distributed else net.no_sync():
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
             with rt.autocast():
                 loss, total = lm_loss(net, x.to(rt.device), y.to(rt.device), tc, stats)
             (total / k).backward()
@@ -288,6 +303,16 @@ def _accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
         if "balance" in stats:
             balance_sum = stats["balance"] if balance_sum is None else balance_sum + stats["balance"]
     return loss_sum / k, total_sum / k, None if balance_sum is None else balance_sum / k
+
+
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict | None, rt: Runtime) -> None:
+    """A saved optimizer state (one process's state_dict(), whatever world size wrote it) into opt."""
+    if rt.sharded:
+        from training.sharding import load_optimizer
+
+        load_optimizer(model, opt, state, rt)
+    else:
+        opt.load_state_dict(state)
 
 
 def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step: float, run: PhaseRun) -> dict:

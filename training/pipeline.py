@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from config import ConfigError, ModelConfig, config_to_dict
-from data import DataError, TokenBatches, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
+from data import DataError, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
 from data import train_tokenizer
 from data.source import SOURCE_FILE, source_record
 from data.tokens import cache_bytes
@@ -34,6 +34,7 @@ from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, Tr
 from training.html_report import write_report
 from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime, resolve_precision
+from training.sharding import StepBatches, full_model, gather_optimizer, is_sharded, sharded_from
 from training.settings import Settings, build_settings, save_settings
 from transfer import (GrowthReport, dense_to_moe, detailed_growth_check, judge_clone_divergence,
                       grown_config, measure_clone_divergence, scale_bilaterally, upcycling_check)
@@ -88,9 +89,9 @@ def stage_index(name: str) -> int:
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
-    batches: TokenBatches
+    batches: StepBatches
     val_batches: list
-    tokenizer: object
+    tokenizer: object  # None on ranks other than 0 with a prepared dataset (only rank 0 samples)
     calibration: torch.Tensor  # (B, T) validation tokens for router centring and the checks
     source: dict  # what was read, for data_source.json (data.source)
     description: str = ""  # one line: where the text came from
@@ -126,7 +127,8 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     val_tokens = tokenize_to_cache(corpus.val, tokenizer, cache)
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {len(tokenizer):,})")
     tc = s.train
-    batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
+    batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
+                          tc.grad_accum_steps)
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
     return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
                 len(val_tokens))
@@ -155,10 +157,11 @@ def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: boo
     train_tokens, val_tokens = prepared.train_tokens, prepared.val_tokens
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {prepared.vocab_size:,})")
     tc = s.train
-    batches = TokenBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size)
+    batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
+                          tc.grad_accum_steps)
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    return Data(batches, val, prepared.tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(),
-                len(val_tokens))
+    tokenizer = prepared.tokenizer if rt.is_master else None  # rank 0 alone samples: the others skip its import
+    return Data(batches, val, tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(), len(val_tokens))
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -281,15 +284,22 @@ class TransitionResult:
 
 
 def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runtime) -> TransitionResult:
-    """Grow the previous stage's model into stage's and verify the pair on rank 0."""
-    calib, raw = data.calibration.to(rt.device), model.to(rt.device)
-    new = stage.grow(raw, s, calib)
+    """Grow the previous stage's model into stage's and verify the pair on rank 0. A sharded model is gathered whole
+    to rank 0, grown and checked there, and the grown model sharded from it on every rank."""
+    calib = data.calibration.to(rt.device)
+    sharded = is_sharded(model)
+    raw = full_model(model, rt) if sharded else model.to(rt.device)
+    new = stage.grow(raw, s, calib) if raw is not None else None  # rank 0 alone when sharded
     passed, failed, results = True, [], None
     if rt.is_master:
         print(f"\n{BAR}\nTRANSITION {stage_index(stage.name)}: {stage.describe(s)}\n{BAR}")
         report = stage.check(raw, new, calib)
         passed, failed, results = report.passed, [k for k, r in report.results.items() if not r.passed], report.results
-    return TransitionResult(new, rt.broadcast_flag(passed), failed, results, stage.describe(s))
+    passed = rt.broadcast_flag(passed)
+    if sharded:
+        del raw
+        new = sharded_from(new, rt) if passed else model
+    return TransitionResult(new, passed, failed, results, stage.describe(s))
 
 
 # ---------------------------------------------------------------------------------------------- a run
@@ -314,12 +324,19 @@ class Outcome:
 
 
 def make_saver(out_dir: str, s: Settings, rt: Runtime) -> Callable[[nn.Module, object, TrainingState], str | None]:
-    """The loop's checkpoint writer: rank 0 writes weights, training state, optimizer and RNG state."""
+    """The loop's checkpoint writer: rank 0 writes weights, training state, optimizer and RNG state. A sharded model
+    and its optimizer are gathered whole to rank 0's host first (every rank takes part), so every checkpoint has
+    one format, whatever wrote it and whatever resumes it."""
     def save(model: nn.Module, optimizer, state: TrainingState) -> str | None:
+        if is_sharded(model):
+            model, opt_state = full_model(model, rt, device="cpu"), gather_optimizer(model, optimizer, rt)
+        else:
+            opt_state = optimizer.state_dict() if rt.is_master else None
         if not rt.is_master:
             return None
-        meta = {**state.state_dict(), "model_config": config_to_dict(model.config), "settings": s.to_dict()}
-        return save_checkpoint(out_dir, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+        meta = {**state.state_dict(), "model_config": config_to_dict(model.config), "settings": s.to_dict(),
+                "world_size": rt.world_size}
+        return save_checkpoint(out_dir, model, {"optimizer": opt_state, "rng": torch.get_rng_state()},
                                meta, keep_periodic=s.train.keep_checkpoints)
 
     return save
@@ -334,24 +351,35 @@ def start_point(req: RunRequest, ckpt: Checkpoint | None, data: Data, rt: Runtim
         if req.init_from_hf:
             from transfer.hf_format import from_hf
 
-            return from_hf(req.init_from_hf).to(rt.device), 0, state, None
-        return build_model(req.settings.model).to(rt.device), 0, state, None
-    saved = ckpt.load_state()
+            return _placed(lambda: from_hf(req.init_from_hf), rt), 0, state, None
+        return _placed(lambda: build_model(req.settings.model), rt), 0, state, None
+    saved = ckpt.load_state(mmap=rt.sharded and not rt.is_master)  # sharded: rank 0's optimizer state is used
     state.load_state_dict(ckpt.meta)
-    data.batches.load_state_dict({**(state.data_position or saved.get("batches", {})), "rank": rt.rank})
+    data.batches.load_state_dict(state.data_position or saved.get("batches", {}))
     torch.set_rng_state(saved["rng"])
     if rt.is_master:
-        print(f"Resuming from {ckpt.path} ({state.phase}, step {state.step})")
+        saved_by = ckpt.meta.get("world_size", 1)
+        print(f"Resuming from {ckpt.path} ({state.phase}, step {state.step})" + (
+            f", saved by {saved_by} process{'es' if saved_by > 1 else ''}, on {rt.world_size}"
+            if saved_by != rt.world_size else ""))
     index = stage_index(state.phase)
-    if state.phase_done:
-        return ckpt.load_model(rt.device), index + 1, state, None
-    return ckpt.load_model(rt.device), index, state, saved["optimizer"]
+    model = _placed(lambda: ckpt.load_model("cpu" if rt.sharded else rt.device), rt)
+    return model, index + state.phase_done, state, None if state.phase_done else saved["optimizer"]
+
+
+def _placed(make: Callable[[], nn.Module], rt: Runtime) -> nn.Module:
+    """make()'s model on the run's device; sharded (parallel=fsdp), rank 0 alone makes it, on its host, and every
+    rank gets its shards."""
+    if not rt.sharded:
+        return make().to(rt.device)
+    return sharded_from(make() if rt.is_master else None, rt)
 
 
 def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str | None] = lambda: None) -> Outcome:
     """Train every stage from where the run stands; a failed check or a divergence halts (printed on rank 0)."""
     started, s, out_dir = time.time(), req.settings, req.out_dir
     say = print if rt.is_master else (lambda *a, **k: None)
+    rt.use_parallel(s.run.parallel)
     check_memory(req, rt)
     ckpt = latest_checkpoint(out_dir, log=say) if req.resume else None
     if ckpt is not None and ckpt.phase == PIPELINE[-1].name and ckpt.meta["phase_done"]:
@@ -465,8 +493,9 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
                  f"{phase.lr / 2:.1e}", log, rt)
             return "halted", why
         opt_state = None
+        whole = full_model(model, rt) if is_sharded(model) else model  # rank 0 samples from a whole copy
         if rt.is_master:
-            story = sample_story(model, data, s, rt)
+            story = sample_story(whole, data, s, rt)
             print(f"{phase.title} finished: eval loss {state.eval_losses[phase.name]:.4f}\nSample: {story}")
             log.write(kind="sample", phase=phase.name, global_step=state.global_step, time=time.time(),
                       prompt=SAMPLE_PROMPT, text=story)
@@ -511,15 +540,16 @@ def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
     history = [r["clone_divergence"] for r in log.records() if r.get("phase") == stage.name and "clone_divergence" in r]
 
     def watch(model: nn.Module, state: TrainingState) -> tuple[dict, str | None]:
-        record = stage.measure_clones(model, s)
-        if not record:
-            return {}, None
-        history.append(record)
-        verdict = judge_clone_divergence(history)
-        if not verdict.passed and rt.is_master:
-            print(f"⚠ WARNING at {stage.name} step {state.step}: {verdict.message}")
-        halting = rt.broadcast_flag(not verdict.passed and s.growth.halt_on_relock)
-        return {"clone_divergence": record}, verdict.message if halting else None
+        whole = full_model(model, rt) if is_sharded(model) else model  # sharded: measured on rank 0 alone
+        record = stage.measure_clones(whole, s) if whole is not None else {}
+        verdict = judge_clone_divergence(history + [record]) if record else None
+        if record:
+            history.append(record)
+            if not verdict.passed and rt.is_master:
+                print(f"⚠ WARNING at {stage.name} step {state.step}: {verdict.message}")
+        halting = rt.broadcast_flag(verdict is not None and not verdict.passed and s.growth.halt_on_relock)
+        reason = (verdict.message if verdict else "cloned units re-locked (rank 0's verdict)") if halting else None
+        return ({"clone_divergence": record} if record else {}), reason
 
     return watch
 

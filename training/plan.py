@@ -19,6 +19,12 @@ process, eager mode (no torch.compile), and is checked against measurement by be
                    forward outputs they share, and the float64 gradient of the objective on 4 calibration rows
                    (transfer.checks.objective), then for a deepened model a stepped copy of the inserted blocks.
   eval             phase 3's clone-divergence measurement at each eval holds folded copies of the block weights.
+
+Under parallel=fsdp (training/sharding.py) each process holds 1/world of the weights, gradients and AdamW state,
+plus what FSDP gathers whole for the moment (the root's embedding and LM head, two blocks' weights and one block's
+gradients before their reduce-scatter); activations are per process as before. Growth and the checks, sampling and
+clone divergence run on rank 0 on a whole copy, so the transition's peak is unchanged and the eval's holds a
+whole fp32 model.
 """
 from __future__ import annotations
 
@@ -189,21 +195,24 @@ def autocast_weights(cfg: ModelConfig, cached_only: bool = False) -> int:
     return 2 * (weights - experts if cached_only else weights)
 
 
-def activation_moments(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> dict[str, int]:
-    """Bytes beyond weights, gradients and AdamW at the moments of one micro-batch that can peak."""
+def activation_moments(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool,
+                       cast_weights: bool = True) -> dict[str, int]:
+    """Bytes beyond weights, gradients and AdamW at the moments of one micro-batch that can peak. cast_weights=False:
+    the weights arrive in bf16 already (FSDP's mixed precision), so autocast makes no copies of them."""
     w = WIDTHS[precision]
     L, N = cfg.n_layers, tokens
+    cast = w.autocast and cast_weights
     blocks, head = N * L * block_saved_bytes(cfg, w), N * head_saved_bytes(cfg, w)
-    copies = autocast_weights(cfg) if w.autocast else 0
-    head_copy = 2 * cfg.vocab_size * cfg.dim if w.autocast else 0
+    copies = autocast_weights(cfg) if cast else 0
+    head_copy = 2 * cfg.vocab_size * cfg.dim if cast else 0
     logits = N * cfg.vocab_size * (w.act + (w.full if w.autocast else 0))  # logits and their fp32 upcast
     if not checkpointing:
         return {"backward start": copies + blocks + head + N * head_backward_bytes(cfg, w),
                 "last block's backward": copies + blocks + head - N * w.full * cfg.vocab_size
                 + N * block_backward_bytes(cfg, w)}
     inputs = N * L * w.full * cfg.dim  # each block's input, all the checkpoint keeps
-    block_copy = 2 * _block_matmul(cfg) if w.autocast else 0
-    cached = autocast_weights(cfg, cached_only=True) if w.autocast else 0
+    block_copy = 2 * _block_matmul(cfg) if cast else 0
+    cached = autocast_weights(cfg, cached_only=True) if cast else 0
     return {"forward end": cached + inputs + head + logits,
             "backward start": head_copy + inputs + head + N * head_backward_bytes(cfg, w),
             "a block's recompute": block_copy + inputs + N * (block_saved_bytes(cfg, w) + block_backward_bytes(cfg, w))}
@@ -232,21 +241,38 @@ class Memory:
                    (self.eval_peak, "eval"))[1]
 
 
-def step_memory(cfg: ModelConfig, tc: TrainConfig, precision: str,
-                world_size: int = 1) -> tuple[dict[str, int], int, str]:
-    """(terms, peak bytes, peak moment) of one optimizer step of grad_accum_steps micro-batches."""
-    P = parameter_count(cfg)
-    moments = activation_moments(cfg, tc.batch_size * tc.seq_len, precision, tc.activation_checkpointing)
+def step_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, world_size: int = 1,
+                parallel: str = "ddp") -> tuple[dict[str, int], int, str]:
+    """(terms, peak bytes, peak moment) of one optimizer step of grad_accum_steps micro-batches, per process."""
+    P, fsdp = parameter_count(cfg), parallel == "fsdp"
+    shard = -(-P // world_size) if fsdp else P  # FSDP pads each tensor's rows to a multiple of world_size: ~P/world
+    moments = activation_moments(cfg, tc.batch_size * tc.seq_len, precision, tc.activation_checkpointing,
+                                 cast_weights=not fsdp)
     moment, activations = max(moments.items(), key=lambda kv: kv[1])
-    terms = {"weights": 4 * P, "gradients": 4 * P, "AdamW": 8 * P, "activations": activations}
-    if world_size > 1:  # DDP's reducer keeps its own flat gradient buckets (gradient_as_bucket_view=False)
+    terms = {"weights": 4 * shard, "gradients": 4 * shard, "AdamW": 8 * shard, "activations": activations}
+    if fsdp:
+        terms["FSDP gathered"] = fsdp_gathered_bytes(cfg, precision)
+    elif world_size > 1:  # DDP's reducer keeps its own flat gradient buckets (gradient_as_bucket_view=False)
         terms["DDP buckets"] = 4 * P
-    held = terms["weights"] + terms["AdamW"] + terms.get("DDP buckets", 0)
+    held = terms["weights"] + terms["AdamW"] + terms.get("DDP buckets", 0) + terms.get("FSDP gathered", 0)
     if tc.grad_accum_steps > 1:  # the gradients of earlier micro-batches wait through this one's forward
         return terms, held + terms["gradients"] + activations, moment
     if terms["gradients"] >= activations:
         return terms, held + terms["gradients"], "optimizer step"
     return terms, held + activations, moment
+
+
+def fsdp_gathered_bytes(cfg: ModelConfig, precision: str) -> int:
+    """What FSDP holds whole besides the shards, at most: the root's weights (embedding, LM head, final norm: gathered
+    for the whole forward and backward), a block's weights gathered and the next one's prefetched (in the compute
+    dtype), and a block's whole fp32 gradients with their copy into the reduce-scatter's input. Against 2 CPU
+    processes (bench/parallel_memory.py, both ranks): one micro-batch a step, 9% under to 5% over; 2 micro-batches,
+    up to 24% under. Reduce-scatter buffers live until gloo completes the collective, so FSDP's CPU peaks vary by
+    about 10% between runs and ranks."""
+    compute = 2 if precision == "bf16" else 4
+    root = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
+    block = _block_matmul(cfg) + 2 * cfg.dim
+    return compute * (root + 2 * block) + 2 * 4 * block
 
 
 CALIBRATION_ROWS = 8  # training.pipeline.load_data: data.calibration is the first validation batch's first 8 rows
@@ -294,14 +320,20 @@ def transition_memory(old: ModelConfig, new: ModelConfig, tc: TrainConfig,
 CLONE_COPIES = 1.45  # measure_clone_divergence holds 1.42-1.44 x the fp32 block weights (measured, MoE, s=2)
 
 
-def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool) -> int:
+def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool, world_size: int = 1,
+                parallel: str = "ddp") -> int:
     """Bytes at an eval during training: weights and AdamW, plus the larger of a no-grad forward at batch_size
-    (hidden states kept, logits and the loss's fp32 copies) and, for a width-grown phase, clone divergence."""
+    (hidden states kept, logits and the loss's fp32 copies) and, for a width-grown phase, clone divergence. Under
+    fsdp, the shards, and on rank 0 a whole fp32 copy (clone divergence and the phase-end sample are taken on it)."""
     w, N = WIDTHS[precision], tc.batch_size * tc.seq_len
     P = parameter_count(cfg)
     forward = N * ((cfg.n_layers + 1) * w.full * cfg.dim + (w.act + w.full + (w.full if w.autocast else 0))
-                   * cfg.vocab_size) + (autocast_weights(cfg, cached_only=True) if w.autocast else 0)
-    return 12 * P + max(forward, clone_divergence_bytes(cfg) if clones else 0)
+                   * cfg.vocab_size)
+    clone_bytes = clone_divergence_bytes(cfg) if clones else 0
+    if parallel != "fsdp":
+        return 12 * P + max(forward + (autocast_weights(cfg, cached_only=True) if w.autocast else 0), clone_bytes)
+    whole = 4 * P + clone_bytes
+    return 12 * -(-P // world_size) + max(forward + fsdp_gathered_bytes(cfg, precision), whole)
 
 
 def clone_divergence_bytes(cfg: ModelConfig) -> int:
@@ -346,6 +378,7 @@ class Plan:
     peak_device_flops: float | None  # the GPU's datasheet peak at this precision
     disk_bytes: int  # the most the checkpoints directory holds at once
     train_tokens: int | None = None
+    parallel: str = "ddp"  # RunConfig.parallel: fsdp divides weights, gradients and AdamW by world_size
 
     @property
     def peak_bytes(self) -> int:
@@ -408,7 +441,10 @@ class Plan:
                      f"({CPU_FLOPS_PER_THREAD / 1e9:g} GFLOP/s a thread, measured on the cpu preset)")
         else:
             speed = f"time unknown: no CPU throughput figure for {self.precision}"
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.parallel == "fsdp":
+            precision = ("bf16 (FSDP mixed precision: fp32 master weights and AdamW, fp32 gradient reduction; each "
+                         "block gathered in bf16) with autocast")
+        elif self.precision == "bf16":
             precision = "bf16 autocast (fp32 weights, gradients and AdamW; bf16 matmul activations and weight copies)"
         else:
             precision = "fp32" + (" (TF32 matmuls)" if self.device == "cuda" else "")
@@ -419,6 +455,9 @@ class Plan:
                 "  step peak = weights + AdamW + max(gradients, activations) at grad_accum_steps 1 (gradients build up"
                 " as activations are freed), + both above it",
                 "  transition = both models in fp32 + their float64 copies + the checks' outputs and float64 gradient",
+                *([f"  fsdp: weights, gradients and AdamW sharded, 1/{self.world_size} each per process, + what FSDP "
+                   "gathers whole for the moment; rank 0 grows, checks and samples whole copies"]
+                  if self.parallel == "fsdp" else []),
                 "  memory model vs measurement: bench/memory_model.py (bench/results/memory_model.json)"]
 
 
@@ -470,19 +509,22 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
         steps = getattr(tc, f"{stage.name}_steps")
         tokens = steps * tc.batch_size * tc.grad_accum_steps * world_size * tc.seq_len
         flops = float(flops_per_token(cfg, tc.seq_len)) * tokens
-        terms, step_peak, moment = step_memory(cfg, tc, precision, world_size)
+        terms, step_peak, moment = step_memory(cfg, tc, precision, world_size, s.run.parallel)
         memory = Memory(terms, step_peak, moment)
         if stage.grow is not None:
             memory.transition, memory.transition_peak = transition_memory(configs[i - 1], cfg, tc, device_type)
+            if s.run.parallel == "fsdp":  # rank 0 grows and checks whole copies beside its shards of the old model
+                memory.transition["old model's shards"] = 4 * -(-parameter_count(configs[i - 1]) // world_size)
+                memory.transition_peak += memory.transition["old model's shards"]
         clones = stage.measure_clones is not None and cfg.dim != configs[i - 1].dim
-        memory.eval_peak = eval_memory(cfg, tc, precision, clones)
+        memory.eval_peak = eval_memory(cfg, tc, precision, clones, world_size, s.run.parallel)
         seconds = flops / (device_flops * world_size) if device_flops else None
         phases.append(PhasePlan(stage.name, stage.label, cfg, parameter_count(cfg), parameter_count(cfg, active=True),
                                 steps, tokens, flops, tokens / train_tokens if train_tokens else None, memory,
                                 checkpoint_size(cfg), seconds))
     disk = peak_checkpoint_bytes([p.checkpoint_bytes for p in phases], tc.keep_checkpoints)
     return Plan(phases, device_type, gpu, precision, world_size, tc.batch_size, tc.grad_accum_steps, tc.seq_len,
-                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens)
+                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens, s.run.parallel)
 
 
 # ------------------------------------------------------------------------------------------ fitting
@@ -494,8 +536,9 @@ def fit_settings(s: Settings, plan_fn: Callable[[Settings], Plan], free_bytes: i
                  margin: float = MEMORY_MARGIN) -> list[str]:
     """Overrides that make the run fit in free_bytes, each alone enough: the smallest split of batch_size into
     grad_accum_steps micro-batches (the same optimisation), then activation checkpointing (alone, or with the
-    smallest split that then fits). [] when the plan already fits, or when nothing here can make it fit (the
-    weights, AdamW state and the transition's copies alone do not: a smaller model or more memory)."""
+    smallest split that then fits), then sharding over the processes (parallel=fsdp). [] when the plan already
+    fits, or when nothing here can make it fit (the weights, AdamW state and the transition's copies alone do
+    not: a smaller model or more memory)."""
     if plan_fn(s).fits(free_bytes, margin):
         return []
     tc = s.train
@@ -523,4 +566,6 @@ def fit_settings(s: Settings, plan_fn: Callable[[Settings], Plan], free_bytes: i
             both = smallest_split(checkpointed)
             if both and (not split or both[0] < split[0]):
                 found.append(f"--activation_checkpointing=true {split_flags(both[0])}")
+    if s.run.parallel != "fsdp" and plan_fn(replace(s, run=replace(s.run, parallel="fsdp"))).fits(free_bytes, margin):
+        found.append("--parallel=fsdp")  # on more than one process: shard what each holds
     return found

@@ -1,4 +1,5 @@
-"""Where and how the run executes: device, precision, and DDP under torchrun (NCCL on GPU, gloo on CPU)."""
+"""Where and how the run executes: device, precision, and data parallelism under torchrun (NCCL on GPU, gloo on CPU):
+DDP (a full replica per process) or FSDP2 (weights, gradients and AdamW sharded: training/sharding.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +25,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     precision: str = "auto"  # RunConfig.precision; resolved for the device by .autocast_dtype
+    parallel: str = "ddp"  # RunConfig.parallel: ddp (replicas) | fsdp (sharded); set for a run by use_parallel
 
     @property
     def is_master(self) -> bool:
@@ -32,6 +34,19 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether models are sharded over the processes (FSDP2), one process included (a mesh of one)."""
+        return self.parallel == "fsdp"
+
+    def use_parallel(self, parallel: str) -> None:
+        """Train with RunConfig.parallel. fsdp in a single process shards over a mesh of one (a process group of
+        one): the same code and numerics as on many, so a sharded run resumes on one process and back."""
+        self.parallel = parallel
+        if parallel == "fsdp" and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -46,6 +61,22 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """A scalar averaged over the processes (the global batch's loss from each process's), detached."""
+        if not self.distributed:
+            return t.detach()
+        t = t.detach().float().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def any(self, flag: torch.Tensor) -> bool:
+        """Whether a bool tensor is true on any process: every process decides alike (a halt, say)."""
+        if not self.distributed:
+            return bool(flag.item())
+        t = flag.to(torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's value of flag on every rank (e.g. whether a check passed)."""
@@ -77,7 +108,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 
 def teardown_runtime(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    if (rt.distributed or rt.sharded) and dist.is_initialized():
         dist.destroy_process_group()
 
 
