@@ -149,6 +149,18 @@ def test_fsdp_on_one_process_trains_exactly_as_plain_training(one_process, mesh_
     assert got["losses"] == one_process[4]["losses"][:5]
 
 
+def test_fsdp_on_a_torch_without_fully_shard_is_refused_in_one_line(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    from config import ConfigError
+    from training.runtime import Runtime
+
+    monkeypatch.delattr(fsdp, "fully_shard")  # torch < 2.6
+    with pytest.raises(ConfigError) as e:
+        Runtime(torch.device("cpu")).use_parallel("fsdp")
+    assert "needs torch >= 2.6" in str(e.value) and "--parallel=ddp" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_steps_batch_is_the_same_sequences_on_any_world_size():
     """StepBatches: two streams of 4 (a run started on 2 processes) are the same 8 sequences per step on 1, 2, 4 or 8
     processes, and on 2 they are exactly what each process drew before; 3 processes are refused in one line."""

@@ -3,6 +3,7 @@ DDP (a full replica per process) or FSDP2 (weights, gradients and AdamW sharded:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ class Runtime:
     def use_parallel(self, parallel: str) -> None:
         """Train with RunConfig.parallel. fsdp in a single process shards over a mesh of one (a process group of
         one): the same code and numerics as on many, so a sharded run resumes on one process and back."""
+        if parallel == "fsdp" and not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"):
+            from config import ConfigError
+
+            raise ConfigError(f"parallel=fsdp needs torch >= 2.6 (FSDP2's fully_shard) but this is torch "
+                              f"{torch.__version__}: upgrade torch, or train with --parallel=ddp")
         self.parallel = parallel
         if parallel == "fsdp" and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
