@@ -130,7 +130,7 @@ def take_run(req: RunRequest, rt) -> RunLock | None:
                 raise ConfigError(f"{req.out_dir} already holds a run (it finished while this one waited); pass "
                                   "--resume to continue it, or choose another --out-dir")
             remove_stale_temporaries(req.out_dir)
-        except (RunLocked, WriteFailed, ConfigError) as e:
+        except (RunLocked, WriteFailed, ConfigError, CheckpointError) as e:
             error = e
             if lock is not None:
                 lock.release()
@@ -156,11 +156,28 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     new_dir = not os.path.exists(req.out_dir)
-    rt, lock = setup_runtime(req.settings.run.device, req.settings.run.precision), None
+    rt = setup_runtime(req.settings.run.device, req.settings.run.precision)
+    # Signals are caught for the whole run, its error paths included: the launcher's SIGTERM to a rank that is
+    # reporting a dead peer must not kill it before it has said so.
+    with StopSignals(at_once=f"The last complete checkpoint is intact. {resume_line(req.out_dir)}") as stop:
+        return run_to_exit_code(req, rt, stop, new_dir)
+
+
+def run_to_exit_code(req: RunRequest, rt, stop: StopSignals, new_dir: bool) -> int:
+    """Lock the run, train it, and turn each way it can end into its exit code and one message."""
+    lock = None
+
+    def stop_for_dead_peer(line: str) -> None:  # called from the peer watch's thread: the main one may be stuck
+        print(f"error: {line}. {resume_line(req.out_dir)}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
+        os._exit(1)
+
+    if rt.watch is not None:
+        rt.watch.on_peer_death = stop_for_dead_peer
     try:
         lock = take_run(req, rt)
-        with StopSignals(at_once=f"The last complete checkpoint is intact. {resume_line(req.out_dir)}") as stop:
-            return EXIT[run_pipeline(req, rt, lambda: stop.received).status]
+        return EXIT[run_pipeline(req, rt, lambda: stop.received).status]
     except (ConfigError, DataError, CheckpointError, NotEnoughSpace) as e:
         print(f"error: {e}", file=sys.stderr)
         if new_dir and rt.is_master and lock is not None:  # a refused start leaves nothing behind
@@ -175,11 +192,18 @@ def main(argv: list[str]) -> int:
             where = f"checkpoint saved: {e.checkpoint}" if e.checkpoint else "nothing new to save since the last checkpoint"
             print(f"\nStopped by {e.signal_name}; {where}.\n{resume_line(req.out_dir)}")
         return 130 if e.signal_name == "SIGINT" else 143
+    except RuntimeError as e:  # a collective failed: a rank (or the network between them) died
+        dead = rt.watch.dead_peers(wait=3.0) if rt.watch is not None else []
+        if not dead and not isinstance(e, getattr(torch.distributed, "DistBackendError", ())):
+            raise
+        who = ", ".join(map(str, dead)) or "another rank"
+        print(f"error: {who} died (a collective failed: {str(e).strip().splitlines()[0][:120]}): rank {rt.rank} "
+              f"stops too. {resume_line(req.out_dir)}", file=sys.stderr)
+        return 1
     finally:
         if lock is not None:
             lock.release()
         teardown_runtime(rt)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

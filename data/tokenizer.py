@@ -83,7 +83,7 @@ def load_tokenizer(directory: str) -> "transformers.PreTrainedTokenizerFast":
 
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         raise DataError(f"{directory}: no tokenizer.json there; train and save one first (save_tokenizer)")
-    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     if tok.eos_token_id is None:
         raise DataError(f"{directory}: the tokenizer has no eos token; retrain it with train_tokenizer")
     return tok

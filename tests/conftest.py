@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny configs and batches of real (byte-level) token ids from generated stories."""
+"""Shared fixtures: tiny configs and batches of real (byte-level) token ids from generated stories; and the check
+that the suite leaves no process running."""
+import ctypes
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -36,3 +40,71 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Processes that live as long as the interpreter that started them and end with it: not leaks.
+IN_PROCESS_POOLS = ("torch._inductor.compile_worker", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _become_subreaper() -> bool:
+    """Orphans of this process's children (torchrun's workers when a test kills torchrun) are re-parented here
+    rather than to init, so the end-of-session check below sees them. Linux only."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process below pid, from /proc."""
+    parent, state, cmd = {}, {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        state[int(entry)], parent[int(entry)] = fields[0], int(fields[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found[child] = cmd.get(child, "")
+                frontier.append(child)
+    return {p: c for p, c in found.items() if state.get(p) not in ("Z", "X")}
+
+
+def leftover_processes(grace: float = float(os.environ.get("TESTS_LEFTOVER_GRACE_S", "15"))) -> dict[int, str]:
+    """What this process started that is still running after `grace` seconds (exiting workers get that long)."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = {p: c for p, c in descendants(os.getpid()).items() if not any(k in c for k in IN_PROCESS_POOLS)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_running():
+    """Fails the session (an error at its last test's teardown, under pytest -n too) naming every process the
+    tests started that is still alive at the end, after killing it."""
+    watching = os.path.isdir("/proc") and _become_subreaper()
+    yield
+    if not watching:
+        return
+    left = leftover_processes()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, os.WNOHANG)
+        except (OSError, ChildProcessError):
+            pass
+    if left:
+        names = "; ".join(f"pid {p}: {c[:160]}" for p, c in left.items())
+        pytest.fail(f"{len(left)} process(es) started by the tests were still running at the end: {names}",
+                    pytrace=False)

@@ -5,7 +5,10 @@
     ckpt, run_dir = find_checkpoint(path)   # a checkpoint directory, or a run directory (its newest checkpoint)
 
 meta.json holds the model config, phase, step and a SHA-256 of each file, so a truncated or corrupted
-checkpoint is detected on load and the previous good one is used instead. A sharded run (parallel=fsdp) gathers
+checkpoint is detected on load and the previous good one is used instead. Every file is read as data, never as
+code: weights from safetensors, state.pt scanned and then loaded weights-only (common/safe_load.py); a checkpoint
+whose state.pt holds anything else is refused (CheckpointError) before any of it is unpickled. The hashes catch
+accidents; the scan catches intent, since whoever alters a file can rewrite its hash too. A sharded run (parallel=fsdp) gathers
 its model and optimizer state whole to rank 0 first (training/sharding.py): every checkpoint has this one format,
 whatever number of processes wrote it or resumes it. A write that fails (disk full, I/O
 error, permissions) raises training.disk.WriteFailed after removing its partial files; earlier checkpoints and
@@ -23,10 +26,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from common.safe_load import UnsafeFile, load_torch_data, refuse_code
 from config import ModelConfig
 from data.source import sha256_file
 from models import build_model
 from training.disk import PendingWrite, checkpoint_bytes, guarded_write, remove_quietly, tensor_bytes
+
+
+WEIGHTS_FILE, STATE_FILE = "model.safetensors", "state.pt"
 
 
 class CheckpointError(ValueError):
@@ -47,7 +54,7 @@ class Checkpoint:
         """The checkpoint's model, built from its own config and loaded strictly."""
         try:
             model = build_model(ModelConfig(**self.meta["model_config"]))
-            load_model(model, os.path.join(self.path, "model.safetensors"), strict=True)
+            load_model(model, os.path.join(self.path, WEIGHTS_FILE), strict=True)
         except (RuntimeError, TypeError, ValueError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             first = next((line for line in lines if "mismatch" in line), lines[0])
@@ -56,9 +63,16 @@ class Checkpoint:
         return model.to(device)
 
     def load_state(self, mmap: bool = False) -> dict:
-        """Optimizer, RNG and batch state; mmap leaves the tensors on disk until read (a rank that needs only the
-        RNG state of a large optimizer's checkpoint)."""
-        return torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=False, mmap=mmap)
+        """Optimizer, RNG and batch state, read as data only; mmap leaves the tensors on disk until read (a rank
+        that needs only the RNG state of a large optimizer's checkpoint)."""
+        try:
+            state = load_torch_data(os.path.join(self.path, STATE_FILE), mmap=mmap)
+        except UnsafeFile as e:
+            raise CheckpointError(_altered(e, self.path)) from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{os.path.join(self.path, STATE_FILE)} holds a {type(state).__name__}, not the "
+                                  "dict of optimizer and RNG state a checkpoint saves: not written by this project")
+        return state
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -112,10 +126,10 @@ def _move_aside(final: str, write: PendingWrite) -> str | None:
 
 def _write_files(directory: str, model: nn.Module, state: dict, meta: dict) -> None:
     """model.safetensors, state.pt and (last, with their hashes) meta.json, each fsynced."""
-    weights, training_state = os.path.join(directory, "model.safetensors"), os.path.join(directory, "state.pt")
+    weights, training_state = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, STATE_FILE)
     save_model(model, weights)  # handles a tied LM head
     with open(training_state, "wb") as f:  # a file object, so a failed write keeps its errno for the message
-        torch.save(state, f)
+        torch.save(state, f, pickle_protocol=2)  # the protocol common/safe_load.py's scan expects
         f.flush()
         os.fsync(f.fileno())
     with open(weights, "rb+") as f:
@@ -135,15 +149,32 @@ def _prune(root: str, keep_periodic: int) -> None:
 
 
 def read_checkpoint(path: str, verify: bool = True) -> Checkpoint | None:
-    """The checkpoint in path, or None if it is unreadable or (with verify) its files fail their hashes."""
+    """The checkpoint in path, or None if it is unreadable or (with verify) its files fail their hashes.
+
+    With verify, a checkpoint whose state.pt holds code is not skipped like a damaged one but refused:
+    CheckpointError naming the file and what it holds (whoever planted it also rewrote the hash).
+    """
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        if verify and any(sha256_file(os.path.join(path, n)) != h for n, h in meta["files"].items()):
+        files = meta["files"]
+        if set(files) != {WEIGHTS_FILE, STATE_FILE} or not isinstance(meta["global_step"], int):
             return None
-        return Checkpoint(path, meta)
-    except (OSError, ValueError, KeyError):
+        if verify and any(sha256_file(os.path.join(path, n)) != h for n, h in files.items()):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if verify:
+        try:
+            refuse_code(os.path.join(path, STATE_FILE))
+        except UnsafeFile as e:
+            raise CheckpointError(_altered(e, path)) from None
+    return Checkpoint(path, meta)
+
+
+def _altered(e: UnsafeFile, path: str) -> str:
+    return (f"{e}: do not resume, sample or export this run; get it again from a source you trust (or delete "
+            f"{path} to use an earlier checkpoint)")
 
 
 def list_checkpoints(root: str, verify: bool = True) -> list[Checkpoint]:

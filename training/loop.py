@@ -345,8 +345,9 @@ def _si(x: float) -> str:
 def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int) -> None:
     """On SIGINT/SIGTERM, save the completed steps and raise TrainingInterrupted (every rank at the same step)."""
     signal_name = run.stop_requested()
-    if run.rt.distributed:  # every rank must stop at the same step, or the next collective hangs
-        signal_name = signal_name or ("SIGTERM" if run.rt.broadcast_flag(bool(signal_name)) else None)
+    if run.rt.distributed:  # every rank takes part, signalled or not, and all stop at the same step if any was
+        anyone = run.rt.any(torch.tensor(signal_name is not None, device=run.rt.device))
+        signal_name = signal_name or ("SIGTERM" if anyone else None)
     if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
         path = run.save(model, opt, state) if state.step > start_step else None
         raise TrainingInterrupted(signal_name, path)

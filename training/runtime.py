@@ -6,7 +6,13 @@ import contextlib
 import importlib
 import os
 import signal
-from dataclasses import dataclass
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,7 @@ class Runtime:
     local_rank: int = 0
     precision: str = "auto"  # RunConfig.precision; resolved for the device by .autocast_dtype
     parallel: str = "ddp"  # RunConfig.parallel: ddp (replicas) | fsdp (sharded); set for a run by use_parallel
+    watch: "PeerWatch | None" = field(default=None, repr=False)  # under torchrun: the launcher and the other ranks
 
     @property
     def is_master(self) -> bool:
@@ -108,14 +115,157 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    watch = None
     if world_size > 1 and not dist.is_initialized():
+        launcher = os.getppid()  # before anything can reparent this process
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, world_size, local_rank, precision)
+        watch = PeerWatch.join(rank, world_size, launcher)
+    return Runtime(dev, rank, world_size, local_rank, precision, watch=watch)
 
 
 def teardown_runtime(rt: Runtime) -> None:
+    if rt.watch is not None:
+        rt.watch.leave()
     if (rt.distributed or rt.sharded) and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether pid is a running process (a zombie, exited but not yet reaped by its parent, is not)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@dataclass
+class Peer:
+    rank: int
+    host: str
+    pid: int
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} (pid {self.pid} on {self.host})"
+
+
+@dataclass
+class PeerWatch:
+    """What a torchrun worker cannot see from inside a collective, watched from a daemon thread every `interval`.
+
+    The launcher's death (this process reparented, or its store gone) sends this process SIGTERM once: the path a
+    signal already takes (every rank stops at the same step, saves, exits 143, the lock is released). Another rank's
+    death is found at once on this host (its pid) and within `silence` seconds on another (its heartbeat in the
+    launcher's store stops); on_peer_death is then called with a line naming it, since no collective with it can
+    complete: without this the survivors would wait out the process group's timeout (30 minutes by default).
+    """
+
+    me: Peer
+    peers: list[Peer]
+    launcher: int
+    store: object | None = None  # a TCPStore client of the launcher's store, for heartbeats across hosts
+    key: str = "growth_verified/alive"
+    interval: float = 1.0
+    silence: float = 15.0
+    on_peer_death: Callable[[str], None] = field(default=lambda line: None, repr=False)
+    _seen: dict = field(default_factory=dict, repr=False)  # rank -> (heartbeat count, when it last changed)
+    _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+    _deciding: threading.Lock = field(default_factory=threading.Lock, repr=False)  # stop() vs a verdict
+    _signalled: bool = False
+
+    @classmethod
+    def join(cls, rank: int, world_size: int, launcher: int) -> "PeerWatch":
+        """Every rank's host and pid (a collective: all ranks call it), and a heartbeat where the store is reachable."""
+        me = Peer(rank, socket.gethostname(), os.getpid())
+        table: list = [None] * world_size
+        dist.all_gather_object(table, (me.host, me.pid))
+        peers = [Peer(r, host, pid) for r, (host, pid) in enumerate(table) if r != rank]
+        watch = cls(me, peers, launcher, store=_store_client(),
+                    key=f"growth_verified/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+                        f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/alive")
+        threading.Thread(target=watch._run, name="peer-watch", daemon=True).start()
+        return watch
+
+    def stop(self) -> None:
+        with self._deciding:
+            self._stopped.set()
+
+    def leave(self) -> None:
+        """Wait, still watched, until every rank is leaving too, then stop watching: a rank that has finished its
+        work exits, and that is no death."""
+        try:
+            dist.barrier()
+        except Exception:  # a dead peer: the watch has said so, or will
+            pass
+        self.stop()
+
+    def dead_peers(self, wait: float = 0.0) -> list[Peer]:
+        """The other ranks known to have died (on this host: their pid; elsewhere: a silent heartbeat); polls up to
+        `wait` seconds, for a peer whose sockets have closed but which has not finished exiting."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = [p for p in self.peers if p.host == self.me.host and not process_alive(p.pid)]
+            dead += [p for p in self.peers if p.host != self.me.host and self._silent(p)]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.1)
+
+    def _silent(self, peer: Peer) -> bool:
+        count, since = self._seen.get(peer.rank, (None, time.monotonic()))
+        return count is not None and time.monotonic() - since > self.silence
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            if os.getppid() != self.launcher or not self._beat():
+                self._launcher_gone()
+            with self._deciding:
+                dead = [] if self._stopped.is_set() else self.dead_peers()
+                if dead:
+                    self.on_peer_death(f"{', '.join(map(str, dead))} died: rank {self.me.rank} stops too, since no "
+                                       "collective with it can complete")
+                    return
+
+    def _beat(self) -> bool:
+        """Count this rank's heartbeat and read the others'; False if the store is gone (the launcher died)."""
+        if self.store is None:
+            return True
+        try:
+            self.store.add(f"{self.key}/{self.me.rank}", 1)
+            for p in self.peers:
+                if p.host != self.me.host:
+                    count = self.store.add(f"{self.key}/{p.rank}", 0)
+                    if self._seen.get(p.rank, (None,))[0] != count:
+                        self._seen[p.rank] = (count, time.monotonic())
+        except Exception:  # the store's errors are plain RuntimeErrors and socket errors, by version
+            self.store = None
+            return False
+        return True
+
+    def _launcher_gone(self) -> None:
+        if not self._signalled:
+            self._signalled = True
+            print(f"rank {self.me.rank}: the launcher (pid {self.launcher}) is gone: stopping as on SIGTERM",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _store_client():
+    """A client of the store torchrun's launcher serves (MASTER_ADDR:MASTER_PORT), or None where there is none."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    try:
+        return dist.TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
+    except Exception:  # no heartbeat across hosts; this host's ranks are still watched by pid
+        return None
 
 
 class StopSignals:

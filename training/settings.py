@@ -293,7 +293,7 @@ def load_saved_settings(out_dir: str) -> dict | None:
 
 def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
     """Settings whose phase-1 model is the transformers checkpoint's (ConfigError if it cannot be used)."""
-    from transfer.hf_format import UnsupportedModel, read_hf_config
+    from transfer.hf_format import UnsupportedModel, read_hf_config, refuse_code_in_weights
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"--init-from-hf {path}: not a transformers model directory (no config.json)")
@@ -304,6 +304,7 @@ def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
         raise ConfigError(f"{clash}: the model comes from --init-from-hf and cannot be changed")
     try:
         cfg = read_hf_config(path)
+        refuse_code_in_weights(path)
     except (UnsupportedModel, OSError, ValueError) as e:
         raise ConfigError(f"--init-from-hf {path}: {e}") from None
     if cfg.is_moe:

@@ -4,17 +4,23 @@
     export_hf(model, "out/", tokenizer)    # save_pretrained: config.json, safetensors, tokenizer
     model = from_hf("out/")                # back into the project's model, exactly
 
+A directory is read as data: config.json (trust_remote_code is never passed), then the weights' own files,
+safetensors or a pickle-format .bin scanned and loaded weights-only (common/safe_load.py), never through code
+the checkpoint names.
+
 The layouts already agree (rotate-half RoPE, [out, in] weights, RMSNorm with eps inside the root, Mixtral's
 softmax -> top-k -> renormalise routing), so conversion renames tensors; Mixtral's experts are packed
 per transformers version (v5: experts.gate_up_proj [E, 2F, D]; v4: experts.N.w1/w2/w3).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from torch import nn
 
+from common.safe_load import load_weights, refuse_code
 from config import ModelConfig
 from models import build_model
 from training.disk import checkpoint_bytes, guarded_write
@@ -163,21 +169,55 @@ def read_hf_config(path: str) -> ModelConfig:
     """The ModelConfig of a transformers directory, from its config.json alone (UnsupportedModel if it cannot be)."""
     from transformers import AutoConfig
 
-    return _supported(AutoConfig.from_pretrained(path, local_files_only=True))
+    return _supported(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+
+
+# Where save_pretrained puts the weights: one file, or shards listed in an index (weight_map: key -> file).
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(path: str) -> list[str]:
+    """The files holding a transformers directory's weights, safetensors preferred; OSError naming what is missing."""
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+        index = os.path.join(path, name + ".index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, shard) for shard in shards]
+    raise OSError(f"{path}: no weights there (model.safetensors, pytorch_model.bin or a sharded index of either)")
+
+
+def refuse_code_in_weights(path: str) -> None:
+    """Before any work: the directory has weights, and none of its pickle files holds code (UnsafeFile)."""
+    for file in weight_files(path):
+        if not file.endswith(".safetensors"):
+            refuse_code(file)
+
+
+def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers directory by its key; a pickle .bin that holds code raises UnsafeFile."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        weights.update(load_weights(file))
+    return weights
 
 
 def from_hf(path_or_model) -> nn.Module:
     """The project's model from a transformers directory (or loaded model), weights copied exactly."""
-    from transformers import AutoModelForCausalLM
-
-    hf = path_or_model
     if isinstance(path_or_model, (str, os.PathLike)):
-        hf = AutoModelForCausalLM.from_pretrained(path_or_model, torch_dtype=torch.float32)
-    cfg = _supported(hf.config)
+        cfg, hf_sd = read_hf_config(str(path_or_model)), read_hf_weights(str(path_or_model))
+    else:
+        cfg, hf_sd = _supported(path_or_model.config), path_or_model.state_dict()
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg)
-    hf_sd = hf.state_dict()
+    mapping = _mapping(model, set(hf_sd))
+    unused = sorted(k for k in set(hf_sd) - set(mapping) if not k.endswith("rotary_emb.inv_freq"))
+    if unused:  # e.g. biases the config does not declare: dropping them would change the function
+        raise UnsupportedModel(f"the weights hold {len(unused)} tensors a {'Mixtral' if cfg.is_moe else 'Llama'} "
+                               f"model of its config has no place for ({', '.join(unused[:3])})")
     with torch.no_grad():
-        for key, (_, write) in _mapping(model, set(hf_sd)).items():
+        for key, (_, write) in mapping.items():
             write(hf_sd[key].float())
     return model
