@@ -16,7 +16,7 @@ import os
 import sys
 
 from training.checkpoint import CheckpointError, find_checkpoint
-from training.disk import NotEnoughSpace, WriteFailed, check_free_space
+from common.files import NotEnoughSpace, WriteFailed, check_free_space
 
 
 def main(argv: list[str]) -> int:

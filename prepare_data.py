@@ -17,7 +17,7 @@ import sys
 
 from data.prepared import CPUS, TOKENIZER_SAMPLE_BYTES, PreparedDataset, describe_source, prepare_dataset
 from data.text import DataError
-from training.disk import NotEnoughSpace, WriteFailed
+from common.files import NotEnoughSpace, WriteFailed
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -25,9 +25,11 @@ import torch
 
 from config import ConfigError
 from data import DataError, check_files
-from data.source import load_source, resume_prepared, resume_source
+from data.prepared import resume_prepared
+from data.source import load_source, resume_source
 from training.checkpoint import CheckpointError, latest_checkpoint
-from training.disk import NotEnoughSpace, WriteFailed, existing_ancestor, remove_stale_temporaries
+from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
+from training.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.pipeline import RunRequest, run_pipeline, run_plan
 from training.runlock import RunLock, RunLocked, acquire, refuse_if_held

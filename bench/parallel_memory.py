@@ -94,15 +94,15 @@ def measure(name: str, cfg, tc, parallel: str, steps: int, rt, variant: str = ""
     tc = replace(tc, checkpoint_interval=steps)  # "saves" (captures the optimizer) after the last step
     val = eval_batches(tokens, tc.batch_size, tc.seq_len, 1)  # the phase's closing eval, one batch
     run = PhaseRun(rt, tc, batches, val, _Log(), save=lambda m, opt, st: optimizer.append(opt))
-    accumulate = loop._accumulate_gradients
-    loop._accumulate_gradients = _no_sync_accumulation if variant == "no_sync" else accumulate
+    accumulate = loop.accumulate_gradients
+    loop.accumulate_gradients = _no_sync_accumulation if variant == "no_sync" else accumulate
     try:
         started = time.perf_counter()
         with PeakMeter(rt.device, base=held_before) as meter, contextlib.redirect_stdout(io.StringIO()):
             train_phase(model, Phase("dense", "bench", steps, 1e-3, decays=False), run)
         seconds = time.perf_counter() - started
     finally:
-        loop._accumulate_gradients = accumulate
+        loop.accumulate_gradients = accumulate
     x, y = batches.next()
     lm_loss(model, x, y, tc)[1].backward()  # gradients as a step holds them (the loop frees its own)
     held = resident_bytes(model, optimizer[0])

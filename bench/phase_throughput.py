@@ -4,7 +4,7 @@
     python bench/phase_throughput.py --preset micro --device cpu --steps 2 --warmup 1      # a smoke test
 
 Each stage's model is built from training.pipeline.stage_configs (random init) and trained on random tokens
-with the training loop's own pieces: _accumulate_gradients (lm_loss under the runtime's autocast, gradient
+with the training loop's own pieces: accumulate_gradients (lm_loss under the runtime's autocast, gradient
 accumulation, activation checkpointing), the loop's compile wrapper, gradient clipping and make_optimizer's
 AdamW. Warm-up steps (compilation included) are not timed. MFU is model FLOPs (Transformer.flops_per_token)
 per second over training.plan.peak_flops for the GPU and precision; peak memory is
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ConfigError, ModelConfig  # noqa: E402
 from models import build_model  # noqa: E402
-from training.loop import PhaseRun, _accumulate_gradients, _wrap, lr_at, make_optimizer  # noqa: E402
+from training.loop import PhaseRun, accumulate_gradients, wrap_for_training, lr_at, make_optimizer  # noqa: E402
 from training.pipeline import PIPELINE, stage_configs  # noqa: E402
 from training.runtime import Runtime, resolve_precision, setup_runtime  # noqa: E402
 from training.settings import Settings, build_settings, make_parser, parse_command_line  # noqa: E402
@@ -115,7 +115,7 @@ def train_steps(net: torch.nn.Module, opt: torch.optim.Optimizer, run: PhaseRun,
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, tc)
-        loss, _, _ = _accumulate_gradients(net, run, tc.grad_accum_steps)
+        loss, _, _ = accumulate_gradients(net, run, tc.grad_accum_steps)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)  # a compiled net's are the model's
         opt.step()
@@ -134,7 +134,7 @@ def measure_phase(cfg: ModelConfig, name: str, s: Settings, rt: Runtime, steps: 
     model.activation_checkpointing = tc.activation_checkpointing
     run = PhaseRun(rt, tc, RandomTokens(cfg.vocab_size, tc.batch_size, tc.seq_len, device, s.run.seed), [],
                    _NoLog(), compile=s.run.compile)
-    net, opt, lr, total = _wrap(model, run), make_optimizer(model, lr_of(name, s), tc), lr_of(name, s), warmup + steps
+    net, opt, lr, total = wrap_for_training(model, run), make_optimizer(model, lr_of(name, s), tc), lr_of(name, s), warmup + steps
     first = train_steps(net, opt, run, lr, range(warmup), total)
     sync(device)
     start = time.perf_counter()

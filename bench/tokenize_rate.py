@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data.prepared as prepared  # noqa: E402
-from data.text import EOT, _read_file  # noqa: E402
+from data.text import EOT, read_stories_file  # noqa: E402
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "tinystories", "train.txt")
@@ -33,7 +33,7 @@ FULL_BYTES = 1.9e9  # UTF-8 text of TinyStories' train split (2.12M stories)
 
 def build_text(path: str, mb: float, seed: int = 0) -> int:
     """Write >= mb MB of TinyStories-layout text from the real sample, shuffled per copy; its size in bytes."""
-    stories, rng, size = _read_file(SAMPLE), random.Random(seed), 0
+    stories, rng, size = read_stories_file(SAMPLE), random.Random(seed), 0
     with open(path, "w", encoding="utf-8") as f:
         while size < mb * 1e6:
             rng.shuffle(stories)
@@ -104,7 +104,7 @@ def rayon_rate(ds_dir: str, files: list[str], seed: int) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     started = time.perf_counter()
     eos = json.load(open(os.path.join(ds_dir, "prepared.json")))["eos_id"]
-    stats = prepared._write_split(train, lambda chunks: (prepared._encode(tok, eos, c) for c in chunks),
+    stats = prepared.write_split(train, lambda chunks: (prepared.encode_chunk(tok, eos, c) for c in chunks),
                                   os.path.join(ds_dir, "rayon.bin"), "train (rayon)", print)
     seconds = time.perf_counter() - started
     same = open(os.path.join(ds_dir, "rayon.bin"), "rb").read() == open(os.path.join(ds_dir, "train.bin"), "rb").read()

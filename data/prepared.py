@@ -33,9 +33,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 import data.text as text
-from data.source import describe_files, sha256_file
+from common.files import check_free_space, existing_ancestor, guarded_write, sha256_file
+from common.formats import human
+from data.source import describe_files
 from data.text import DataError, check_files, load_corpus
-from training.disk import check_free_space, existing_ancestor, guarded_write, human
 
 FORMAT = 1  # bump when the layout changes: open_prepared refuses other versions
 META_FILE = "prepared.json"
@@ -138,6 +139,20 @@ def open_prepared(path: str) -> PreparedDataset:
     return PreparedDataset(path, meta, tokens["train"], tokens["val"])
 
 
+def resume_prepared(recorded: dict, dataset: str | None) -> str:
+    """The prepared dataset directory that continues the run: the recorded one, or `dataset` if it was moved;
+    DataError (one line) if it is gone or holds other tokens than the run trained on."""
+    path = dataset or recorded["path"]
+    if not dataset and not os.path.exists(path):
+        raise DataError(f"the run's prepared dataset {path} is gone; pass it from where it is now with --dataset "
+                        f"(checked by its fingerprint {recorded['fingerprint'][:12]}...)")
+    found = open_prepared(path).fingerprint
+    if found != recorded["fingerprint"]:
+        raise DataError(f"{path} is not the prepared dataset this run trained on (fingerprint {found[:12]}..., the "
+                        f"run's {recorded['fingerprint'][:12]}...): resume with the same dataset, or start a new run")
+    return path
+
+
 def _read_meta(path: str) -> dict:
     if not os.path.isdir(path):
         raise DataError(f"{path}: no prepared dataset there; prepare one: python prepare_data.py --out {path} "
@@ -152,7 +167,7 @@ def _read_meta(path: str) -> dict:
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path}: unreadable ({text._one_line(e)}); prepare it again: python prepare_data.py "
+        raise DataError(f"{meta_path}: unreadable ({text.one_line(e)}); prepare it again: python prepare_data.py "
                         f"--out {path} --force (see --help)") from None
     return meta
 
@@ -384,8 +399,8 @@ def _hub_stories(name: str, timeout: float, val_fraction: float, seed: int, max_
                  ) -> tuple[list[str], list[str], dict]:
     """The whole dataset through its cached download (not streamed: a second preparation reads the cache)."""
     switches = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    offline = any(os.environ.get(v, "").strip().lower() in text._TRUE for v in switches)
-    reason = None if offline else text._hub_unavailable_reason(timeout)
+    offline = any(os.environ.get(v, "").strip().lower() in text.TRUE_WORDS for v in switches)
+    reason = None if offline else text.hub_unavailable_reason(timeout)
     if reason is not None:  # fail in seconds: an unreachable hub can hang load_dataset for minutes
         raise DataError(f"cannot read {name}: the Hugging Face hub is unreachable ({reason}); set "
                         "HF_DATASETS_OFFLINE=1 to use a download already cached here, pass --data-files, or "
@@ -396,7 +411,7 @@ def _hub_stories(name: str, timeout: float, val_fraction: float, seed: int, max_
         splits = datasets.load_dataset(name)
     except Exception as e:  # a remote service and its cache fail in many ways: one line, never a traceback
         where = "not in the local cache (offline)" if offline else "loading failed"
-        raise DataError(f"cannot read {name}: {where}: {text._one_line(e)}; prepare where the hub is reachable, "
+        raise DataError(f"cannot read {name}: {where}: {text.one_line(e)}; prepare where the hub is reachable, "
                         "or pass --data-files") from None
     if "train" not in splits or "text" not in splits["train"].column_names:
         raise DataError(f"{name}: no 'train' split with a 'text' field (splits: {', '.join(splits)}); "
@@ -418,7 +433,7 @@ def _hub_texts(ds, limit: int | None) -> list[str]:
     """Stripped non-empty texts of the first limit rows (all for None), through Arrow: iterating a datasets
     column row by row is ~40x slower (13 s per 200k stories, measured)."""
     rows = ds.with_format("arrow")[: len(ds) if limit is None else min(limit, len(ds))]
-    return text._clean(rows["text"].to_pylist())
+    return text.clean_texts(rows["text"].to_pylist())
 
 
 def _hub_revision(ds) -> str | None:
@@ -447,7 +462,7 @@ def _build(out_dir: str, train: list[str], val: list[str], meta: dict, sample_by
         workers = max(1, min(workers, -(-len(train) // _CHUNK_STORIES)))  # no idle processes for small corpora
         with _encoder(os.path.join(tmp, "tokenizer", "tokenizer.json"), eos, workers) as encode:
             for split, stories in (("train", train), ("val", val)):
-                meta[split] = _write_split(stories, encode, os.path.join(tmp, f"{split}.bin"), split, log)
+                meta[split] = write_split(stories, encode, os.path.join(tmp, f"{split}.bin"), split, log)
         meta["seconds"]["tokenize"] = round(time.perf_counter() - started, 1)
         meta["workers"] = workers
         meta["fingerprint"] = _fingerprint(tmp, meta)
@@ -522,7 +537,7 @@ def _fingerprint(tmp: str, meta: dict) -> str:
 _WORKER: tuple | None = None  # (tokenizer, eos id) in a worker process
 
 
-def _encode(tok, eos: int, stories: list[str]) -> tuple[bytes, int, int]:
+def encode_chunk(tok, eos: int, stories: list[str]) -> tuple[bytes, int, int]:
     """(uint16 ids of the stories, each followed by eos, as bytes; number of stories; bytes of UTF-8 text)."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.21): no offsets
     ids = [e.ids for e in encode(stories, add_special_tokens=False)]
@@ -541,13 +556,13 @@ def _init_worker(tokenizer_file: str, eos: int) -> None:
 
 
 def _worker_encode(stories: list[str]) -> tuple[bytes, int, int]:
-    return _encode(*_WORKER, stories)
+    return encode_chunk(*_WORKER, stories)
 
 
 @contextmanager
 def _encoder(tokenizer_file: str, eos: int, workers: int
              ) -> Iterator[Callable[[Iterable[list[str]]], Iterator[tuple[bytes, int, int]]]]:
-    """A function mapping chunks of stories to their _encode results, in order: in this process for one
+    """A function mapping chunks of stories to their encode_chunk results, in order: in this process for one
     worker, else in a pool of worker processes (spawned: a fork would copy the caller's threads and torch).
 
     Processes rather than the tokenizers library's own threads: as fast on 2 cores (3.45 vs 3.33 MB/s), but with
@@ -557,7 +572,7 @@ def _encoder(tokenizer_file: str, eos: int, workers: int
 
         tok = Tokenizer.from_file(tokenizer_file)
         with _single_threaded_tokenizers():
-            yield lambda chunks: (_encode(tok, eos, c) for c in chunks)
+            yield lambda chunks: (encode_chunk(tok, eos, c) for c in chunks)
         return
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tokenizer_file, eos))
     try:  # an executor, not a Pool: a killed worker raises BrokenProcessPool instead of hanging forever
@@ -591,7 +606,7 @@ def _in_order(pool, chunks: Iterable[list[str]], window: int) -> Iterator[tuple[
         yield pending.popleft().result()
 
 
-def _write_split(stories: list[str], encode, path: str, name: str, log: Callable[[str], None]) -> dict:
+def write_split(stories: list[str], encode, path: str, name: str, log: Callable[[str], None]) -> dict:
     """Tokenize stories chunk by chunk into path; its n_stories, n_tokens, n_bytes (UTF-8 text) and sha256."""
     h, n_tokens, n_bytes, done = hashlib.sha256(), 0, 0, 0
     started = last = time.perf_counter()

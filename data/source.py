@@ -10,21 +10,13 @@ hub. Different data is refused before any work, naming what differs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
+from common.files import sha256_file
 from data.text import DataError, check_files
 
 SOURCE_FILE = "data_source.json"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_files(paths: list[str]) -> list[dict]:
@@ -44,22 +36,6 @@ def load_source(out_dir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def resume_prepared(recorded: dict, dataset: str | None) -> str:
-    """The prepared dataset directory that continues the run: the recorded one, or `dataset` if it was moved;
-    DataError (one line) if it is gone or holds other tokens than the run trained on."""
-    from data.prepared import open_prepared
-
-    path = dataset or recorded["path"]
-    if not dataset and not os.path.exists(path):
-        raise DataError(f"the run's prepared dataset {path} is gone; pass it from where it is now with --dataset "
-                        f"(checked by its fingerprint {recorded['fingerprint'][:12]}...)")
-    found = open_prepared(path).fingerprint
-    if found != recorded["fingerprint"]:
-        raise DataError(f"{path} is not the prepared dataset this run trained on (fingerprint {found[:12]}..., the "
-                        f"run's {recorded['fingerprint'][:12]}...): resume with the same dataset, or start a new run")
-    return path
 
 
 def resume_source(recorded: dict | None, data_files: list[str] | None) -> tuple[list[str] | None, str]:

@@ -28,7 +28,7 @@ _SEPARATOR = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
 _JSON_EXTS = (".json", ".jsonl")
 _CHUNK_BYTES = 1 << 24  # read big files in 16 MiB pieces: the official train file is 1.9 GB
 HUB_DEFAULT_STORIES = 200_000  # training stories streamed from the hub when max_stories is None
-_TRUE = ("1", "true", "yes", "on")
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 class DataError(ValueError):
@@ -59,12 +59,12 @@ def load_corpus(data_files: list[str] | None, val_fraction: float = 0.05, max_st
     if origin == "generated":
         reason = "resuming a run that trained on them"
     else:
-        reason = _hub_unavailable_reason(hub_timeout)
+        reason = hub_unavailable_reason(hub_timeout)
         if reason is None:
             try:
                 return _load_hub(hub_dataset, val_fraction, max_stories, seed)
             except Exception as e:  # any failure of a remote service: fall back rather than stop the run
-                reason = f"loading {hub_dataset} failed: {_one_line(e)}"
+                reason = f"loading {hub_dataset} failed: {one_line(e)}"
         if origin == "hub":
             raise DataError(f"this run trained on {hub_dataset} from the hub, which cannot be read now ({reason}); "
                             "resume where the hub is reachable")
@@ -103,7 +103,7 @@ def _cap(stories: list[str], max_stories: int | None) -> list[str]:
     return stories if max_stories is None else stories[:max_stories]
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
@@ -121,7 +121,7 @@ def check_files(paths: list[str]) -> None:
 def _load_local(paths: list[str], val_fraction: float, max_stories: int | None, seed: int) -> Corpus:
     """Check every file, then parse them all, then split."""
     check_files(paths)
-    per_file = [(path, _read_file(path)) for path in paths]
+    per_file = [(path, read_stories_file(path)) for path in paths]
     stories = [s for _, file_stories in per_file for s in file_stories]
     train, val = split_stories(stories, val_fraction, seed)
     listing = ", ".join(f"{os.path.basename(p)} ({len(s):,} stories)" for p, s in per_file)
@@ -147,7 +147,7 @@ def _check_file(path: str) -> None:
         raise DataError(f"{path}: empty file; pass a file that holds stories")
 
 
-def _read_file(path: str) -> list[str]:
+def read_stories_file(path: str) -> list[str]:
     """Stories of one checked file."""
     if path.lower().endswith(".txt"):
         return _read_txt(path)
@@ -198,25 +198,25 @@ def _read_json(path: str) -> list[str]:
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train")
     except Exception as e:
-        raise DataError(f"{path}: not readable as JSON records ({_one_line(e)}); write one JSON object per "
+        raise DataError(f"{path}: not readable as JSON records ({one_line(e)}); write one JSON object per "
                         "line, each with a 'text' field") from None
     if "text" not in ds.column_names:
         raise DataError(f"{path}: records have no 'text' field (fields: {', '.join(ds.column_names) or 'none'}); "
                         "rename the story field to 'text'")
-    return _clean(ds["text"])
+    return clean_texts(ds["text"])
 
 
-def _clean(texts: Iterable) -> list[str]:
+def clean_texts(texts: Iterable) -> list[str]:
     """Stripped, non-empty strings."""
     return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
 
 
 # ---------------------------------------------------------------- the Hugging Face hub
 
-def _hub_unavailable_reason(timeout: float) -> str | None:
+def hub_unavailable_reason(timeout: float) -> str | None:
     """None if the hub may be used; else why not (offline switch set, or no answer within timeout)."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in _TRUE:
+        if os.environ.get(name, "").strip().lower() in TRUE_WORDS:
             return f"{name}={os.environ[name]} is set"
     return _probe_hub(timeout)
 
@@ -233,7 +233,7 @@ def _probe_hub(timeout: float) -> str | None:
         except urllib.error.HTTPError:  # the server answered: it is reachable
             result.append(None)
         except Exception as e:
-            result.append(f"{url} unreachable: {_one_line(getattr(e, 'reason', e))}")
+            result.append(f"{url} unreachable: {one_line(getattr(e, 'reason', e))}")
 
     # a thread, because urlopen's timeout does not cover the DNS lookup, which can hang far longer
     thread = threading.Thread(target=probe, daemon=True)
@@ -249,11 +249,11 @@ def _load_hub(hub_dataset: str, val_fraction: float, max_stories: int | None, se
     # streaming: a small run must not download the whole 2 GB dataset first
     splits = datasets.load_dataset(hub_dataset, streaming=True)
     n_train = max_stories or HUB_DEFAULT_STORIES
-    train = _clean(r.get("text") for r in itertools.islice(splits["train"], n_train))
+    train = clean_texts(r.get("text") for r in itertools.islice(splits["train"], n_train))
     if not train:
         raise DataError(f"{hub_dataset}: no stories in a 'text' field of its train split")
     if "validation" in splits:
-        val = _clean(r.get("text") for r in splits["validation"])
+        val = clean_texts(r.get("text") for r in splits["validation"])
     else:
         train, val = split_stories(train, val_fraction, seed)
     if not val:

@@ -16,7 +16,7 @@ import shutil
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.text import EOT, DataError
-from training.disk import guarded_write
+from common.files import guarded_write
 
 N_BYTES = 256  # the byte-level alphabet: every byte has a token, so no text is out of vocabulary
 SPECIAL_TOKENS = [EOT]

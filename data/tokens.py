@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data.text import DataError
-from training.disk import WriteFailed, guarded_write, remove_quietly
+from common.files import WriteFailed, guarded_write, remove_quietly, write_atomic
 
 CACHE_FORMAT = 1  # bump when the cached layout changes, so old caches are not read
 _ENCODE_CHUNK = 4096  # stories per batch call to the fast tokenizer
@@ -39,7 +39,7 @@ def tokenize_to_cache(stories: list[str], tokenizer, cache_dir: str) -> np.ndarr
         meta = dict(format=CACHE_FORMAT, key=key, n_stories=len(stories), n_tokens=n_tokens, dtype="uint16",
                     vocab_size=len(tokenizer), eos_id=eos)
         try:
-            _write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: it marks a complete cache
+            write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: it marks a complete cache
         except WriteFailed:
             remove_quietly(bin_path)  # useless without its meta, and it holds the space that just ran out
             raise
@@ -115,14 +115,6 @@ def _encode(stories: list[str], tokenizer, eos: int) -> np.ndarray:
                     return_token_type_ids=False)["input_ids"]
     n = sum(len(x) for x in ids) + len(ids)
     return np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids), dtype=np.uint16, count=n)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with guarded_write(path, len(data)) as write:
-        with open(write.temporary(tmp), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
 
 
 def _check_length(tokens: np.ndarray, seq_len: int) -> None:

@@ -12,7 +12,7 @@ from bench.phase_throughput import RandomTokens, Target, measure_phase, train_st
 from config import TrainConfig
 from models import build_model
 from tests.conftest import tiny_config, tokens_for
-from training.loop import PhaseRun, _accumulate_gradients, _wrap, lm_loss, make_optimizer
+from training.loop import PhaseRun, accumulate_gradients, wrap_for_training, lm_loss, make_optimizer
 from training.runtime import Runtime
 
 NO_CUDA = "CUDA test: torch.cuda.is_available() is False (no GPU, or a CPU build of torch)"
@@ -38,7 +38,7 @@ def _train(model: torch.nn.Module, precision: str, steps: int = 3, compile: bool
     """Losses of `steps` of the loop's optimizer steps on seeded random batches (4 x 128)."""
     rt = Runtime(CUDA, precision=precision)
     run = PhaseRun(rt, TC, RandomTokens(model.config.vocab_size, 4, 128, CUDA, seed=0), [], _NoLog(), compile=compile)
-    losses = train_steps(_wrap(model, run), make_optimizer(model, 1e-3, TC), run, 1e-3, range(steps), steps)
+    losses = train_steps(wrap_for_training(model, run), make_optimizer(model, 1e-3, TC), run, 1e-3, range(steps), steps)
     return losses.tolist()
 
 
@@ -192,14 +192,14 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_accumulated_micro_batches_give_the_whole_batch_gradient_on_cuda_in_float64(n_experts):
-    """Three micro-batches through _accumulate_gradients against one backward over their concatenation: equal to
+    """Three micro-batches through accumulate_gradients against one backward over their concatenation: equal to
     1e-12 relative in float64 (the balance loss is per micro-batch by design, so it is off here)."""
     tc = TrainConfig(balance_coef=0.0, z_coef=1e-3)
     t = tokens_for(6, 17).to(CUDA)
     micro = [(t[i:i + 2, :-1], t[i:i + 2, 1:]) for i in (0, 2, 4)]
     model = _float64_model(n_experts)
     run = PhaseRun(Runtime(CUDA, precision="fp32"), tc, _Batches(list(micro)), [], _NoLog())
-    _accumulate_gradients(model, run, len(micro))
+    accumulate_gradients(model, run, len(micro))
     accumulated = _grads(model)
     model.zero_grad(set_to_none=True)
     lm_loss(model, t[:, :-1], t[:, 1:], tc)[1].backward()

@@ -19,9 +19,11 @@ from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from data.tokens import cache_bytes, tokenize_to_cache
 from models import build_model
 from tests.conftest import tiny_config
-from training.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
-from training.disk import (NotEnoughSpace, WriteFailed, check_free_space, checkpoint_bytes, dir_bytes, free_bytes,
-                           guarded_write, human, peak_checkpoint_bytes, remove_stale_temporaries)
+from common.files import write_atomic
+from training.checkpoint import latest_checkpoint, save_checkpoint
+from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_bytes, free_bytes, guarded_write
+from common.formats import human
+from training.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
 from training.pipeline import PIPELINE
 from training.report import MetricsLog, plot_losses
 from transfer.hf_format import export_hf
@@ -186,10 +188,10 @@ def test_the_same_step_saved_again_keeps_the_older_copy_if_the_rename_fails(tmp_
 @pytest.mark.parametrize("fault", FAULTS)
 def test_text_file_write_fails_cleanly(tmp_path, monkeypatch, fault):
     path = str(tmp_path / "settings.json")
-    write_text_atomic(path, "old")
+    write_atomic(path, "old")
     fail_writes(monkeypatch, ".tmp-*", FAULTS[fault]())
     with pytest.raises(WriteFailed) as e:
-        write_text_atomic(path, "new" * 1000)
+        write_atomic(path, "new" * 1000)
     monkeypatch.undo()
     assert_one_clear_line(e.value, path, fault)
     assert e.value.needed == 3000 and open(path).read() == "old" and not leftovers(tmp_path)
@@ -423,7 +425,7 @@ def test_real_disk_full_at_every_other_write_site(small_disk, tokenizers):
     tok = tokenizers[0]
     plot = str(small_disk / "loss_curve.png")
     sites = {
-        "text": (lambda: write_text_atomic(str(small_disk / "settings.json"), "x" * 20000),
+        "text": (lambda: write_atomic(str(small_disk / "settings.json"), "x" * 20000),
                  str(small_disk / "settings.json")),
         "metrics": (lambda: MetricsLog(str(small_disk / "metrics.jsonl")).write(note="x" * 20000),
                     str(small_disk / "metrics.jsonl")),
@@ -435,7 +437,7 @@ def test_real_disk_full_at_every_other_write_site(small_disk, tokenizers):
         "export": (lambda: export_hf(build_model(tiny_config(dim=128, n_layers=4)), str(small_disk / "hf")),
                    str(small_disk / "hf")),
     }
-    write_text_atomic(str(small_disk / "settings.json"), "old")
+    write_atomic(str(small_disk / "settings.json"), "old")
     plot_losses(loss_records(5), plot, PIPELINE)
     save_tokenizer(tok, str(small_disk / "tokenizer"))
     kept = {p: open(p, "rb").read() for p in (str(small_disk / "settings.json"), plot)}

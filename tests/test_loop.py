@@ -122,11 +122,11 @@ def _max_grad_difference(a, b):
 
 
 def _accumulated(model, micro_batches, tc, accumulate=None):
-    from training.loop import PhaseRun, _accumulate_gradients
+    from training.loop import PhaseRun, accumulate_gradients
 
     run = PhaseRun(Runtime(torch.device("cpu")), tc, _Stream(micro_batches), [], _Log())
     model.zero_grad(set_to_none=True)
-    (accumulate or _accumulate_gradients)(model, run, len(micro_batches))
+    (accumulate or accumulate_gradients)(model, run, len(micro_batches))
     return _grads(model)
 
 

@@ -17,7 +17,7 @@ from data.synthetic import generate_stories
 from data.text import EOT, DataError, load_corpus
 from data.tokenizer import load_tokenizer
 from data.tokens import _encode
-from training.disk import WriteFailed
+from common.files import WriteFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORIES = generate_stories(240, seed=3)
@@ -352,7 +352,7 @@ def test_failed_forced_write_keeps_the_old_dataset(tmp_path, monkeypatch):
 
 
 def test_not_enough_space_is_refused_before_the_token_files(tmp_path, monkeypatch, capsys):
-    import training.disk as disk
+    import common.files as disk
 
     path = write_txt(tmp_path / "a.txt", STORIES[:60])
     monkeypatch.setattr(disk, "free_bytes", lambda p: 1000)

@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from training.disk import WriteFailed
+from common.files import WriteFailed
 from training.runlock import LOCK_NAME, Holder, RunLocked, _start_ticks, acquire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -230,7 +230,7 @@ def test_a_start_refused_by_its_data_leaves_no_run_directory(tmp_path, capsys):
 
 
 def test_too_little_disk_space_is_exit_2_before_training(tmp_path, monkeypatch, capsys):
-    import training.disk as disk
+    import common.files as disk
 
     monkeypatch.setattr(disk, "free_bytes", lambda path: 5 << 20)  # 5 MiB free: micro needs ~100 MiB of checkpoints
     assert run(tmp_path / "run") == 2
@@ -244,7 +244,7 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_printed_resume_works(tmp
     import errno
 
     import training.pipeline as pipeline
-    from training.disk import WriteFailed
+    from common.files import WriteFailed
 
     real, calls = pipeline.save_checkpoint, {"n": 0}
 

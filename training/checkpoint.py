@@ -8,10 +8,10 @@ meta.json holds the model config, phase, step and a SHA-256 of each file, so a t
 checkpoint is detected on load and the previous good one is used instead. Every file is read as data, never as
 code: weights from safetensors, state.pt scanned and then loaded weights-only (common/safe_load.py); a checkpoint
 whose state.pt holds anything else is refused (CheckpointError) before any of it is unpickled. The hashes catch
-accidents; the scan catches intent, since whoever alters a file can rewrite its hash too. A sharded run (parallel=fsdp) gathers
-its model and optimizer state whole to rank 0 first (training/sharding.py): every checkpoint has this one format,
+accidents; the scan catches intent, since whoever alters a file can rewrite its hash too. A sharded run
+(parallel=fsdp) gathers its model and optimizer state whole to rank 0 first (training/sharding.py): every checkpoint has this one format,
 whatever number of processes wrote it or resumes it. A write that fails (disk full, I/O
-error, permissions) raises training.disk.WriteFailed after removing its partial files; earlier checkpoints and
+error, permissions) raises common.files.WriteFailed after removing its partial files; earlier checkpoints and
 LATEST are untouched.
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from common.files import PendingWrite, guarded_write, remove_quietly, sha256_file, tensor_bytes, write_atomic
 from common.safe_load import UnsafeFile, load_torch_data, refuse_code
 from config import ModelConfig
-from data.source import sha256_file
 from models import build_model
-from training.disk import PendingWrite, checkpoint_bytes, guarded_write, remove_quietly, tensor_bytes
+from training.disk import checkpoint_bytes
 
 
 WEIGHTS_FILE, STATE_FILE = "model.safetensors", "state.pt"
@@ -75,19 +75,6 @@ class Checkpoint:
         return state
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write text to a temporary sibling, fsync, rename over path; a failure is WriteFailed, path untouched."""
-    data = text.encode()
-    with guarded_write(path, len(data)) as write:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-        write.temporary(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
 def checkpoint_root(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 
@@ -109,7 +96,7 @@ def save_checkpoint(out_dir: str, model: nn.Module, state: dict, meta: dict, kee
         os.replace(tmp, final)
     if replaced:
         remove_quietly(replaced)
-    write_text_atomic(os.path.join(root, "LATEST"), name)
+    write_atomic(os.path.join(root, "LATEST"), name)
     _prune(root, keep_periodic)
     return final
 

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from training.disk import guarded_write
+from common.files import guarded_write
 from training.report import loss_figure, number, read_records, x_axis
 
 REPORT_FILE = "report.html"

@@ -181,7 +181,7 @@ def routing_record(counts: torch.Tensor) -> dict:
             "dead": [int((row == 0).sum()) for row in counts]}
 
 
-def _wrap(model: nn.Module, run: PhaseRun) -> nn.Module:
+def wrap_for_training(model: nn.Module, run: PhaseRun) -> nn.Module:
     """The module the loop steps through: sharded in place (fsdp; the pipeline hands it over sharded already) or
     DDP-wrapped, and/or compiled; growth always sees the raw (or sharded) model, never a wrapper."""
     if run.rt.sharded:
@@ -214,7 +214,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         state = TrainingState()
         state.begin(phase.name)
     model.activation_checkpointing = tc.activation_checkpointing
-    net = _wrap(model, run)
+    net = wrap_for_training(model, run)
     opt = make_optimizer(model, phase.lr, tc)
     if optimizer_state is not None:
         _load_optimizer(model, opt, optimizer_state, rt)
@@ -233,7 +233,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, total, balance = _accumulate_gradients(net, run, k)
+        loss, total, balance = accumulate_gradients(net, run, k)
         nonfinite |= ~torch.isfinite(total)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -281,7 +281,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
     return state
 
 
-def _accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
+def accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward over k micro-batches; the mean cross-entropy, mean objective and mean balance loss (None for a dense
     model), all detached and left on the device. DDP reduces gradients only on the last micro-batch. FSDP reduces

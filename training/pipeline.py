@@ -14,21 +14,21 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from config import ConfigError, ModelConfig, config_to_dict
+from config import ConfigError, config_to_dict
 from data import DataError, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
 from data import train_tokenizer
 from data.source import SOURCE_FILE, source_record
 from data.tokens import cache_bytes
 from models import build_model, generate
-from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, write_text_atomic
-from training.disk import (NotEnoughSpace, WriteFailed, check_free_space, checkpoint_bytes, dir_bytes,
-                           peak_checkpoint_bytes)
+from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_bytes, write_atomic
+from training.disk import checkpoint_bytes, peak_checkpoint_bytes
 from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
                            evaluate_details, train_phase)
 from training.html_report import write_report
@@ -36,54 +36,17 @@ from training.report import BAR, MetricsLog, phase_header, plot_losses
 from training.runtime import Runtime, resolve_precision
 from training.sharding import StepBatches, full_model, gather_optimizer, is_sharded, sharded_from
 from training.settings import Settings, build_settings, save_settings
-from transfer import (GrowthReport, dense_to_moe, detailed_growth_check, judge_clone_divergence,
-                      grown_config, measure_clone_divergence, scale_bilaterally, upcycling_check)
+from training.plan import Plan, estimate_tokens, fit_settings, make_plan, peak_flops
+from training.stages import PIPELINE, Stage, stage_configs, stage_index
+from transfer import judge_clone_divergence
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str  # checkpoint prefix, metrics `phase`, and the TrainConfig fields <name>_steps / <name>_lr
-    title: str  # phase header
-    label: str  # short name in the summary and the plots
-    grow: Callable[[nn.Module, Settings, torch.Tensor], nn.Module] | None = None  # previous model -> this one
-    check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration_tokens) -> report
-    describe: Callable[[Settings], str] | None = None  # the transition's title
-    config: Callable[[ModelConfig, Settings], ModelConfig] | None = None  # previous config -> this one's (sizes)
-    transition: str = ""  # the transition's short name on the loss plot
-    measure_clones: Callable[[nn.Module, Settings], dict] | None = None  # clone divergence, at every eval
-
-    def phase(self, s: Settings, last: bool) -> Phase:
-        tc = s.train
-        return Phase(self.name, self.title, getattr(tc, f"{self.name}_steps"), getattr(tc, f"{self.name}_lr"),
-                     decays=last or tc.decay == "every_phase")
-
-
-def _upcycle(model: nn.Module, s: Settings, calibration: torch.Tensor) -> nn.Module:
-    g = s.growth
-    return dense_to_moe(model, g.n_experts, g.top_k, s.run.seed, g.router_init_std, calibration_tokens=calibration)
-
-
-def _grow_bilaterally(model: nn.Module, s: Settings, calibration: torch.Tensor) -> nn.Module:
-    g = s.growth
-    return scale_bilaterally(model, g.scale_factor, g.extra_layers, g.noise_std, s.run.seed,
-                             calibration_tokens=calibration)
-
-
-PIPELINE: tuple[Stage, ...] = (
-    Stage("dense", "Phase 1: dense", "Phase 1: dense"),
-    Stage("moe", "Phase 2: MoE (upcycled)", "Phase 2: MoE", _upcycle, upcycling_check,
-          lambda s: f"dense -> MoE ({s.growth.n_experts} experts, top-{s.growth.top_k})",
-          lambda c, s: replace(c, n_experts=s.growth.n_experts, top_k=s.growth.top_k), "dense → MoE"),
-    Stage("grown", "Phase 3: grown MoE", "Phase 3: grown MoE", _grow_bilaterally, detailed_growth_check,
-          lambda s: (f"bilateral growth (width x{s.growth.scale_factor}, +{s.growth.extra_layers} layers, "
-                     f"noise_std {s.growth.noise_std})"),
-          lambda c, s: grown_config(c, s.growth.scale_factor, s.growth.extra_layers), "bilateral growth",
-          lambda model, s: measure_clone_divergence(model, s.growth.scale_factor)),
-)
-
-
-def stage_index(name: str) -> int:
-    return [st.name for st in PIPELINE].index(name)
+def stage_phase(stage: Stage, s: Settings, last: bool) -> Phase:
+    """What the loop trains in a stage: its steps and LR from the settings, decaying in the last stage (or in
+    every stage with decay=every_phase)."""
+    tc = s.train
+    return Phase(stage.name, stage.title, getattr(tc, f"{stage.name}_steps"), getattr(tc, f"{stage.name}_lr"),
+                 decays=last or tc.decay == "every_phase")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -181,16 +144,14 @@ def planned_train_tokens(req: "RunRequest") -> int | None:
 
         return len(open_prepared(req.dataset).train_tokens)
     if req.data_files:
-        from training.plan import estimate_tokens
 
         n_bytes = sum(os.path.getsize(f) for f in req.data_files)
         return round(estimate_tokens(n_bytes, req.settings.model.vocab_size) * (1 - req.settings.data.val_fraction))
     return None
 
 
-def run_plan(req: "RunRequest", world_size: int | None = None) -> "Plan":
+def run_plan(req: "RunRequest", world_size: int | None = None) -> Plan:
     """The plan of the run req asks for (training.plan), on the device it will use; nothing is built or read."""
-    from training.plan import make_plan
 
     device_type, gpu_name = plan_device(req.settings, req.preset)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -203,7 +164,6 @@ def check_memory(req: "RunRequest", rt: Runtime) -> None:
     naming the settings that would fit."""
     if rt.device.type != "cuda":
         return
-    from training.plan import fit_settings, make_plan
 
     free, _ = torch.cuda.mem_get_info(rt.device)
     name = torch.cuda.get_device_name(rt.device)
@@ -217,14 +177,6 @@ def check_memory(req: "RunRequest", rt: Runtime) -> None:
     worst = max(plan.phases, key=lambda ph: ph.peak_bytes)
     raise ConfigError(f"the run needs about {plan.peak_bytes / 2**30:.1f} GiB at its peak ({worst.label}) but "
                       f"{name} has {free / 2**30:.1f} GiB free: use {fix}")
-
-
-def stage_configs(s: Settings) -> list[ModelConfig]:
-    """The model config of every stage, each grown from the one before (no model is built)."""
-    configs = [s.model]
-    for stage in PIPELINE[1:]:
-        configs.append(stage.config(configs[-1], s))
-    return configs
 
 
 def disk_needs(s: Settings, corpus, tokenizer) -> dict[str, int]:
@@ -259,7 +211,7 @@ def _ensure_tokenizer(tok_dir: str, stories: list[str], vocab_size: int, hf_path
         raise DataError(f"{tok_dir} was trained on other text or another vocabulary than this resume reads; "
                         "resume with the run's own data and settings, or start a new run")
     save_tokenizer(load_tokenizer(hf_path) if hf_path else train_tokenizer(stories, vocab_size), tok_dir)
-    write_text_atomic(key_path, key + "\n")
+    write_atomic(key_path, key + "\n")
 
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -398,7 +350,7 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
     model, index, state, opt_state = start_point(req, ckpt, data, rt)
     if rt.is_master:  # only once data and resume point are known good: a refused resume changes nothing
         save_settings(s, out_dir)
-        write_text_atomic(os.path.join(out_dir, SOURCE_FILE), json.dumps(data.source, indent=1))
+        write_atomic(os.path.join(out_dir, SOURCE_FILE), json.dumps(data.source, indent=1))
     log.write(**start_record(req, rt, data, state))
     try:
         status, message = _train_stages(req, rt, data, run, log, model, index, state, opt_state)
@@ -430,7 +382,6 @@ def peak_flops_of(rt: Runtime) -> float | None:
     """One process's peak FLOP/s at the run's precision, for MFU: known for the GPUs training.plan lists."""
     if rt.device.type != "cuda":
         return None
-    from training.plan import peak_flops
 
     return peak_flops(torch.cuda.get_device_name(rt.device), resolve_precision(rt.precision, "cuda"))
 
@@ -477,7 +428,7 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
                 log.write(**transition_record(stage, grown, state, loss_before, loss_after))
                 say(f"Eval loss before transition {i}: {loss_before:.6f}; grown model: {loss_after:.6f} "
                     f"(difference {loss_after - loss_before:+.1e})")
-        phase = stage.phase(s, last=i == len(PIPELINE) - 1)
+        phase = stage_phase(stage, s, last=i == len(PIPELINE) - 1)
         say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
         run.watch = clone_watch(stage, s, log, rt) if stage.measure_clones else None
         try:

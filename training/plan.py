@@ -5,7 +5,7 @@
     if not plan.fits(free_bytes):
         print(fit_settings(settings, lambda s: make_plan(s, device_type="cuda"), free_bytes))
 
-Everything is computed from the stage configs (training.pipeline.stage_configs): no model is built, so the plan
+Everything is computed from the stage configs (training.stages.stage_configs): no model is built, so the plan
 of a GPU-sized run takes milliseconds on any machine. The memory model follows what this code allocates, one
 process, eager mode (no torch.compile), and is checked against measurement by bench/memory_model.py:
 
@@ -35,8 +35,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from config import ModelConfig, TrainConfig
-from training.disk import _SAFETENSORS_PER_TENSOR, _STATE_PER_TENSOR, checkpoint_bytes, human, peak_checkpoint_bytes
-from training.pipeline import PIPELINE, stage_configs
+from common.files import SAFETENSORS_PER_TENSOR
+from common.formats import human
+from training.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
+from training.stages import PIPELINE, stage_configs
 from training.runtime import resolve_precision
 from training.settings import Settings
 
@@ -129,7 +131,7 @@ def _tensor_count(cfg: ModelConfig) -> int:
 
 def checkpoint_size(cfg: ModelConfig) -> int:
     """training.disk.checkpoint_bytes(cfg) without building the model (same bookkeeping per tensor)."""
-    per_tensor = _SAFETENSORS_PER_TENSOR + 2 * _STATE_PER_TENSOR
+    per_tensor = SAFETENSORS_PER_TENSOR + 2 * STATE_PER_TENSOR
     return checkpoint_bytes(parameter_count(cfg)) + _tensor_count(cfg) * per_tensor
 
 

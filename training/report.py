@@ -9,8 +9,8 @@ from typing import Iterable, Protocol
 
 from torch import nn
 
-from training.checkpoint import write_text_atomic
-from training.disk import guarded_write
+from common.files import write_atomic
+from common.files import guarded_write
 
 BAR = "=" * 72
 
@@ -44,7 +44,7 @@ class MetricsLog:
         self.path, self.enabled, self.sinks = path, enabled, list(sinks)
         if enabled and resume_global_step is not None and os.path.exists(path):
             kept = [line for line in open(path) if (r := _parse(line)) and _before(r, resume_global_step, resume_phase)]
-            write_text_atomic(path, "".join(kept))
+            write_atomic(path, "".join(kept))
         elif enabled and resume_global_step is None and os.path.exists(path):
             os.remove(path)
 

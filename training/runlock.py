@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from training.disk import guarded_write
+from common.files import guarded_write
 
 LOCK_NAME = "run.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # the file system cannot flock

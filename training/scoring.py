@@ -169,10 +169,10 @@ def load_for_inference(path: str, device: torch.device) -> Loaded:
 
 def file_stories(paths: list[str]) -> tuple[list[str], str]:
     """(every story of the files, a description); DataError (one line) for a bad file."""
-    from data.text import _read_file, check_files  # _read_file: the loader's own parser, without the split
+    from data.text import read_stories_file, check_files  # read_stories_file: the loader's own parser, without the split
 
     check_files(paths)
-    per_file = [(p, _read_file(p)) for p in paths]
+    per_file = [(p, read_stories_file(p)) for p in paths]
     listing = ", ".join(f"{os.path.basename(p)} ({len(s):,} stories)" for p, s in per_file)
     return [s for _, stories in per_file for s in stories], f"local files: {listing}"
 
@@ -211,7 +211,7 @@ def validation_stories(run_dir: str, ckpt: Checkpoint) -> tuple[list[str], str]:
 
 def _recorded_files(recorded: dict) -> list[str]:
     """The run's data files, checked against their recorded size and SHA-256 (else another split)."""
-    from data.source import sha256_file
+    from common.files import sha256_file
     from data.text import DataError
 
     for f in recorded["files"]:

@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 
+from common.files import write_atomic
 from config import PRESETS, ConfigError, DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "growth": GrowthConfig, "model": ModelConfig, "train": TrainConfig,
@@ -278,9 +279,8 @@ def check_consistency(s: Settings) -> None:
 
 
 def save_settings(settings: Settings, out_dir: str) -> None:
-    from training.checkpoint import write_text_atomic
 
-    write_text_atomic(os.path.join(out_dir, "settings.json"), json.dumps(settings.to_dict(), indent=1))
+    write_atomic(os.path.join(out_dir, "settings.json"), json.dumps(settings.to_dict(), indent=1))
 
 
 def load_saved_settings(out_dir: str) -> dict | None:

@@ -23,7 +23,7 @@ from torch import nn
 from common.safe_load import load_weights, refuse_code
 from config import ModelConfig
 from models import build_model
-from training.disk import checkpoint_bytes, guarded_write
+from common.files import SAFETENSORS_PER_TENSOR, guarded_write, unique_tensors
 
 
 class UnsupportedModel(ValueError):
@@ -125,7 +125,8 @@ def export_hf(model: nn.Module, out_dir: str, tokenizer=None) -> str:
 
 def export_bytes(model: nn.Module) -> int:
     """About what export_hf writes: the weights once (as stored), the configs and a tokenizer (< 1 MiB)."""
-    return checkpoint_bytes(model, optimizer_slots=0) + (1 << 20)
+    params = unique_tensors(model.parameters())
+    return sum(p.numel() * p.element_size() + SAFETENSORS_PER_TENSOR for p in params) + (1 << 20)
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:

@@ -1,0 +1,120 @@
+"""The import graph keeps the layers pointing one way: config <- common <- models <- data / transfer <- training <-
+entry scripts. Read from the source (imports inside functions count), so a lazy import cannot hide a cycle."""
+import ast
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("common", "models", "data", "transfer", "training")
+ENTRY_SCRIPTS = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")} - {"config"}
+# what each layer may import from the project; entry scripts and bench/ may import anything below them
+MAY_IMPORT = {
+    "common": set(),
+    "config": set(),
+    "models": {"config", "common"},
+    "data": {"config", "common", "models"},
+    "transfer": {"config", "common", "models", "data"},
+    "training": {"config", "common", "models", "data", "transfer"},
+}
+
+
+def project_modules() -> dict[str, str]:
+    """module name -> file, for config.py, the packages and the entry scripts."""
+    found = {"config": os.path.join(ROOT, "config.py")}
+    found.update({name: os.path.join(ROOT, f"{name}.py") for name in ENTRY_SCRIPTS})
+    found.update({f"bench.{f[:-3]}": os.path.join(ROOT, "bench", f) for f in os.listdir(os.path.join(ROOT, "bench"))
+                  if f.endswith(".py")})
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                    found[rel.removesuffix(".__init__")] = os.path.join(folder, f)
+    return found
+
+
+MODULES = project_modules()
+
+
+def imports_of(module: str) -> list[tuple[str, list[str]]]:
+    """(imported module, names taken from it) for every import statement in the module, nested ones included."""
+    tree = ast.parse(open(MODULES[module]).read())
+    package = module if MODULES[module].endswith("__init__.py") else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(p for p in parts + [base] if p)
+            for a in node.names:  # `from pkg import module` imports a module, not a name
+                if f"{base}.{a.name}" in MODULES:
+                    out.append((f"{base}.{a.name}", []))
+                else:
+                    out.append((base, [a.name]))
+    return [(m, names) for m, names in out if m in MODULES or m.split(".")[0] in MODULES
+            or m.split(".")[0] in PACKAGES]
+
+
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    return "entry" if top in ENTRY_SCRIPTS or top == "bench" else top
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = [f"{m} imports {dep}" for m in MODULES if layer(m) in MAY_IMPORT
+              for dep, _ in imports_of(m) if layer(dep) != layer(m) and layer(dep) not in MAY_IMPORT[layer(m)]]
+    assert not upward, upward
+
+
+def test_no_import_cycle_between_files():
+    graph = {m: {dep for dep, _ in imports_of(m) if dep in MODULES and dep != m
+                 and not (MODULES[dep].endswith("__init__.py") and m.startswith(dep + "."))} for m in MODULES}
+    cycles, state = [], {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_no_module_takes_another_modules_private_names():
+    private = [f"{m} takes {dep}.{n}" for m in MODULES for dep, names in imports_of(m) for n in names
+               if n.startswith("_") and dep != m]
+    attribute_use = []
+    for m in MODULES:  # module._name through an imported module
+        imported = {a.asname or a.name for node in ast.walk(ast.parse(open(MODULES[m]).read()))
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+        for node in ast.walk(ast.parse(open(MODULES[m]).read())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in imported
+                    and f"{node.value.id}" not in ("torch", "os", "sys", "dist", "F", "np")):
+                attribute_use.append(f"{m} uses {node.value.id}.{node.attr}")
+    assert not private + attribute_use, private + attribute_use
+
+
+def test_the_checker_sees_a_cycle_an_upward_import_and_a_private_name(tmp_path, monkeypatch):
+    """The rules above can fail: on a planted tree they find each kind of violation."""
+    fake = {"config": tmp_path / "config.py", "models.a": tmp_path / "a.py", "training.b": tmp_path / "b.py"}
+    fake["config"].write_text("")
+    fake["models.a"].write_text("def f():\n    from training.b import _hidden\n")
+    fake["training.b"].write_text("from models.a import f\n_hidden = 1\n")
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", {k: str(v) for k, v in fake.items()})
+    for rule in (test_no_module_imports_a_layer_above_its_own, test_no_import_cycle_between_files,
+                 test_no_module_takes_another_modules_private_names):
+        try:
+            rule()
+        except AssertionError:
+            continue
+        raise AssertionError(f"{rule.__name__} passed a planted violation")
