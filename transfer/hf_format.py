@@ -20,10 +20,10 @@ import os
 import torch
 from torch import nn
 
+from common.files import SAFETENSORS_PER_TENSOR, guarded_write, unique_tensors
 from common.safe_load import load_weights, refuse_code
 from config import ModelConfig
 from models import build_model
-from common.files import SAFETENSORS_PER_TENSOR, guarded_write, unique_tensors
 
 
 class UnsupportedModel(ValueError):
