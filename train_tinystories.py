@@ -7,7 +7,7 @@
     python train_tinystories.py --help                   # every setting, its default and what it does
     torchrun --nproc_per_node=2 train_tinystories.py --preset micro     # DDP (gloo on CPU, NCCL on GPU)
 
-The stages are training/pipeline.py's PIPELINE: phase 1 trains a dense model; transition 1 upcycles it into an
+The stages are training/stages.py's PIPELINE: phase 1 trains a dense model; transition 1 upcycles it into an
 MoE and checks functional equivalence and routing; phase 2 trains the MoE; transition 2 grows it (width and
 depth) and runs every check; phase 3 trains the grown MoE. Exit codes: 0 done, 1 halted (a failed check or a
 divergence: the diagnosis and the command to resume are printed), 2 bad input (before any work), 130/143
