@@ -6,7 +6,7 @@
     python bench/growth_vs_scratch.py --plot-runs bench/results/run_a bench/results/run_b --from-tflop 20
 
 Every arm uses the same tokenizer, the same held-out stories for eval loss and the same batch stream, and
-trains with the pipeline's own code (training.pipeline's PIPELINE, load_data, transition; train_phase):
+trains with the pipeline's own code (training.stages' PIPELINE; training.pipeline's load_data, transition; train_phase):
   pipeline     dense -> upcycle -> MoE -> grow (both transitions verified) -> grown MoE, once per --grown_lrs x
                --noise_stds pair (growth and phase 3 restart from the same phase-2 model and batch position);
   scratch      the grown MoE's architecture from a fresh init, once per --scratch_lrs value, for as many
@@ -34,7 +34,8 @@ from config import ConfigError  # noqa: E402
 from data import check_files  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import Phase, PhaseRun, train_phase  # noqa: E402
-from training.pipeline import PIPELINE, Stage, load_data, transition  # noqa: E402
+from training.pipeline import load_data, stage_phase, transition  # noqa: E402
+from training.stages import PIPELINE, Stage  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.settings import (Settings, build_settings, make_parser, merge_overrides, parse_command_line,  # noqa: E402
                                place)
@@ -126,7 +127,7 @@ def grown_phase(curve: Curve, grow, s: Settings, rt, data, lr: float, steps: int
     model = timed(curve, grow)
     curve.phase_starts.append(curve.flops[-1])
     steps = steps or steps_to_budget(model, s.train, curve, budget)
-    run_phase(model, replace(PIPELINE[-1].phase(s, last=True), steps=steps, lr=lr), s, rt, data, curve)
+    run_phase(model, replace(stage_phase(PIPELINE[-1], s, last=True), steps=steps, lr=lr), s, rt, data, curve)
 
 
 def grow_verified(stage: Stage, model, data, s: Settings, rt):
@@ -150,7 +151,7 @@ def pipeline_arms(s: Settings, rt, data, variants: list[tuple[float, float]], ar
         if stage.grow is not None:
             model = timed(base, lambda: grow_verified(stage, model, data, s, rt))
             base.phase_starts.append(base.flops[-1])
-        run_phase(model, stage.phase(s, last=False), s, rt, data, base)
+        run_phase(model, stage_phase(stage, s, last=False), s, rt, data, base)
         if i == 0:
             first_state, after_first = {k: v.clone() for k, v in model.state_dict().items()}, data.batches.state_dict()
             first_model, first_elapsed, first_points = model, base.elapsed, len(base.flops)

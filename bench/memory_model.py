@@ -37,7 +37,8 @@ from config import ModelConfig, TrainConfig  # noqa: E402
 from data.tokens import TokenBatches  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import Phase, PhaseRun, lm_loss, train_phase  # noqa: E402
-from training.pipeline import PIPELINE, stage_configs, transition  # noqa: E402
+from training.pipeline import transition  # noqa: E402
+from training.stages import PIPELINE, stage_configs  # noqa: E402
 from training.plan import (WIDTHS, autocast_weights, block_saved_bytes, clone_divergence_bytes,  # noqa: E402
                            eval_memory, head_saved_bytes, parameter_count, step_memory, transition_memory)
 from training.runtime import Runtime  # noqa: E402

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.memory_model import PeakMeter  # noqa: E402
-from training.pipeline import stage_configs  # noqa: E402
+from training.stages import stage_configs  # noqa: E402
 from training.plan import step_memory  # noqa: E402
 from training.settings import build_settings  # noqa: E402
 

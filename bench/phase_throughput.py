@@ -3,7 +3,7 @@
     python bench/phase_throughput.py --preset cuda --compile=true --precision=bf16 --steps 300
     python bench/phase_throughput.py --preset micro --device cpu --steps 2 --warmup 1      # a smoke test
 
-Each stage's model is built from training.pipeline.stage_configs (random init) and trained on random tokens
+Each stage's model is built from training.stages.stage_configs (random init) and trained on random tokens
 with the training loop's own pieces: accumulate_gradients (lm_loss under the runtime's autocast, gradient
 accumulation, activation checkpointing), the loop's compile wrapper, gradient clipping and make_optimizer's
 AdamW. Warm-up steps (compilation included) are not timed. MFU is model FLOPs (Transformer.flops_per_token)
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError, ModelConfig  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import PhaseRun, accumulate_gradients, wrap_for_training, lr_at, make_optimizer  # noqa: E402
-from training.pipeline import PIPELINE, stage_configs  # noqa: E402
+from training.stages import PIPELINE, stage_configs  # noqa: E402
 from training.runtime import Runtime, resolve_precision, setup_runtime  # noqa: E402
 from training.settings import Settings, build_settings, make_parser, parse_command_line  # noqa: E402
 

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.html_report import ChromiumMissing, screenshot, write_report  # noqa: E402
-from training.pipeline import PIPELINE  # noqa: E402
+from training.stages import PIPELINE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,7 +160,7 @@ def test_plan_memory_estimate_is_within_its_margin_of_the_measured_peak(phase, p
     """training.plan's training-step peak for the cuda preset's shapes at batch 8 x 512 (eager, two steps, so
     AdamW's state exists) against torch.cuda.max_memory_allocated: within the plan's stated MEMORY_MARGIN."""
     plan_module = pytest.importorskip("training.plan")
-    from training.pipeline import PIPELINE, stage_configs
+    from training.stages import PIPELINE, stage_configs
     from training.settings import build_settings
 
     s = build_settings("cuda", {"run": {"precision": precision, "device": "cuda"}, "train": {"batch_size": 8}})

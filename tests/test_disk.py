@@ -24,7 +24,7 @@ from training.checkpoint import latest_checkpoint, save_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_bytes, free_bytes, guarded_write
 from common.formats import human
 from training.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
-from training.pipeline import PIPELINE
+from training.stages import PIPELINE
 from training.report import MetricsLog, plot_losses
 from transfer.hf_format import export_hf
 
@@ -243,7 +243,7 @@ def test_tokenizer_save_fails_cleanly_and_keeps_the_previous_tokenizer(tmp_path,
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("failing", ["tokens-*.bin.tmp-*", "tokens-*.json.tmp-*"])
+@pytest.mark.parametrize("failing", ["tokens-*.bin.tmp-*", ".tmp-*"])  # the .bin, then its .json (write_atomic)
 def test_token_cache_write_fails_cleanly_and_keeps_the_other_caches(tmp_path, monkeypatch, tokenizers, fault,
                                                                      failing):
     tok = tokenizers[0]

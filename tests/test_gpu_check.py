@@ -10,7 +10,7 @@ import torch
 
 import bench.phase_throughput as pt
 from models import build_model
-from training.pipeline import PIPELINE, stage_configs
+from training.stages import PIPELINE, stage_configs
 from training.settings import build_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from training import html_report
 from training.html_report import ChromiumMissing, dump_dom, find_chromium, render_report, screenshot, write_report
-from training.pipeline import PIPELINE
+from training.stages import PIPELINE
 from training.report import loss_figure, plot_losses
 from training.settings import build_settings
 from transfer.checks.results import CheckResult

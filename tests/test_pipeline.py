@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import training.pipeline as pipeline
+import training.stages as stages
 from config import TrainConfig
 from training.checkpoint import list_checkpoints
 from training.loop import TrainingState
-from training.pipeline import PIPELINE, RunRequest, Stage, run_pipeline, stage_index
+from training.pipeline import RunRequest, run_pipeline, stage_phase
+from training.stages import PIPELINE, Stage, stage_index
 from training.runtime import Runtime
 from training.settings import build_settings, parse_overrides
 from transfer import detailed_growth_check, grown_config, scale_bilaterally
@@ -27,12 +29,12 @@ def offline(monkeypatch):
 
 def test_stage_phases_read_their_settings_by_name_and_only_the_last_decays():
     s = build_settings("micro")
-    phases = [st.phase(s, last=i == len(PIPELINE) - 1) for i, st in enumerate(PIPELINE)]
+    phases = [stage_phase(st, s, last=i == len(PIPELINE) - 1) for i, st in enumerate(PIPELINE)]
     assert [(p.steps, p.lr) for p in phases] == [(getattr(s.train, f"{st.name}_steps"), getattr(s.train, f"{st.name}_lr"))
                                                 for st in PIPELINE]
     assert [p.decays for p in phases] == [False] * (len(PIPELINE) - 1) + [True]
     s = build_settings("micro", parse_overrides(["--decay=every_phase"]))
-    assert all(st.phase(s, last=False).decays for st in PIPELINE)
+    assert all(stage_phase(st, s, last=False).decays for st in PIPELINE)
     assert [stage_index(st.name) for st in PIPELINE] == list(range(len(PIPELINE)))
     assert PIPELINE[0].grow is None and all(st.grow and st.check for st in PIPELINE[1:])
 
@@ -57,7 +59,7 @@ def test_no_other_module_lists_the_phases():
                 text = open(path, encoding="utf-8").read()
                 if listing.search(text) or re.search(r"range\(\w+, 3\)|index == 1\b", text):
                     offenders.append(os.path.relpath(path, ROOT))
-    assert offenders == ["training/pipeline.py"]
+    assert offenders == ["training/stages.py"]
 
 
 def test_training_state_round_trips_and_begins_a_phase():
@@ -76,7 +78,7 @@ def test_a_fourth_stage_is_one_entry_plus_its_settings(tmp_path, monkeypatch, ca
 
     extra = Stage("deeper", "Phase 4: deeper MoE", "Phase 4: deeper", grow=deepen, check=detailed_growth_check,
                   describe=lambda s: "one more block", config=lambda c, s: grown_config(c, 1, 1), transition="deeper")
-    monkeypatch.setattr(pipeline, "PIPELINE", PIPELINE + (extra,))
+    monkeypatch.setattr(stages, "PIPELINE", PIPELINE + (extra,))  # the one table every module reads
     Train4 = make_dataclass("Train4", [("deeper_steps", int, 10), ("deeper_lr", float, 1e-4)], bases=(TrainConfig,))
     s = build_settings("micro", parse_overrides(["--dense_steps=10", "--moe_steps=6", "--grown_steps=6",
                                                  "--checkpoint_interval=5", "--eval_interval=5"]))
@@ -119,7 +121,7 @@ def _pure_clone_pipeline(monkeypatch):
     def passes(old, new, tokens):
         return type("Report", (), {"passed": True, "results": {}})()
 
-    monkeypatch.setattr(pipeline, "PIPELINE", PIPELINE[:-1] + (replace(last, grow=clones, check=passes),))
+    monkeypatch.setattr(stages, "PIPELINE", PIPELINE[:-1] + (replace(last, grow=clones, check=passes),))
 
 
 WATCHED = ["--dense_steps=6", "--moe_steps=4", "--grown_steps=40", "--eval_interval=10", "--checkpoint_interval=20"]

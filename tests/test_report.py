@@ -2,7 +2,7 @@
 
 from models import build_model
 from tests.conftest import tiny_config
-from training.pipeline import PIPELINE
+from training.stages import PIPELINE
 from training.report import MetricsLog, phase_header, plot_losses
 
 

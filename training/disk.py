@@ -56,7 +56,7 @@ def peak_checkpoint_bytes(stage_bytes: list[int], keep_periodic: int = 2) -> int
 
 
 # temporaries each write site leaves if its process is killed mid-write (a failed write removes its own)
-_TEMPORARY_PATTERNS = ("checkpoints/.tmp-*", ".tmp-*", "tokenizer.tmp-*", "cache/tokens-*.tmp-*",
+_TEMPORARY_PATTERNS = ("checkpoints/.tmp-*", ".tmp-*", "tokenizer.tmp-*", "cache/tokens-*.tmp-*", "cache/.tmp-*",
                        "loss_curve.png.tmp-*")
 # set-aside previous versions: put back if the write that replaces them was killed before its rename
 _ASIDE_PATTERNS = {"checkpoints/.old-*": lambda name: name[len(".old-"):].rsplit("-", 1)[0],

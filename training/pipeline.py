@@ -1,4 +1,4 @@
-"""The pipeline, described once: a table of stages, and the orchestration that trains and grows through it.
+"""The orchestration that trains and grows through the stage table (training/stages.py), described once there:
 
     PIPELINE = (dense, moe, grown)   # each Stage: its name, how it is grown from the previous stage, its check
 
@@ -37,7 +37,8 @@ from training.runtime import Runtime, resolve_precision
 from training.sharding import StepBatches, full_model, gather_optimizer, is_sharded, sharded_from
 from training.settings import Settings, build_settings, save_settings
 from training.plan import Plan, estimate_tokens, fit_settings, make_plan, peak_flops
-from training.stages import PIPELINE, Stage, stage_configs, stage_index
+from training import stages
+from training.stages import Stage, stage_configs, stage_index
 from transfer import judge_clone_divergence
 
 
@@ -334,7 +335,7 @@ def run_pipeline(req: RunRequest, rt: Runtime, stop_requested: Callable[[], str 
     rt.use_parallel(s.run.parallel)
     check_memory(req, rt)
     ckpt = latest_checkpoint(out_dir, log=say) if req.resume else None
-    if ckpt is not None and ckpt.phase == PIPELINE[-1].name and ckpt.meta["phase_done"]:
+    if ckpt is not None and ckpt.phase == stages.PIPELINE[-1].name and ckpt.meta["phase_done"]:
         say(f"Run in {out_dir} already finished (final eval loss {ckpt.meta['eval_losses'][ckpt.phase]:.4f}).")
         state = TrainingState()
         state.load_state_dict(ckpt.meta)
@@ -399,7 +400,7 @@ def write_report_quietly(out_dir: str, rt: Runtime) -> None:
     if not rt.is_master:
         return
     try:
-        write_report(out_dir, PIPELINE)
+        write_report(out_dir, stages.PIPELINE)
     except WriteFailed as e:
         print(f"warning: report.html not updated: {e}")
 
@@ -410,10 +411,10 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
     Returns (finished | halted, the message); `state` is updated in place."""
     s, out_dir = req.settings, req.out_dir
     say = print if rt.is_master else (lambda *a, **k: None)
-    for i in range(index, len(PIPELINE)):
-        stage = PIPELINE[i]
+    for i in range(index, len(stages.PIPELINE)):
+        stage = stages.PIPELINE[i]
         if state.phase != stage.name:  # entering the stage: grow the previous stage's model, then verify it
-            loss_before = state.eval_losses.get(PIPELINE[i - 1].name) if i else None
+            loss_before = state.eval_losses.get(stages.PIPELINE[i - 1].name) if i else None
             if stage.grow is not None:
                 grown = transition(stage, model, data, s, rt)
                 if not grown.passed:
@@ -428,7 +429,7 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
                 log.write(**transition_record(stage, grown, state, loss_before, loss_after))
                 say(f"Eval loss before transition {i}: {loss_before:.6f}; grown model: {loss_after:.6f} "
                     f"(difference {loss_after - loss_before:+.1e})")
-        phase = stage_phase(stage, s, last=i == len(PIPELINE) - 1)
+        phase = stage_phase(stage, s, last=i == len(stages.PIPELINE) - 1)
         say("\n" + phase_header(phase.title, phase.steps, phase.lr, str(rt.device), model))
         run.watch = clone_watch(stage, s, log, rt) if stage.measure_clones else None
         try:
@@ -451,7 +452,7 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
             log.write(kind="sample", phase=phase.name, global_step=state.global_step, time=time.time(),
                       prompt=SAMPLE_PROMPT, text=story)
         write_report_quietly(out_dir, rt)
-    return "finished", f"{len(PIPELINE)} phases trained, {sum(st.grow is not None for st in PIPELINE)} transitions verified"
+    return "finished", f"{len(stages.PIPELINE)} phases trained, {sum(st.grow is not None for st in stages.PIPELINE)} transitions verified"
 
 
 def evaluate_at_start(model: nn.Module, stage: Stage, state: TrainingState, data: Data, log: MetricsLog,
@@ -523,20 +524,20 @@ def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> Non
             print(f"Last good checkpoint: {last.path} ({last.phase}, step {last.meta['step']}"
                   f"{', end of phase' if last.meta.get('phase_done') else ''}). Nothing trained is lost.")
         print(f"After fixing, resume with:\n  {hint}")
-        plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), PIPELINE)
+        plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), stages.PIPELINE)
 
 
 def summary(state: TrainingState, seconds: float, out_dir: str, log: MetricsLog) -> None:
-    png = plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), PIPELINE)
+    png = plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), stages.PIPELINE)
     print(f"\n{BAR}\nTRAINING SUMMARY\n{BAR}")
     previous = None
-    for stage in PIPELINE:
+    for stage in stages.PIPELINE:
         if stage.name in state.eval_losses:
             loss = state.eval_losses[stage.name]
             delta = f"  ({loss - previous:+.4f})" if previous is not None else ""
             print(f"  {stage.label:<20} eval loss {loss:.4f}{delta}")
             previous = loss
-    n = sum(1 for st in PIPELINE if st.grow is not None)
+    n = sum(1 for st in stages.PIPELINE if st.grow is not None)
     print(f"  {n} transitions verified. ✓ ALL CHECKS PASSED\n  Time: {seconds / 60:.1f} min")
     print(f"  Outputs in {out_dir}: report.html, metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, "
           f"tokenizer/\n{BAR}")

@@ -38,7 +38,8 @@ from config import ModelConfig, TrainConfig
 from common.files import SAFETENSORS_PER_TENSOR
 from common.formats import human
 from training.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
-from training.stages import PIPELINE, stage_configs
+from training import stages
+from training.stages import stage_configs
 from training.runtime import resolve_precision
 from training.settings import Settings
 
@@ -507,7 +508,7 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
         device_flops = CPU_FLOPS_PER_THREAD * torch.get_num_threads() if precision == "fp32" else None
     configs = stage_configs(s)
     phases = []
-    for i, (stage, cfg) in enumerate(zip(PIPELINE, configs)):
+    for i, (stage, cfg) in enumerate(zip(stages.PIPELINE, configs)):
         steps = getattr(tc, f"{stage.name}_steps")
         tokens = steps * tc.batch_size * tc.grad_accum_steps * world_size * tc.seq_len
         flops = float(flops_per_token(cfg, tc.seq_len)) * tokens
