@@ -1,6 +1,7 @@
 """The import graph keeps the layers pointing one way: config <- common <- models <- data / transfer <- training <-
 entry scripts. Read from the source (imports inside functions count), so a lazy import cannot hide a cycle."""
 import ast
+import functools
 import os
 import sys
 
@@ -36,9 +37,15 @@ def project_modules() -> dict[str, str]:
 MODULES = project_modules()
 
 
+@functools.lru_cache(maxsize=None)
+def tree_of(path: str) -> ast.Module:
+    with open(path) as f:
+        return ast.parse(f.read())
+
+
 def imports_of(module: str) -> list[tuple[str, list[str]]]:
     """(imported module, names taken from it) for every import statement in the module, nested ones included."""
-    tree = ast.parse(open(MODULES[module]).read())
+    tree = tree_of(MODULES[module])
     package = module if MODULES[module].endswith("__init__.py") else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
@@ -94,9 +101,10 @@ def test_no_module_takes_another_modules_private_names():
                if n.startswith("_") and dep != m]
     attribute_use = []
     for m in MODULES:  # module._name through an imported module
-        imported = {a.asname or a.name for node in ast.walk(ast.parse(open(MODULES[m]).read()))
+        tree = tree_of(MODULES[m])
+        imported = {a.asname or a.name for node in ast.walk(tree)
                     if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
-        for node in ast.walk(ast.parse(open(MODULES[m]).read())):
+        for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                     and isinstance(node.value, ast.Name) and node.value.id in imported
                     and f"{node.value.id}" not in ("torch", "os", "sys", "dist", "F", "np")):

@@ -49,6 +49,7 @@ def test_freshly_grown_clones_compute_the_same_and_differ_only_by_the_noise(kind
     assert all(v == 0.0 for v in pure.values()), pure
 
 
+@pytest.mark.slow
 def test_noisy_clones_move_apart_in_training_and_pure_clones_never_do():
     old = source("moe")
     noisy, pure = scale_bilaterally(old, 2, 1), scale_bilaterally(old, 2, 1, noise_std=0.0)

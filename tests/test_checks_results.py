@@ -151,6 +151,7 @@ def broken_growths(old, good):
             ("dead expert", "trainability", dead, "never receive gradient")]
 
 
+@pytest.mark.slow
 def test_every_check_of_a_broken_growth_reports_a_figure_beyond_its_limit(tokens, grown_pair):
     old, good = grown_pair
     for name, check, bad, quantity in broken_growths(old, good):

@@ -118,6 +118,7 @@ def test_growth_without_inserted_blocks_needs_one_step(tokens):
 CASES = [(kind, name) for kind in ("dense", "moe") for name in mutations(kind)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}-{n}" for k, n in CASES])
 def test_dead_but_exact_inserted_block_is_caught_by_trainability_alone(tokens, kind, name):
     old = source(kind)

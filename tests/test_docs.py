@@ -20,6 +20,7 @@ def test_readme_has_snippets_to_run():
     assert runnable, "README.md lost its 'Use the pieces' snippet"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snippet", [s for s in python_snippets("README.md") if NEEDS_EXPORT not in s])
 def test_readme_python_snippet_runs_as_written(snippet, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1",
@@ -51,6 +52,7 @@ SCRIPTS = ["train_tinystories.py", "test_growth_checks.py", "export_hf.py", "pre
            "bench/tokenize_rate.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help(script):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

@@ -51,6 +51,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------------------------------ (a) by hand
+@pytest.mark.slow
 def test_bits_per_byte_equals_a_hand_computation(tokenizer):
     torch.manual_seed(1)
     model = build_model(tiny_config(max_seq_len=128)).eval()  # one window holds the whole text
@@ -146,6 +147,7 @@ def train_briefly(tokenizer, stories: list[str], steps: int = 250) -> torch.nn.M
     return model.eval()
 
 
+@pytest.mark.slow
 def test_bits_per_byte_agrees_across_tokenizers_where_loss_per_token_does_not():
     """Both tokenizers are trained on the same text; both models have the same shape, seed, optimiser and steps,
     and differ only in vocabulary size. Measured (250 steps; data seeds 1 and 3): vocab 300 3.44 / 3.51 nats per
@@ -168,6 +170,7 @@ def test_bits_per_byte_agrees_across_tokenizers_where_loss_per_token_does_not():
 
 
 # ------------------------------------------------------------------------------------------ (c) transformers
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["dense", "moe", "grown"])
 def test_bits_per_byte_equals_what_transformers_computes(tmp_path, tokenizer, model, phase):
     """Measured in fp32: relative difference 5e-9 (dense, Llama), 8e-9 (MoE) and 6e-9 (grown; both Mixtral)."""
@@ -266,6 +269,7 @@ def test_prepared_origin_without_its_module_exits_2(tmp_path, capsys, tokenizer,
     assert code == 2 and "data/prepared.py is not in this checkout" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_data_files_score_all_their_stories_or_the_first_n(tmp_path, capsys, tokenizer, model):
     run_dir = make_run(tmp_path / "run", {"dense": model}, tokenizer)  # no settings, no source: files needed
     stories = generate_stories(9, seed=4) + STORIES

@@ -143,6 +143,7 @@ def mesh_of_one():
     teardown_runtime(rt)
 
 
+@pytest.mark.slow
 def test_fsdp_on_one_process_trains_exactly_as_plain_training(one_process, mesh_of_one):
     """A mesh of one: the same code path as many processes, and bit for bit the unsharded numbers."""
     got = train_steps(mesh_of_one, 4, 5)
@@ -201,6 +202,7 @@ def test_a_sharded_transition_starts_the_grown_model_at_the_old_loss_and_a_lost_
     from types import SimpleNamespace
 
     import training.pipeline as pipeline
+    from training.stages import PIPELINE
     from data.tokens import eval_batches
     from models import build_model
     from training.loop import evaluate
@@ -215,7 +217,7 @@ def test_a_sharded_transition_starts_the_grown_model_at_the_old_loss_and_a_lost_
     before = evaluate(small, val, rt)
 
     def first_eval() -> float:
-        result = pipeline.transition(pipeline.PIPELINE[1], small, data, s, rt)
+        result = pipeline.transition(PIPELINE[1], small, data, s, rt)
         assert result.passed and is_sharded(result.model) and result.model.config.is_moe
         return evaluate(result.model, val, rt)
 
@@ -229,6 +231,7 @@ def relative_differences(a: list[float], b: list[float]) -> list[float]:
     return [abs(x - y) / abs(y) for x, y in zip(a, b)]
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_train_as_one_process_does_on_the_same_global_batch(tmp_path, one_process):
     """Dense and MoE, 20 steps: FSDP (and DDP, already trusted) equal one process to fp32 reduction-order noise;
     each process holds half the parameters, gradients and AdamW state DDP does, as the plan says. Clipping by a
@@ -310,6 +313,7 @@ def fsdp_run(tmp_path_factory, prepared):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_two_sharded_processes_run_all_three_phases_verified_and_export(fsdp_run, tmp_path):
     import export_hf
     from training.checkpoint import latest_checkpoint
@@ -371,6 +375,7 @@ def broken_resume(fsdp_run, tmp_path_factory):
     return losses(run_dir)
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_on_one_process_and_back_on_two(fsdp_run, broken_resume, tmp_path):
     """2 -> 1 from a checkpoint two processes wrote mid-phase, then 1 -> 2 from one the single process wrote: the
     losses continue as the uninterrupted 2-process run's, to reduction-order noise (one process sums the step's two
@@ -414,6 +419,7 @@ def newest_step(run_dir) -> int:
     return found[-1].meta["global_step"] if found else -1
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_sharded_run_at_random_moments_then_resume_continues_exactly(fsdp_run, broken_resume, prepared,
                                                                                tmp_path):
     """Both processes killed at once at a random moment after a checkpoint (mid-step, mid-transition or mid-save),

@@ -27,6 +27,7 @@ def cpu_result(tmp_path_factory, single_thread) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_phase_throughput_measures_every_stage_at_the_presets_shapes(cpu_result):
     r = cpu_result
     assert (r["device"], r["precision"], r["compile"], r["preset"]) == ("cpu", "fp32", False, "micro")
@@ -43,6 +44,7 @@ def test_phase_throughput_measures_every_stage_at_the_presets_shapes(cpu_result)
         assert p["mfu_goal"] == (pt.MOE_GOAL if cfg.is_moe else pt.DENSE_GOAL)
 
 
+@pytest.mark.slow
 def test_phase_throughput_reads_the_plan_for_each_phase(cpu_result):
     pytest.importorskip("training.plan")
     assert cpu_result["plan"] == "ok"
@@ -51,6 +53,7 @@ def test_phase_throughput_reads_the_plan_for_each_phase(cpu_result):
         assert p["planned_phase_peak_at"] in ("training step", "transition checks", "eval")
 
 
+@pytest.mark.slow
 def test_phase_throughput_takes_accumulation_checkpointing_and_bf16_settings(tmp_path, single_thread):
     out = tmp_path / "moe.json"
     argv = ["--preset", "micro", "--device=cpu", "--steps", "1", "--warmup", "0", "--phases", "moe", "--out", str(out),
@@ -85,6 +88,7 @@ def test_phase_throughput_on_a_machine_without_cuda_refuses_device_cuda(capsys):
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_phase_throughput_answers_help():
     proc = subprocess.run([sys.executable, "bench/phase_throughput.py", "--help"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
@@ -126,6 +130,7 @@ def test_gpu_check_limits_and_results_folder_come_from_the_environment(tmp_path)
     assert _check("--bogus").returncode == 2
 
 
+@pytest.mark.slow
 def test_gpu_check_records_each_part_goes_on_past_failures_and_summarises(tmp_path):
     """Tiny limits: every part after env times out (or fails without CUDA); all six are still recorded, in
     order, an earlier check's results are gone, the summary is printed and written, and the exit code says a
@@ -175,6 +180,7 @@ def _finished_check(folder, phases: dict) -> None:
                   {"model": "MoE-8", "contender": "HF Mixtral", "ms": 80.0, "mfu": 0.19}]}))
 
 
+@pytest.mark.slow
 def test_gpu_check_summary_shows_figures_beside_the_goals(tmp_path, cpu_result):
     phases = json.loads(json.dumps(cpu_result))
     phases.update(peak_flops=989.4e12)

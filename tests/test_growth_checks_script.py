@@ -7,6 +7,7 @@ SMALL = ["--vocab_size=300", "--dim=64", "--n_layers=2", "--n_heads=4", "--n_exp
          "--steps=5"]
 
 
+@pytest.mark.slow
 def test_quick_check_passes_and_prints_both_tests(capsys):
     assert test_growth_checks.main(SMALL) == 0
     out = capsys.readouterr().out
@@ -15,6 +16,7 @@ def test_quick_check_passes_and_prints_both_tests(capsys):
     assert "✓ ALL CHECKS PASSED" in out and "Model is ready for Phase 3 training." in out
 
 
+@pytest.mark.slow
 def test_quick_check_with_zero_noise_fails_on_symmetry(capsys):
     assert test_growth_checks.main(SMALL + ["--noise_std=0"]) == 1
     out = capsys.readouterr().out
@@ -28,6 +30,7 @@ def test_quick_check_bad_settings_exit_2_before_work(arg, capsys):
     assert captured.err.startswith("error:") and "TEST 1" not in captured.out
 
 
+@pytest.mark.slow
 def test_quick_check_reads_a_text_file(tmp_path, capsys):
     story = tmp_path / "stories.txt"
     story.write_text("Once upon a time, a little fox found a red ball in the park. " * 40)

@@ -45,6 +45,7 @@ def test_compare_reports_the_reverse_ratio_when_the_pipeline_never_gets_there():
     assert r["gap_at_100pct"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_micro_run_of_every_arm_spends_equal_flops_and_shares_phases_one_and_two(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["--scale", "micro", "--out-dir", str(out), "--arms", "pipeline,scratch,dense_grown,small_moe",

@@ -42,6 +42,7 @@ def phase_models():
     return {"dense": dense, "moe": moe, "grown": scale_bilaterally(moe, 2, 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["dense", "moe", "grown"])
 def test_exported_model_matches_logits_and_greedy_tokens_and_round_trips(tmp_path, tokenizer, phase):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,6 +116,7 @@ def test_export_leaves_the_model_untouched():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow
 def test_export_cli_from_a_run_directory(tmp_path, capsys):
     import train_tinystories
 
@@ -129,6 +131,7 @@ def test_export_cli_from_a_run_directory(tmp_path, capsys):
     assert export_hf.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 def test_init_from_hf_starts_phase_1_from_a_llama_checkpoint(tmp_path, tokenizer, capsys):
     """A small Llama saved by transformers (with its tokenizer) is upcycled and grown by the pipeline."""
     import train_tinystories

@@ -173,6 +173,7 @@ def finished(tmp_path_factory) -> tuple[str, list[dict], str]:
 
 
 # ------------------------------------------------------------------------------------------ page content
+@pytest.mark.slow
 def test_every_section_shows_the_records_numbers(finished):
     path, records, page = finished
     assert os.path.basename(path) == "report.html"
@@ -201,6 +202,7 @@ def test_every_section_shows_the_records_numbers(finished):
     assert 'class="absent"' not in page  # nothing missing in a finished run
 
 
+@pytest.mark.slow
 def test_text_from_the_files_stays_text(finished):
     _, _, page = finished
     assert "<script" not in page.lower()  # the sample story's script tag is escaped, and the page has none
@@ -209,6 +211,7 @@ def test_text_from_the_files_stays_text(finished):
     assert "http://" not in page and "https://" not in page and "src=\"file:" not in page
 
 
+@pytest.mark.slow
 def test_a_failed_transition_shows_its_fix_escaped_and_the_halt(tmp_path):
     page = render_report(write_run(tmp_path, synthetic_records("halted_transition2")), PIPELINE)
     checks = section(page, "checks")
@@ -245,6 +248,7 @@ def test_an_old_run_without_tokens_start_or_outcome_is_plotted_against_steps(tmp
     assert "data_source.json is missing" in summary and "no settings recorded" in summary
 
 
+@pytest.mark.slow
 def test_broken_files_do_not_crash(tmp_path):
     records = synthetic_records()
     records[5]["loss"] = None  # a train record with no loss
@@ -317,6 +321,7 @@ needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="no chromium
                                     "chromium; .ci/run installs it)")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_chromium_renders_the_report_with_every_image(finished, tmp_path):
     path, _, _ = finished

@@ -71,6 +71,7 @@ def test_training_state_round_trips_and_begins_a_phase():
     assert (copy.phase, copy.step, copy.phase_done, copy.global_step) == ("grown", 0, False, 37)
 
 
+@pytest.mark.slow
 def test_a_fourth_stage_is_one_entry_plus_its_settings(tmp_path, monkeypatch, capsys):
     """A second growth (one more identity block, width kept) added to the table runs end to end, checked."""
     def deepen(model, s, calibration):
@@ -100,6 +101,7 @@ def test_bad_fourth_stage_settings_are_validated_like_the_others():
         Train4()
 
 
+@pytest.mark.slow
 def test_run_pipeline_returns_its_state_and_a_finished_run_is_recognised(tmp_path):
     s = build_settings("micro", parse_overrides(["--dense_steps=6", "--moe_steps=4", "--grown_steps=4",
                                                  "--eval_interval=2", "--checkpoint_interval=2"]))
@@ -127,6 +129,7 @@ def _pure_clone_pipeline(monkeypatch):
 WATCHED = ["--dense_steps=6", "--moe_steps=4", "--grown_steps=40", "--eval_interval=10", "--checkpoint_interval=20"]
 
 
+@pytest.mark.slow
 def test_clone_divergence_is_logged_at_every_eval_of_the_grown_stage(tmp_path):
     s = build_settings("micro", parse_overrides(WATCHED))
     assert run_pipeline(RunRequest(s, str(tmp_path)), Runtime(torch.device("cpu"))).status == "finished"
@@ -138,6 +141,7 @@ def test_clone_divergence_is_logged_at_every_eval_of_the_grown_stage(tmp_path):
     assert last["min"] > first["min"] > 0  # noisy clones keep moving apart
 
 
+@pytest.mark.slow
 def test_pure_clones_are_warned_about_and_halt_when_asked(tmp_path, monkeypatch, capsys):
     _pure_clone_pipeline(monkeypatch)
     s = build_settings("micro", parse_overrides(WATCHED))

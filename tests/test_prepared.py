@@ -381,6 +381,7 @@ def test_cli_bad_input_exits_2_before_any_work(tmp_path, capsys, args, message):
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
 
 
+@pytest.mark.slow
 def test_cli_prepares_with_two_workers_then_says_already_prepared(tmp_path):
     """As a script (the spawned workers import it as their main module), then again: already prepared."""
     cmd = [sys.executable, "prepare_data.py", "--generated", "--offline_stories", "2400", "--vocab_size", "300",

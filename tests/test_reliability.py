@@ -42,6 +42,7 @@ def reference(tmp_path_factory):
     return losses(out)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     rng = random.Random(1234)
     kills = 0
@@ -63,6 +64,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
     assert losses(tmp_path) == reference  # bit-identical: data order, RNG and optimizer state restored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_save_and_exit_with_a_resume_hint(tmp_path, reference, sig, code):
     proc = start(tmp_path, resume=False)
@@ -78,6 +80,7 @@ def test_sigterm_and_sigint_save_and_exit_with_a_resume_hint(tmp_path, reference
     assert losses(tmp_path) == reference
 
 
+@pytest.mark.slow
 def test_nan_loss_halts_with_exit_1_and_saves_nothing_after_it(tmp_path, monkeypatch, capsys):
     import training.loop as loop
 
@@ -126,6 +129,7 @@ def test_unwritable_output_directory_exits_2(tmp_path, capsys):
     assert "cannot write to --out-dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_refuses_a_checkpoint_whose_weights_do_not_match_its_architecture(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = tmp_path / "run"
@@ -180,6 +184,7 @@ def file_reference(tmp_path_factory, story_file):
     return losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_the_resume_command_printed_after_a_signal_works_as_printed_on_a_file_run(tmp_path, story_file,
                                                                                   file_reference, sig):
@@ -197,6 +202,7 @@ def test_the_resume_command_printed_after_a_signal_works_as_printed_on_a_file_ru
     assert losses(tmp_path) == file_reference
 
 
+@pytest.mark.slow
 def test_the_command_printed_after_a_failed_check_works_as_printed(tmp_path, story_file, file_reference):
     proc = subprocess.run([sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir",
                            str(tmp_path), "--noise_std=0"], cwd=ROOT, env=ENV, capture_output=True, text=True,
@@ -207,6 +213,7 @@ def test_the_command_printed_after_a_failed_check_works_as_printed(tmp_path, sto
     assert losses(tmp_path) == file_reference  # resumed with noise_std=0.3, the reference's default
 
 
+@pytest.mark.slow
 def test_the_command_printed_after_nan_works_as_printed(tmp_path, story_file):
     proc = subprocess.run([sys.executable, "train_tinystories.py", *QUICK, "--data-files", story_file, "--out-dir",
                            str(tmp_path), "--dense_lr=1e6", "--warmup_steps=1"], cwd=ROOT, env=ENV,
@@ -218,6 +225,7 @@ def test_the_command_printed_after_nan_works_as_printed(tmp_path, story_file):
     assert resumed.returncode == 1 and "loss became nan" in resumed.stdout, resumed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_finds_moved_files(tmp_path, story_file, capsys):
     import shutil
 
@@ -242,6 +250,7 @@ def test_resume_refuses_other_data_and_finds_moved_files(tmp_path, story_file, c
                                    str(moved)]) == 0
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(tmp_path, story_file, capsys):
     os.environ["HF_HUB_OFFLINE"] = "1"
     tiny = tmp_path / "tiny.txt"
@@ -256,6 +265,7 @@ def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(tmp_path, story_fil
     assert len(load_tokenizer(str(run_dir / "tokenizer"))) == 512  # micro's vocabulary, not the tiny text's
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_the_last_checkpoint_is_whole(tmp_path, reference):
     proc = start(tmp_path, resume=False)
     deadline = time.time() + 60

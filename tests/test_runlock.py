@@ -198,6 +198,7 @@ def test_an_unreadable_old_lock_is_taken_over_with_a_notice(tmp_path):
     assert len(notices) == 1 and "unreadable" in notices[0]
 
 
+@pytest.mark.slow
 def test_a_process_left_holding_the_lock_by_a_dead_run_is_named(tmp_path):
     """The run died but a process it forked still has the lock open: refused, saying how to find it."""
     holder = contender(tmp_path, hold_s=60, fork=True)
@@ -212,6 +213,7 @@ def test_a_process_left_holding_the_lock_by_a_dead_run_is_named(tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh directory", "dead holder's lock"])
 def test_eight_processes_at_once_exactly_one_wins(tmp_path, stale):
     if stale:

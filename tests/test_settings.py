@@ -95,6 +95,7 @@ def test_a_name_two_sections_share_is_refused_naming_both_qualified_forms():
     assert find_setting("run.seed", shared).section == "run"
 
 
+@pytest.mark.slow
 def test_no_setting_name_is_ambiguous_today_and_each_has_a_doc():
     table = settings_table()
     names = [s.name for s in table]
@@ -142,6 +143,7 @@ def test_every_script_uses_the_same_parser(main, capsys):
     assert "--growth.noise_std" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_runs_as_printed_from_the_shell():
     out = subprocess.run([sys.executable, "train_tinystories.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -43,6 +43,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_micro_pipeline_runs_all_phases_with_outputs(finished_run, capsys):
     out = finished_run
     recs = records(out)
@@ -57,6 +58,7 @@ def test_micro_pipeline_runs_all_phases_with_outputs(finished_run, capsys):
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_output_shows_headers_checks_and_summary(tmp_path, capsys):
     assert run(tmp_path) == 0
     out = capsys.readouterr().out
@@ -67,6 +69,7 @@ def test_output_shows_headers_checks_and_summary(tmp_path, capsys):
         assert text in out, text
 
 
+@pytest.mark.slow
 def test_zero_noise_halts_at_transition_2_then_resume_matches_uninterrupted(tmp_path, finished_run, capsys):
     assert run(tmp_path, "--noise_std=0") == 1
     out = capsys.readouterr().out
@@ -78,6 +81,7 @@ def test_zero_noise_halts_at_transition_2_then_resume_matches_uninterrupted(tmp_
     assert losses(tmp_path) == losses(finished_run)  # data order, RNG and optimizer state restored: bit-identical
 
 
+@pytest.mark.slow
 def test_resume_mid_phase_reproduces_the_uninterrupted_losses(tmp_path, finished_run):
     """Keep only an early mid-phase checkpoint, as if the process died there, and resume."""
     assert run(tmp_path) == 0
@@ -93,6 +97,7 @@ def test_resume_mid_phase_reproduces_the_uninterrupted_losses(tmp_path, finished
     assert losses(tmp_path) == losses(finished_run)
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert run(tmp_path, "--noise_std=0") == 1
     latest = latest_checkpoint(str(tmp_path))
@@ -104,6 +109,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert "corrupted" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_local_text_files_in_the_official_layout(tmp_path, capsys):
     data = tmp_path / "stories.txt"
     data.write_text("\n<|endoftext|>\n".join(generate_stories(1500, seed=3)) + "\n<|endoftext|>\n")
@@ -135,6 +141,7 @@ def test_bad_input_exits_2_before_any_work(tmp_path, capsys, args, text):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_and_its_model_is_fixed(finished_run, capsys):
     before = sorted(os.listdir(finished_run / "checkpoints"))
     assert run(finished_run) == 2
@@ -144,6 +151,7 @@ def test_existing_run_is_not_overwritten_and_its_model_is_fixed(finished_run, ca
     assert sorted(os.listdir(finished_run / "checkpoints")) == before
 
 
+@pytest.mark.slow
 def test_a_refused_resume_changes_nothing(tmp_path, capsys):
     assert run(tmp_path, "--noise_std=0") == 1
     settings = (tmp_path / "settings.json").read_text()
@@ -153,6 +161,7 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
     assert train_tinystories.main(["--out-dir", str(tmp_path), "--resume", "--noise_std=0.3"]) == 0
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -165,6 +174,7 @@ def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     assert {r["phase"] for r in records(tmp_path) if "phase" in r} == {"dense", "moe", "grown"}
 
 
+@pytest.mark.slow
 def test_every_stage_is_evaluated_at_step_0_and_a_grown_model_starts_at_the_old_ones_loss(finished_run):
     recs = records(finished_run)
     first_evals = {r["phase"]: r for r in recs if r["kind"] == "eval" and r["step"] == 0}
@@ -197,6 +207,7 @@ def phase_lrs(out_dir) -> dict[str, list[float]]:
             for p in ("dense", "moe", "grown")}
 
 
+@pytest.mark.slow
 def test_by_default_phases_one_and_two_hold_their_lr_and_phase_three_decays(tmp_path):
     assert run(tmp_path / "wsd") == 0
     lrs = phase_lrs(tmp_path / "wsd")
@@ -208,6 +219,7 @@ def test_by_default_phases_one_and_two_hold_their_lr_and_phase_three_decays(tmp_
 
 
 # ------------------------------------------------------------------------- one process per run, disk, refused starts
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused_naming_the_first(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "train_tinystories.py", "--preset", "micro", "--out-dir", str(tmp_path / "run")]
@@ -239,6 +251,7 @@ def test_too_little_disk_space_is_exit_2_before_training(tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_mid_run_is_one_line_and_the_printed_resume_works(tmp_path, finished_run, monkeypatch,
                                                                            capsys):
     import errno
@@ -297,6 +310,7 @@ def prepared_micro(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_prepared_dataset_trains_resumes_and_is_recorded(tmp_path, prepared_micro, capsys):
     out = tmp_path / "run"
     assert run(out, "--dataset", prepared_micro, "--dense_steps=4", "--moe_steps=4", "--grown_steps=4",
@@ -321,6 +335,7 @@ def test_a_prepared_dataset_trains_resumes_and_is_recorded(tmp_path, prepared_mi
     assert losses(out) == before
 
 
+@pytest.mark.slow
 def test_a_prepared_dataset_fixes_the_vocabulary_and_is_checked_on_resume(tmp_path, prepared_micro, capsys):
     assert run(tmp_path / "a", "--dataset", prepared_micro, "--vocab_size=1024") == 2
     err = capsys.readouterr().err
@@ -356,6 +371,7 @@ def test_a_run_that_would_not_fit_the_gpu_stops_before_any_work_naming_what_fits
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_micro_with_bf16_autocast_compile_and_accumulation_runs_every_phase_verified(tmp_path, capsys):
     """The CUDA defaults' code paths on CPU: bf16 autocast end to end (the checks stay float64), torch.compile of
     every phase's model, two micro-batches per step. Few steps: compiling dominates (about a minute a phase)."""

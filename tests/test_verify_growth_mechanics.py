@@ -253,6 +253,7 @@ GRID += [(kind, s, e, (s + e + k) % 3) for k, kind in enumerate(["dense", "moe"]
 GRID = list(dict.fromkeys(GRID))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,s,extra,seed", GRID, ids=[f"{k}-s{s}-x{e}-seed{r}" for k, s, e, r in GRID])
 def test_correct_bilateral_growth_passes_all_checks(tokens, kind, s, extra, seed):
     old = source(kind, seed)
@@ -414,6 +415,7 @@ def moe_pair(extra=2, s=2):
     return old, scale_bilaterally(old, s, extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s", [2, 3])
 def test_router_not_divided_by_scale_factor_fails_router(tokens, s):
     old, good = moe_pair(s=s)
@@ -551,6 +553,7 @@ def test_router_collapse_introduced_by_growth_is_not_blamed_on_old_model(tokens)
 
 
 # ===================================================================== 2. mutations: symmetry check
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,s,extra", [("dense", 2, 2), ("moe", 3, 1), ("upcycled", 2, 0), ("gqa", 4, 1)])
 def test_zero_noise_fails_symmetry_only(tokens, kind, s, extra):
     old = source(kind)
@@ -570,6 +573,7 @@ def test_negligible_noise_fails_symmetry(tokens):
     assert rep.results["symmetry"].metrics["min_relative_difference"] < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,s", [("dense", 3), ("moe", 4)])
 def test_noise_leaving_copies_1_to_s_identical_fails_symmetry(tokens, kind, s):
     old = source(kind)
