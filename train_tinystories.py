@@ -31,7 +31,7 @@ from training.checkpoint import CheckpointError, latest_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
 from training.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
-from training.pipeline import RunRequest, run_pipeline, run_plan
+from training.pipeline import RunRequest, resume_command, run_pipeline, run_plan
 from training.runlock import RunLock, RunLocked, acquire, refuse_if_held
 from training.runtime import StopSignals, setup_runtime, teardown_runtime
 from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
@@ -145,7 +145,7 @@ def resume_line(out_dir: str) -> str:
     """The command that continues the run, or what to do when nothing was saved yet."""
     if load_saved_settings(out_dir) is None:
         return "Nothing was saved yet: run the same command again to start over."
-    return f"Resume with:\n  python train_tinystories.py --out-dir {out_dir} --resume"
+    return f"Resume with:\n  {resume_command(out_dir)}"
 
 
 def main(argv: list[str]) -> int:

@@ -436,13 +436,11 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
             train_phase(model, phase, run, state, opt_state)
         except TrainingDiverged as e:
             why = f"{e}; lower the learning rate (--{phase.name}_lr) or raise warmup_steps."
-            halt(why, out_dir, f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr="
-                 f"{phase.lr / 3:.1e}", log, rt)
+            halt(why, out_dir, resume_command(out_dir, f"--{phase.name}_lr={phase.lr / 3:.1e}"), log, rt)
             return "halted", why
         except TrainingHalted as e:
             why = f"{e} (halt_on_relock is on; turn it off to only warn)"
-            halt(why, out_dir, f"python train_tinystories.py --out-dir {out_dir} --resume --{phase.name}_lr="
-                 f"{phase.lr / 2:.1e}", log, rt)
+            halt(why, out_dir, resume_command(out_dir, f"--{phase.name}_lr={phase.lr / 2:.1e}"), log, rt)
             return "halted", why
         opt_state = None
         whole = full_model(model, rt) if is_sharded(model) else model  # rank 0 samples from a whole copy
@@ -507,12 +505,16 @@ def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
 
 
 # ------------------------------------------------------------------------------------------- telling
+def resume_command(out_dir: str, *settings: str) -> str:
+    """The command that continues the run in out_dir, with the settings given (e.g. "--noise_std=0.3")."""
+    return " ".join(["python train_tinystories.py --out-dir", out_dir, "--resume", *settings])
+
+
 def resume_hint(out_dir: str, failed: list[str], s: Settings) -> str:
     """The exact command to resume after the fix; knobs the user can turn are filled in."""
-    extra = ""
     if "symmetry" in failed:
-        extra = f" --noise_std={max(0.3, 2 * s.growth.noise_std):g}"
-    return f"python train_tinystories.py --out-dir {out_dir} --resume{extra}"
+        return resume_command(out_dir, f"--noise_std={max(0.3, 2 * s.growth.noise_std):g}")
+    return resume_command(out_dir)
 
 
 def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> None:
