@@ -16,7 +16,6 @@ context // 2 costs twice the compute and gives every prediction after the first 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import ConfigError
 from training.checkpoint import Checkpoint, CheckpointError, find_checkpoint
 
 
@@ -117,13 +115,6 @@ def score_stories(model: nn.Module, tokenizer, stories: list[str], device: torch
 
 
 # ---------------------------------------------------------------- a checkpoint and its run, for sample.py too
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors raise ConfigError (one line; the script exits 2) instead of printing the usage."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
 
 def resolve_device(name: str) -> torch.device:
     """auto | cpu | cuda | cuda:N as a device; ValueError (one line) if it is unknown or not available."""

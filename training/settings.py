@@ -168,7 +168,7 @@ def settings_help() -> str:
 
 
 # ------------------------------------------------------------------------------------------ the parser
-class _ArgumentParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are ConfigError (one line, exit 2 by the caller) instead of usage + exit."""
 
     def error(self, message: str):
@@ -177,7 +177,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser for a script's own options; parse_command_line adds the settings and --help."""
-    parser = _ArgumentParser(description=description, epilog=epilog, add_help=False, allow_abbrev=False,
+    parser = OneLineParser(description=description, epilog=epilog, add_help=False, allow_abbrev=False,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-h", "--help", action="store_true", help="show this help, every setting included, and exit")
     return parser
