@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from config import ConfigError
 from models import generate
 from training.checkpoint import CheckpointError
-from training.scoring import autocast, load_for_inference, resolve_device
+from training.runtime import resolve_device
+from training.scoring import autocast, load_for_inference
 from training.settings import OneLineParser
 
 SEPARATOR = "-" * 15

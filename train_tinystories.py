@@ -33,7 +33,7 @@ from training.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.pipeline import RunRequest, resume_command, run_pipeline, run_plan
 from training.runlock import RunLock, RunLocked, acquire, refuse_if_held
-from training.runtime import StopSignals, setup_runtime, teardown_runtime
+from training.runtime import StopSignals, resolve_device, setup_runtime, teardown_runtime
 from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
                                with_hf_model)
 
@@ -74,9 +74,7 @@ def parse(argv: list[str]) -> tuple[RunRequest, bool]:
     settings = build_settings(None if saved else preset, overrides, saved)
     if args.init_from_hf and not args.resume:
         settings = with_hf_model(settings, args.init_from_hf, overrides)
-    if settings.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={settings.run.device} but torch.cuda.is_available() is False (a CPU build of torch, "
-                          "or no GPU visible); use --device=cpu or --device=auto")
+    resolve_device(settings.run.device)  # ConfigError before any work
     data_files, origin, dataset = args.data_files, "auto", None
     if args.resume:  # the run's own data, wherever --data-files / --dataset now finds it
         recorded = load_source(out_dir)

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 
 def resolve_precision(precision: str, device_type: str) -> str:
     """bf16 or fp32: "auto" is bf16 autocast on CUDA and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
@@ -52,8 +54,6 @@ class Runtime:
         """Train with RunConfig.parallel. fsdp in a single process shards over a mesh of one (a process group of
         one): the same code and numerics as on many, so a sharded run resumes on one process and back."""
         if parallel == "fsdp" and not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"):
-            from config import ConfigError
-
             raise ConfigError(f"parallel=fsdp needs torch >= 2.6 (FSDP2's fully_shard) but this is torch "
                               f"{torch.__version__}: upgrade torch, or train with --parallel=ddp")
         self.parallel = parallel
@@ -100,17 +100,25 @@ class Runtime:
         return bool(t.item())
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N as a device; ConfigError (one line) if it is unknown or not available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but torch.cuda.is_available() is False (a CPU build of torch, or no GPU "
+                         "visible); use --device=cpu or --device=auto")
+    return torch.device(name)
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Pick the device; under torchrun (RANK/WORLD_SIZE set) join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch.cuda.is_available() is False; use --device=cpu")
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and world_size > 1:
+        dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True

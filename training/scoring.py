@@ -116,18 +116,6 @@ def score_stories(model: nn.Module, tokenizer, stories: list[str], device: torch
 
 # ---------------------------------------------------------------- a checkpoint and its run, for sample.py too
 
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N as a device; ValueError (one line) if it is unknown or not available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but torch.cuda.is_available() is False (a CPU build of torch, or no GPU "
-                         "visible); use --device cpu or auto")
-    return torch.device(name)
-
-
 @dataclass
 class Loaded:
     checkpoint: Checkpoint
