@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common.files import guarded_write
+from common.files import write_atomic
 from training.report import loss_figure, number, read_records, x_axis
 
 REPORT_FILE = "report.html"
@@ -540,13 +540,8 @@ def write_report(out_dir: str, stages) -> str:
     """Write out_dir/report.html atomically (a temporary, then a rename) and return its path."""
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"no run directory {out_dir}: pass the --out-dir of a run")
-    data = render_report(out_dir, stages).encode()
     path = os.path.join(out_dir, REPORT_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"  # per process: two writers never rename each other's file away
-    with guarded_write(path, len(data)) as write:
-        with open(write.temporary(tmp), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    write_atomic(path, render_report(out_dir, stages))
     return path
 
 
