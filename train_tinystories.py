@@ -31,11 +31,13 @@ from training.checkpoint import CheckpointError, latest_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
 from training.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
-from training.pipeline import RunRequest, resume_command, run_pipeline, run_plan
+from training.messages import resume_command
+from training.pipeline import run_pipeline
+from training.plan import run_plan
 from training.runlock import RunLock, RunLocked, acquire, refuse_if_held
 from training.runtime import StopSignals, resolve_device, setup_runtime, teardown_runtime
-from training.settings import (build_settings, default_preset, load_saved_settings, make_parser, parse_command_line,
-                               with_hf_model)
+from training.settings import (RunRequest, build_settings, default_preset, load_saved_settings, make_parser,
+                               parse_command_line, with_hf_model)
 
 EXIT = {"finished": 0, "already_finished": 0, "halted": 1}
 

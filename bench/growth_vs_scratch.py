@@ -34,7 +34,9 @@ from config import ConfigError  # noqa: E402
 from data import check_files  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import Phase, PhaseRun, train_phase  # noqa: E402
-from training.pipeline import load_data, stage_phase, transition  # noqa: E402
+from training.pipeline import stage_phase  # noqa: E402
+from training.run_data import load_data  # noqa: E402
+from training.transition import transition  # noqa: E402
 from training.stages import PIPELINE, Stage  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.settings import (Settings, build_settings, make_parser, merge_overrides, parse_command_line,  # noqa: E402

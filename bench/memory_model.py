@@ -6,7 +6,7 @@ clone-divergence eval, term by term where a term can be seen on its own.
     python bench/memory_model.py --quick                        # the micro cases only
 
 How it measures. A training step is training.loop.train_phase itself, two optimizer steps (the second has
-AdamW's state; the last ends with its eval) on random tokens; a transition is training.pipeline.transition on a
+AdamW's state; the last ends with its eval) on random tokens; a transition is training.transition.transition on a
 pair grown by the pipeline from a fresh model. On CPU, torch.profiler(profile_memory=True) records every
 allocation and free of torch's CPU allocator with its size, in order: the running sum over that timeline plus
 what was live before (the weights) is the peak. That is the quantity the plan models and the same one
@@ -37,7 +37,7 @@ from config import ModelConfig, TrainConfig  # noqa: E402
 from data.tokens import TokenBatches  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import Phase, PhaseRun, lm_loss, train_phase  # noqa: E402
-from training.pipeline import transition  # noqa: E402
+from training.transition import transition  # noqa: E402
 from training.stages import PIPELINE, stage_configs  # noqa: E402
 from training.plan import (WIDTHS, autocast_weights, block_saved_bytes, clone_divergence_bytes,  # noqa: E402
                            eval_memory, head_saved_bytes, parameter_count, step_memory, transition_memory)
@@ -132,7 +132,7 @@ def measure_step(cfg: ModelConfig, tc: TrainConfig, precision: str, device: torc
 
 
 def measure_transition(s, index: int, device: torch.device) -> dict:
-    """Peak of training.pipeline.transition into PIPELINE[index], the previous stage's model (fresh) on device."""
+    """Peak of training.transition.transition into PIPELINE[index], the previous stage's model (fresh) on device."""
     configs = stage_configs(s)
     torch.manual_seed(0)
     model = build_model(configs[0]).to(device)

@@ -201,7 +201,7 @@ def test_a_sharded_transition_starts_the_grown_model_at_the_old_loss_and_a_lost_
     the small model's to the checks' tolerance; a handoff that shards a fresh model instead does not."""
     from types import SimpleNamespace
 
-    import training.pipeline as pipeline
+    import training.transition as transition_module
     from training.stages import PIPELINE
     from data.tokens import eval_batches
     from models import build_model
@@ -217,12 +217,12 @@ def test_a_sharded_transition_starts_the_grown_model_at_the_old_loss_and_a_lost_
     before = evaluate(small, val, rt)
 
     def first_eval() -> float:
-        result = pipeline.transition(PIPELINE[1], small, data, s, rt)
+        result = transition_module.transition(PIPELINE[1], small, data, s, rt)
         assert result.passed and is_sharded(result.model) and result.model.config.is_moe
         return evaluate(result.model, val, rt)
 
     assert abs(first_eval() - before) < 1e-5 * before
-    monkeypatch.setattr(pipeline, "sharded_from", lambda full, rt: sharded_from(build_model(full.config), rt))
+    monkeypatch.setattr(transition_module, "sharded_from", lambda full, rt: sharded_from(build_model(full.config), rt))
     assert abs(first_eval() - before) > 100 * 1e-5 * before  # an untrained small model: ln(V) either way, nearly
 
 

@@ -12,7 +12,8 @@ import training.stages as stages
 from config import TrainConfig
 from training.checkpoint import list_checkpoints
 from training.loop import TrainingState
-from training.pipeline import RunRequest, run_pipeline, stage_phase
+from training.pipeline import run_pipeline, stage_phase
+from training.settings import RunRequest
 from training.stages import PIPELINE, Stage, stage_index
 from training.runtime import Runtime
 from training.settings import build_settings, parse_overrides

@@ -350,7 +350,8 @@ def test_a_run_that_would_not_fit_the_gpu_stops_before_any_work_naming_what_fits
     import torch
 
     from config import ConfigError
-    from training.pipeline import RunRequest, check_memory
+    from training.plan import check_memory
+    from training.settings import RunRequest
     from training.runtime import Runtime
     from training.settings import build_settings
 

@@ -10,7 +10,6 @@ second growth, say) is one entry here plus its two settings.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,27 +19,25 @@ from typing import Callable
 import torch
 from torch import nn
 
-from config import ConfigError, config_to_dict
-from data import DataError, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
-from data import train_tokenizer
-from data.source import SOURCE_FILE, source_record
-from data.tokens import cache_bytes
+from common.files import WriteFailed, write_atomic
+from config import config_to_dict
+from data.source import SOURCE_FILE
 from models import build_model, generate
+from training import stages
 from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_bytes, write_atomic
-from training.disk import checkpoint_bytes, peak_checkpoint_bytes
+from training.html_report import write_report
 from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
                            evaluate_details, train_phase)
-from training.html_report import write_report
-from training.report import BAR, MetricsLog, phase_header, plot_losses
+from training.messages import halt, resume_command, resume_hint, summary
+from training.plan import check_memory, peak_flops
+from training.report import MetricsLog, phase_header
+from training.run_data import Data, load_data, load_prepared
 from training.runtime import Runtime, resolve_precision
-from training.sharding import StepBatches, full_model, gather_optimizer, is_sharded, sharded_from
-from training.settings import Settings, build_settings, save_settings
-from training.plan import Plan, estimate_tokens, fit_settings, make_plan, peak_flops
-from training import stages
-from training.stages import Stage, stage_configs, stage_index
+from training.settings import RunRequest, Settings, build_settings, save_settings
+from training.sharding import full_model, gather_optimizer, is_sharded, sharded_from
+from training.stages import Stage, stage_index
+from training.transition import transition, transition_record
 from transfer import judge_clone_divergence
-
 
 def stage_phase(stage: Stage, s: Settings, last: bool) -> Phase:
     """What the loop trains in a stage: its steps and LR from the settings, decaying in the last stage (or in
@@ -50,169 +47,27 @@ def stage_phase(stage: Stage, s: Settings, last: bool) -> Phase:
                  decays=last or tc.decay == "every_phase")
 
 
-# ---------------------------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    batches: StepBatches
-    val_batches: list
-    tokenizer: object  # None on ranks other than 0 with a prepared dataset (only rank 0 samples)
-    calibration: torch.Tensor  # (B, T) validation tokens for router centring and the checks
-    source: dict  # what was read, for data_source.json (data.source)
-    description: str = ""  # one line: where the text came from
-    val_tokens: int = 0  # tokens in the validation split
-
-    @property
-    def train_tokens(self) -> int:
-        return len(self.batches.tokens)
 
 
-def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runtime, hf_path: str | None = None,
-              origin: str = "auto", resume: bool = False) -> Data:
-    """Corpus -> tokenizer (trained once, kept beside the checkpoints) -> cached token arrays -> batches."""
-    log = print if rt.is_master else (lambda _: None)
-    corpus = load_corpus(data_files, s.data.val_fraction, s.data.max_stories or None, s.run.seed,
-                         offline_stories=s.data.offline_stories, log=log, origin=origin)
-    log(f"Data: {corpus.source}; {len(corpus.train):,} training / {len(corpus.val):,} validation stories")
-    tok_dir, cache = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "cache")
-    error = None
-    if rt.is_master:  # the other ranks read what rank 0 writes, once it says that worked
-        try:
-            _ensure_tokenizer(tok_dir, corpus.train, s.model.vocab_size, hf_path, resume)
-            tokenizer = load_tokenizer(tok_dir)
-            check_free_space(out_dir, disk_needs(s, corpus, tokenizer), dir_bytes(out_dir) if resume else 0)
-            tokenize_to_cache(corpus.train, tokenizer, cache)
-            tokenize_to_cache(corpus.val, tokenizer, cache)
-        except (DataError, NotEnoughSpace, WriteFailed) as e:
-            error = e
-    if not rt.broadcast_flag(error is None):
-        raise error or DataError("rank 0 could not prepare the data; see its message")
-    tokenizer = load_tokenizer(tok_dir)
-    train_tokens = tokenize_to_cache(corpus.train, tokenizer, cache)
-    val_tokens = tokenize_to_cache(corpus.val, tokenizer, cache)
-    log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {len(tokenizer):,})")
-    tc = s.train
-    batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
-                          tc.grad_accum_steps)
-    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
-                len(val_tokens))
 
 
-def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: bool) -> Data:
-    """A dataset prepared once (prepare_data.py): its tokens memory-mapped in place, its tokenizer copied into the
-    run (so the run directory stays whole for sampling and export). Start-up reads no text."""
-    from data.prepared import open_prepared
-
-    log = print if rt.is_master else (lambda _: None)
-    prepared = open_prepared(path)
-    tok_dir, error = os.path.join(out_dir, "tokenizer"), None
-    if rt.is_master:
-        try:
-            ckpts = [checkpoint_bytes(c) for c in stage_configs(s)]
-            need = {"checkpoints": peak_checkpoint_bytes(ckpts, s.train.keep_checkpoints), "tokenizer, logs": 2 << 20}
-            check_free_space(out_dir, need, dir_bytes(out_dir) if resume else 0)
-            if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-                save_tokenizer(prepared.tokenizer, tok_dir)
-        except (NotEnoughSpace, WriteFailed) as e:
-            error = e
-    if not rt.broadcast_flag(error is None):
-        raise error or DataError("rank 0 could not prepare the run directory; see its message")
-    log(f"Data: {prepared.describe()}")
-    train_tokens, val_tokens = prepared.train_tokens, prepared.val_tokens
-    log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {prepared.vocab_size:,})")
-    tc = s.train
-    batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
-                          tc.grad_accum_steps)
-    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    tokenizer = prepared.tokenizer if rt.is_master else None  # rank 0 alone samples: the others skip its import
-    return Data(batches, val, tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(), len(val_tokens))
 
 
 # ------------------------------------------------------------------------------------------- the plan
-def plan_device(s: Settings, preset: str | None) -> tuple[str, str | None]:
-    """(device type, GPU name) a plan is for: the visible GPU; a cuda run planned where none is visible assumes
-    training.plan.REFERENCE_GPU (gpu name None)."""
-    if s.run.device.startswith("cuda") or (s.run.device == "auto" and torch.cuda.is_available()):
-        return "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return ("cuda", None) if preset == "cuda" else ("cpu", None)
 
 
-def planned_train_tokens(req: "RunRequest") -> int | None:
-    """Training tokens, where known without reading the text: a prepared dataset's count, or local files' size
-    times the measured tokens per byte of TinyStories at this vocabulary; None for the hub."""
-    if req.dataset:
-        from data.prepared import open_prepared
-
-        return len(open_prepared(req.dataset).train_tokens)
-    if req.data_files:
-
-        n_bytes = sum(os.path.getsize(f) for f in req.data_files)
-        return round(estimate_tokens(n_bytes, req.settings.model.vocab_size) * (1 - req.settings.data.val_fraction))
-    return None
 
 
-def run_plan(req: "RunRequest", world_size: int | None = None) -> Plan:
-    """The plan of the run req asks for (training.plan), on the device it will use; nothing is built or read."""
-
-    device_type, gpu_name = plan_device(req.settings, req.preset)
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    return make_plan(req.settings, device_type=device_type, gpu_name=gpu_name, world_size=world,
-                     train_tokens=planned_train_tokens(req))
 
 
-def check_memory(req: "RunRequest", rt: Runtime) -> None:
-    """On CUDA, before any work: ConfigError (exit 2) when the plan's peak exceeds the device's free memory,
-    naming the settings that would fit."""
-    if rt.device.type != "cuda":
-        return
-
-    free, _ = torch.cuda.mem_get_info(rt.device)
-    name = torch.cuda.get_device_name(rt.device)
-    plan_for = lambda s: make_plan(s, device_type="cuda", gpu_name=name, world_size=rt.world_size)  # noqa: E731
-    plan = plan_for(req.settings)
-    if plan.fits(free):
-        return
-    fixes = fit_settings(req.settings, plan_for, free)
-    fix = ("; or ".join(fixes) + " (then --resume picks them up)") if fixes else \
-        "a smaller model (dim, n_layers, n_experts) or a GPU with more memory"
-    worst = max(plan.phases, key=lambda ph: ph.peak_bytes)
-    raise ConfigError(f"the run needs about {plan.peak_bytes / 2**30:.1f} GiB at its peak ({worst.label}) but "
-                      f"{name} has {free / 2**30:.1f} GiB free: use {fix}")
 
 
-def disk_needs(s: Settings, corpus, tokenizer) -> dict[str, int]:
-    """Bytes the run will write: the most checkpoints held at once, the token caches, the small files."""
-    ckpts = [checkpoint_bytes(c) for c in stage_configs(s)]
-    return {"checkpoints": peak_checkpoint_bytes(ckpts, s.train.keep_checkpoints),
-            "token cache": cache_bytes(corpus.train, tokenizer) + cache_bytes(corpus.val, tokenizer),
-            "tokenizer, logs, plot": 2 << 20}
 
 
-TOKENIZER_KEY = "trained_on.sha256"  # beside tokenizer.json: the text and vocabulary it was trained for
 
 
-def _tokenizer_key(stories: list[str], vocab_size: int, hf_path: str | None) -> str:
-    h = hashlib.sha256(f"vocab {vocab_size}\nfrom {os.path.abspath(hf_path) if hf_path else 'training text'}\n".encode())
-    for story in stories:
-        data = story.encode()
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
 
 
-def _ensure_tokenizer(tok_dir: str, stories: list[str], vocab_size: int, hf_path: str | None, resume: bool) -> None:
-    """The tokenizer for exactly this text and vocabulary: reused when its key matches, else trained anew (a
-    fresh start never inherits a failed start's tokenizer); a resumed run whose tokenizer does not match is
-    refused. A model brought in with --init-from-hf keeps its own tokenizer."""
-    key, key_path = _tokenizer_key(stories, vocab_size, hf_path), os.path.join(tok_dir, TOKENIZER_KEY)
-    have = os.path.exists(os.path.join(tok_dir, "tokenizer.json"))
-    found = open(key_path).read().strip() if os.path.exists(key_path) else None
-    if have and (found == key or (resume and found is None)):  # None: a run saved before tokenizers were keyed
-        return
-    if have and resume:
-        raise DataError(f"{tok_dir} was trained on other text or another vocabulary than this resume reads; "
-                        "resume with the run's own data and settings, or start a new run")
-    save_tokenizer(load_tokenizer(hf_path) if hf_path else train_tokenizer(stories, vocab_size), tok_dir)
-    write_atomic(key_path, key + "\n")
 
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -226,48 +81,11 @@ def sample_story(model: nn.Module, data: Data, s: Settings, rt: Runtime) -> str:
     return data.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
 
 
-# ---------------------------------------------------------------------------------------- transitions
-@dataclass
-class TransitionResult:
-    model: nn.Module
-    passed: bool  # the same on every rank
-    failed: list[str]  # names of the failed checks (rank 0)
-    results: dict | None = None  # check name -> CheckResult (rank 0)
-    title: str = ""
 
 
-def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runtime) -> TransitionResult:
-    """Grow the previous stage's model into stage's and verify the pair on rank 0. A sharded model is gathered whole
-    to rank 0, grown and checked there, and the grown model sharded from it on every rank."""
-    calib = data.calibration.to(rt.device)
-    sharded = is_sharded(model)
-    raw = full_model(model, rt) if sharded else model.to(rt.device)
-    new = stage.grow(raw, s, calib) if raw is not None else None  # rank 0 alone when sharded
-    passed, failed, results = True, [], None
-    if rt.is_master:
-        print(f"\n{BAR}\nTRANSITION {stage_index(stage.name)}: {stage.describe(s)}\n{BAR}")
-        report = stage.check(raw, new, calib)
-        passed, failed, results = report.passed, [k for k, r in report.results.items() if not r.passed], report.results
-    passed = rt.broadcast_flag(passed)
-    if sharded:
-        del raw
-        new = sharded_from(new, rt) if passed else model
-    return TransitionResult(new, passed, failed, results, stage.describe(s))
 
 
 # ---------------------------------------------------------------------------------------------- a run
-@dataclass
-class RunRequest:
-    """What the command line asks for, validated."""
-
-    settings: Settings
-    out_dir: str
-    data_files: list[str] | None = None
-    resume: bool = False
-    init_from_hf: str | None = None  # a fresh run's phase-1 model and tokenizer
-    origin: str = "auto"  # the data source a resume must read again (data.source.resume_source)
-    preset: str | None = None  # the preset a fresh run started from (the report shows settings that differ)
-    dataset: str | None = None  # a prepared dataset directory (data.prepared), instead of data_files or the hub
 
 
 @dataclass
@@ -474,13 +292,6 @@ def start_record(req: RunRequest, rt: Runtime, data: Data, state: TrainingState)
                 preset_settings=preset, resumed=req.resume)
 
 
-def transition_record(stage: Stage, result: "TransitionResult", state: TrainingState, loss_before: float | None,
-                      loss_after: float | None) -> dict:
-    """The metrics record of a transition: every check's verdict, and the eval loss on either side."""
-    checks = {k: r.to_record() for k, r in result.results.items()} if result.results else {}
-    return dict(kind="transition", index=stage_index(stage.name), stage=stage.name, title=result.title,
-                global_step=state.global_step, time=time.time(), **state.progress(None), passed=result.passed,
-                loss_before=loss_before, loss_after=loss_after, checks=checks)
 
 
 def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
@@ -505,41 +316,9 @@ def clone_watch(stage: Stage, s: Settings, log: MetricsLog, rt: Runtime):
 
 
 # ------------------------------------------------------------------------------------------- telling
-def resume_command(out_dir: str, *settings: str) -> str:
-    """The command that continues the run in out_dir, with the settings given (e.g. "--noise_std=0.3")."""
-    return " ".join(["python train_tinystories.py --out-dir", out_dir, "--resume", *settings])
 
 
-def resume_hint(out_dir: str, failed: list[str], s: Settings) -> str:
-    """The exact command to resume after the fix; knobs the user can turn are filled in."""
-    if "symmetry" in failed:
-        return resume_command(out_dir, f"--noise_std={max(0.3, 2 * s.growth.noise_std):g}")
-    return resume_command(out_dir)
 
 
-def halt(why: str, out_dir: str, hint: str, log: MetricsLog, rt: Runtime) -> None:
-    """The diagnosis, the last good checkpoint and the command to resume (printed by rank 0)."""
-    if rt.is_master:
-        print(f"\n✗ HALTED: {why}")
-        last = latest_checkpoint(out_dir)
-        if last is not None:
-            print(f"Last good checkpoint: {last.path} ({last.phase}, step {last.meta['step']}"
-                  f"{', end of phase' if last.meta.get('phase_done') else ''}). Nothing trained is lost.")
-        print(f"After fixing, resume with:\n  {hint}")
-        plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), stages.PIPELINE)
 
 
-def summary(state: TrainingState, seconds: float, out_dir: str, log: MetricsLog) -> None:
-    png = plot_losses(log.records(), os.path.join(out_dir, "loss_curve.png"), stages.PIPELINE)
-    print(f"\n{BAR}\nTRAINING SUMMARY\n{BAR}")
-    previous = None
-    for stage in stages.PIPELINE:
-        if stage.name in state.eval_losses:
-            loss = state.eval_losses[stage.name]
-            delta = f"  ({loss - previous:+.4f})" if previous is not None else ""
-            print(f"  {stage.label:<20} eval loss {loss:.4f}{delta}")
-            previous = loss
-    n = sum(1 for st in stages.PIPELINE if st.grow is not None)
-    print(f"  {n} transitions verified. ✓ ALL CHECKS PASSED\n  Time: {seconds / 60:.1f} min")
-    print(f"  Outputs in {out_dir}: report.html, metrics.jsonl, {os.path.basename(png or '')}, checkpoints/, "
-          f"tokenizer/\n{BAR}")

@@ -29,19 +29,21 @@ whole fp32 model.
 from __future__ import annotations
 
 import math
-
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from config import ModelConfig, TrainConfig
+import torch
+
 from common.files import SAFETENSORS_PER_TENSOR
 from common.formats import human
-from training.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
+from config import ConfigError, ModelConfig, TrainConfig
 from training import stages
+from training.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
+from training.runtime import Runtime, resolve_precision
+from training.settings import RunRequest, Settings
 from training.stages import stage_configs
-from training.runtime import resolve_precision
-from training.settings import Settings
 
 GIB = 1024 ** 3
 
@@ -572,3 +574,55 @@ def fit_settings(s: Settings, plan_fn: Callable[[Settings], Plan], free_bytes: i
     if s.run.parallel != "fsdp" and plan_fn(replace(s, run=replace(s.run, parallel="fsdp"))).fits(free_bytes, margin):
         found.append("--parallel=fsdp")  # on more than one process: shard what each holds
     return found
+
+
+# ------------------------------------------------------------------------------- the plan of a request
+def plan_device(s: Settings, preset: str | None) -> tuple[str, str | None]:
+    """(device type, GPU name) a plan is for: the visible GPU; a cuda run planned where none is visible assumes
+    training.plan.REFERENCE_GPU (gpu name None)."""
+    if s.run.device.startswith("cuda") or (s.run.device == "auto" and torch.cuda.is_available()):
+        return "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return ("cuda", None) if preset == "cuda" else ("cpu", None)
+
+
+def planned_train_tokens(req: RunRequest) -> int | None:
+    """Training tokens, where known without reading the text: a prepared dataset's count, or local files' size
+    times the measured tokens per byte of TinyStories at this vocabulary; None for the hub."""
+    if req.dataset:
+        from data.prepared import open_prepared
+
+        return len(open_prepared(req.dataset).train_tokens)
+    if req.data_files:
+
+        n_bytes = sum(os.path.getsize(f) for f in req.data_files)
+        return round(estimate_tokens(n_bytes, req.settings.model.vocab_size) * (1 - req.settings.data.val_fraction))
+    return None
+
+
+def run_plan(req: RunRequest, world_size: int | None = None) -> Plan:
+    """The plan of the run req asks for (training.plan), on the device it will use; nothing is built or read."""
+
+    device_type, gpu_name = plan_device(req.settings, req.preset)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    return make_plan(req.settings, device_type=device_type, gpu_name=gpu_name, world_size=world,
+                     train_tokens=planned_train_tokens(req))
+
+
+def check_memory(req: RunRequest, rt: Runtime) -> None:
+    """On CUDA, before any work: ConfigError (exit 2) when the plan's peak exceeds the device's free memory,
+    naming the settings that would fit."""
+    if rt.device.type != "cuda":
+        return
+
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    name = torch.cuda.get_device_name(rt.device)
+    plan_for = lambda s: make_plan(s, device_type="cuda", gpu_name=name, world_size=rt.world_size)  # noqa: E731
+    plan = plan_for(req.settings)
+    if plan.fits(free):
+        return
+    fixes = fit_settings(req.settings, plan_for, free)
+    fix = ("; or ".join(fixes) + " (then --resume picks them up)") if fixes else \
+        "a smaller model (dim, n_layers, n_experts) or a GPU with more memory"
+    worst = max(plan.phases, key=lambda ph: ph.peak_bytes)
+    raise ConfigError(f"the run needs about {plan.peak_bytes / 2**30:.1f} GiB at its peak ({worst.label}) but "
+                      f"{name} has {free / 2**30:.1f} GiB free: use {fix}")

@@ -314,3 +314,17 @@ def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
         settings = replace(settings, train=replace(settings.train, seq_len=cfg.max_seq_len))
     check_consistency(settings)
     return settings
+
+
+@dataclass
+class RunRequest:
+    """What the command line asks for, validated."""
+
+    settings: Settings
+    out_dir: str
+    data_files: list[str] | None = None
+    resume: bool = False
+    init_from_hf: str | None = None  # a fresh run's phase-1 model and tokenizer
+    origin: str = "auto"  # the data source a resume must read again (data.source.resume_source)
+    preset: str | None = None  # the preset a fresh run started from (the report shows settings that differ)
+    dataset: str | None = None  # a prepared dataset directory (data.prepared), instead of data_files or the hub
