@@ -82,7 +82,8 @@ def measure(name: str, cfg, tc, parallel: str, steps: int, rt, variant: str = ""
     from models import build_model
     from training import loop
     from training.loop import Phase, PhaseRun, lm_loss, train_phase
-    from training.sharding import StepBatches, resident_bytes, sharded_from
+    from data.tokens import StepBatches
+    from training.sharding import resident_bytes, sharded_from
 
     rt.use_parallel(parallel)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)

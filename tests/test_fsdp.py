@@ -61,7 +61,8 @@ def train_steps(rt, n_experts: int, steps: int = STEPS) -> dict:
     from data.tokens import eval_batches
     from models import build_model
     from training.loop import Phase, PhaseRun, lm_loss, train_phase
-    from training.sharding import StepBatches, resident_bytes
+    from data.tokens import StepBatches
+    from training.sharding import resident_bytes
 
     torch.manual_seed(0)
     model = build_model(tiny_config(n_experts))
@@ -167,7 +168,7 @@ def test_a_steps_batch_is_the_same_sequences_on_any_world_size():
     processes, and on 2 they are exactly what each process drew before; 3 processes are refused in one line."""
     from data.text import DataError
     from data.tokens import TokenBatches
-    from training.sharding import StepBatches
+    from data.tokens import StepBatches
 
     tokens = _tokens()
 

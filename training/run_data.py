@@ -12,11 +12,10 @@ from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_byte
 from data import DataError, eval_batches, load_corpus, load_tokenizer, save_tokenizer, tokenize_to_cache
 from data import train_tokenizer
 from data.source import source_record
-from data.tokens import cache_bytes
+from data.tokens import StepBatches, cache_bytes
 from training.disk import checkpoint_bytes, peak_checkpoint_bytes
 from training.runtime import Runtime
 from training.settings import Settings
-from training.sharding import StepBatches
 from training.stages import stage_configs
 
 

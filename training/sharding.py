@@ -1,5 +1,5 @@
-"""Sharded data parallelism (parallel=fsdp, PyTorch's FSDP2), and how each step's batch is split over however many
-processes a run has now (either mode).
+"""Sharded data parallelism (parallel=fsdp, PyTorch's FSDP2); how each step's batch is split over however many
+processes a run has now is data.tokens.StepBatches.
 
     shard(model, rt)                      # in place: each block (its experts with it), then the root
     full = full_model(model, rt)          # rank 0: an unsharded copy (None on the other ranks); every rank calls it
@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.text import DataError
-from data.tokens import TokenBatches
 from models import build_model
 from training.runtime import Runtime
 
@@ -159,73 +157,3 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     return out
 
 
-# -------------------------------------------------------------------------------------- the batch of a step
-class StepBatches:
-    """This process's share of each optimizer step's batch: the same sequences whatever the world size is now.
-
-    A run started on S processes draws per step S x k micro-batches of batch_size sequences (k = grad_accum_steps):
-    stream i's j-th is draw number step + j of TokenBatches(rank=i, world_size=S), exactly what each of S processes
-    draws. W processes split the step's S*k*batch_size sequences, in that order, into W equal runs: whole micro-batches
-    when W divides S*k (the same objective, the same losses to rounding), else equal parts of one micro-batch (the same
-    cross-entropy; an MoE's balance loss is then taken over each part). next() gives this process's micro-batches in
-    turn, micro_batches of them per step; state_dict() is TokenBatches' (world_size is S), so resume is exact.
-    """
-
-    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
-                 accum: int = 1, streams: int | None = None) -> None:
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.rank, self.world_size, self.accum = rank, world_size, accum
-        self.step = 0  # draws each stream has made: accum per optimizer step, as TokenBatches counts them
-        self._split(streams or world_size)
-
-    def _split(self, streams: int) -> None:
-        B, k, W = self.batch_size, self.accum, self.world_size
-        rows = streams * k * B
-        share = rows // W
-        if rows % W or not share or (share % B and B % share):
-            fits = [w for w in range(1, rows + 1) if rows % w == 0 and ((rows // w) % B == 0 or B % (rows // w) == 0)]
-            raise DataError(f"a step of this run is {rows} sequences ({streams} streams x {k} micro-batches x {B}), "
-                            f"which {W} processes cannot split into whole micro-batches or equal parts of one; "
-                            f"resume on {', '.join(map(str, fits))} processes")
-        self.streams = streams
-        self._streams = [TokenBatches(self.tokens, B, self.seq_len, self.seed, i, streams) for i in range(streams)]
-        lo, hi = self.rank * share, (self.rank + 1) * share
-        self._pieces = [(m // k, m % k, max(lo, m * B) - m * B, min(hi, (m + 1) * B) - m * B)
-                        for m in range(lo // B, (hi - 1) // B + 1)]
-        self._next = 0
-
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches this process runs per optimizer step."""
-        return len(self._pieces)
-
-    @property
-    def sequences_per_step(self) -> int:
-        """Sequences per optimizer step over all processes."""
-        return self.streams * self.accum * self.batch_size
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        stream, j, a, b = self._pieces[self._next]
-        source = self._streams[stream]
-        source.step = self.step + j
-        x, y = source.next()
-        self._next += 1
-        if self._next == len(self._pieces):
-            self._next, self.step = 0, self.step + self.accum
-        return x[a:b], y[a:b]
-
-    def state_dict(self) -> dict:
-        return dict(step=self.step, seed=self.seed, rank=self.rank, world_size=self.streams,
-                    batch_size=self.batch_size, seq_len=self.seq_len, n_tokens=len(self.tokens))
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where state left off, on this world size; DataError if it came from another stream or the step
-        cannot be split over this many processes."""
-        mine = self.state_dict()
-        differ = [f"{k}={state.get(k)} (now {mine[k]})" for k in ("seed", "batch_size", "seq_len", "n_tokens")
-                  if state.get(k) != mine[k]]
-        if differ:
-            raise DataError("cannot resume the batch stream exactly: it was saved with " + ", ".join(differ)
-                            + "; use the same data and settings, or start a fresh stream")
-        self._split(int(state.get("world_size", 1)))
-        self.step = int(state["step"])
