@@ -18,8 +18,8 @@ import sys
 
 from config import ConfigError
 from data.text import DataError, check_files
-from training.checkpoint import CheckpointError
-from training.runtime import resolve_device
+from training.run_state.checkpoint import CheckpointError
+from training.parallel.runtime import resolve_device
 from training.scoring import file_stories, load_for_inference, score_stories, validation_stories
 from training.settings import OneLineParser
 

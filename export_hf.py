@@ -3,7 +3,7 @@
     python export_hf.py --checkpoint runs/cpu/checkpoints/grown-000250 --out hf/grown
     python export_hf.py --checkpoint runs/cpu --out hf/latest          # a run directory: its newest checkpoint
 
-Checkpoints of sharded runs (parallel=fsdp) are read alike: they are written whole (training/sharding.py).
+Checkpoints of sharded runs (parallel=fsdp) are read alike: they are written whole (training/parallel/sharding.py).
 The directory holds config.json, model.safetensors and the run's tokenizer, and loads offline with
 AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT). Exit codes: 0 exported,
 2 bad input before any write (no checkpoint, --out not empty, not enough free space for the export), 1 a write
@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from training.checkpoint import CheckpointError, find_checkpoint
+from training.run_state.checkpoint import CheckpointError, find_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, check_free_space
 
 

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from config import ConfigError
 from models import generate
-from training.checkpoint import CheckpointError
-from training.runtime import resolve_device
+from training.run_state.checkpoint import CheckpointError
+from training.parallel.runtime import resolve_device
 from training.scoring import autocast, load_for_inference
 from training.settings import OneLineParser
 

@@ -27,15 +27,15 @@ from config import ConfigError
 from data import DataError, check_files
 from data.prepared import resume_prepared
 from data.source import load_source, resume_source
-from training.checkpoint import CheckpointError, latest_checkpoint
+from training.run_state.checkpoint import CheckpointError, latest_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
-from training.disk import remove_stale_temporaries
+from training.run_state.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.messages import resume_command
 from training.pipeline import run_pipeline
 from training.plan import run_plan
-from training.runlock import RunLock, RunLocked, acquire, refuse_if_held
-from training.runtime import StopSignals, resolve_device, setup_runtime, teardown_runtime
+from training.run_state.lock import RunLock, RunLocked, acquire, refuse_if_held
+from training.parallel.runtime import StopSignals, resolve_device, setup_runtime, teardown_runtime
 from training.settings import (RunRequest, build_settings, default_preset, load_saved_settings, make_parser,
                                parse_command_line, with_hf_model)
 
@@ -68,7 +68,7 @@ def parse(argv: list[str]) -> tuple[RunRequest, bool]:
     if not args.resume and not args.plan and latest_checkpoint(out_dir, log=lambda _: None) is not None:
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
     if settings_asks_tensorboard(overrides, saved) and importlib.util.find_spec("tensorboard") is None:
-        from training.tensorboard import MISSING
+        from training.reporting.tensorboard import MISSING
 
         raise ConfigError(MISSING)
     if args.dataset and args.data_files:

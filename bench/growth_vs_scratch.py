@@ -38,7 +38,7 @@ from training.pipeline import stage_phase  # noqa: E402
 from training.run_data import load_data  # noqa: E402
 from training.transition import transition  # noqa: E402
 from training.stages import PIPELINE, Stage  # noqa: E402
-from training.runtime import setup_runtime  # noqa: E402
+from training.parallel.runtime import setup_runtime  # noqa: E402
 from training.settings import (Settings, build_settings, make_parser, merge_overrides, parse_command_line,  # noqa: E402
                                place)
 from transfer.simple_growth import grown_config  # noqa: E402

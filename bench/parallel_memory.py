@@ -6,7 +6,7 @@
 
 For the dense (phase 1) and grown MoE (phase 3) model of each preset, at its batch_size x seq_len per process,
 each process trains a few steps through training.loop.train_phase, and records: the bytes it holds of parameters,
-gradients and AdamW state (training.sharding.resident_bytes: the local shards under FSDP), the peak bytes torch's
+gradients and AdamW state (training.parallel.sharding.resident_bytes: the local shards under FSDP), the peak bytes torch's
 CPU allocator had allocated during the steps (bench/memory_model.py's PeakMeter: the profiler's allocation
 timeline plus the weights live before, the quantity torch.cuda.max_memory_allocated gives on a GPU), the plan's
 step peak for the same settings (training.plan.step_memory), and the median time of a step after the first.
@@ -83,7 +83,7 @@ def measure(name: str, cfg, tc, parallel: str, steps: int, rt, variant: str = ""
     from training import loop
     from training.loop import Phase, PhaseRun, lm_loss, train_phase
     from data.tokens import StepBatches
-    from training.sharding import resident_bytes, sharded_from
+    from training.parallel.sharding import resident_bytes, sharded_from
 
     rt.use_parallel(parallel)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
@@ -119,7 +119,7 @@ def measure(name: str, cfg, tc, parallel: str, steps: int, rt, variant: str = ""
 def worker(out: str, steps: int, quick: bool) -> None:
     import torch.distributed as dist
 
-    from training.runtime import setup_runtime, teardown_runtime
+    from training.parallel.runtime import setup_runtime, teardown_runtime
 
     rt, rows = setup_runtime("cpu", "fp32"), []
     for name, cfg, tc in cases(quick):

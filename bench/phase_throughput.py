@@ -30,7 +30,7 @@ from config import ConfigError, ModelConfig  # noqa: E402
 from models import build_model  # noqa: E402
 from training.loop import PhaseRun, accumulate_gradients, wrap_for_training, lr_at, make_optimizer  # noqa: E402
 from training.stages import PIPELINE, stage_configs  # noqa: E402
-from training.runtime import Runtime, resolve_precision, setup_runtime  # noqa: E402
+from training.parallel.runtime import Runtime, resolve_precision, setup_runtime  # noqa: E402
 from training.settings import Settings, build_settings, make_parser, parse_command_line  # noqa: E402
 
 DENSE_GOAL, MOE_GOAL = 0.45, 0.35  # MFU goals in bf16 (issue 11) of a dense and an MoE step, compared in the summary

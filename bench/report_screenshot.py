@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.html_report import ChromiumMissing, screenshot, write_report  # noqa: E402
+from training.reporting.html_report import ChromiumMissing, screenshot, write_report  # noqa: E402
 from training.stages import PIPELINE  # noqa: E402
 
 

@@ -76,6 +76,15 @@ def test_no_module_imports_a_layer_above_its_own():
     assert not upward, upward
 
 
+SELF_CONTAINED = ("training.run_state", "training.parallel", "training.reporting")  # below the rest of training/
+
+
+def test_the_lower_folders_of_training_import_nothing_else_from_it():
+    upward = [f"{m} imports {dep}" for m in MODULES for folder in SELF_CONTAINED if m.startswith(folder + ".")
+              for dep, _ in imports_of(m) if dep.startswith("training") and not dep.startswith(folder)]
+    assert not upward, upward
+
+
 def test_no_import_cycle_between_files():
     graph = {m: {dep for dep, _ in imports_of(m) if dep in MODULES and dep != m
                  and not (MODULES[dep].endswith("__init__.py") and m.startswith(dep + "."))} for m in MODULES}
@@ -118,9 +127,12 @@ def test_the_checker_sees_a_cycle_an_upward_import_and_a_private_name(tmp_path, 
     fake["config"].write_text("")
     fake["models.a"].write_text("def f():\n    from training.b import _hidden\n")
     fake["training.b"].write_text("from models.a import f\n_hidden = 1\n")
+    fake["training.run_state.c"] = tmp_path / "c.py"
+    fake["training.run_state.c"].write_text("from training.b import f\n")
     monkeypatch.setattr(sys.modules[__name__], "MODULES", {k: str(v) for k, v in fake.items()})
     for rule in (test_no_module_imports_a_layer_above_its_own, test_no_import_cycle_between_files,
-                 test_no_module_takes_another_modules_private_names):
+                 test_no_module_takes_another_modules_private_names,
+                 test_the_lower_folders_of_training_import_nothing_else_from_it):
         try:
             rule()
         except AssertionError:

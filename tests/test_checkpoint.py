@@ -4,7 +4,7 @@ import torch
 
 from models import build_model
 from tests.conftest import tiny_config
-from training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from training.run_state.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 def meta(phase, step, done=False, global_step=None):

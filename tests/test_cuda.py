@@ -13,7 +13,7 @@ from config import TrainConfig
 from models import build_model
 from tests.conftest import tiny_config, tokens_for
 from training.loop import PhaseRun, accumulate_gradients, wrap_for_training, lm_loss, make_optimizer
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 
 NO_CUDA = "CUDA test: torch.cuda.is_available() is False (no GPU, or a CPU build of torch)"
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]

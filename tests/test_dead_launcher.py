@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from training.checkpoint import latest_checkpoint
-from training.runtime import process_alive
+from training.run_state.checkpoint import latest_checkpoint
+from training.parallel.runtime import process_alive
 
 pytestmark = pytest.mark.slow
 

@@ -13,19 +13,19 @@ import torch
 from safetensors import SafetensorError
 
 import export_hf as export_cli
-import training.checkpoint as checkpoint_module
+import training.run_state.checkpoint as checkpoint_module
 from data.synthetic import generate_stories
 from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from data.tokens import cache_bytes, tokenize_to_cache
 from models import build_model
 from tests.conftest import tiny_config
 from common.files import write_atomic
-from training.checkpoint import latest_checkpoint, save_checkpoint
+from training.run_state.checkpoint import latest_checkpoint, save_checkpoint
 from common.files import NotEnoughSpace, WriteFailed, check_free_space, dir_bytes, free_bytes, guarded_write
 from common.formats import human
-from training.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
+from training.run_state.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
 from training.stages import PIPELINE
-from training.report import MetricsLog, plot_losses
+from training.reporting.metrics import MetricsLog, plot_losses
 from transfer.hf_format import export_hf
 
 MODEL_CFG = tiny_config()

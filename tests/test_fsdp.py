@@ -1,4 +1,4 @@
-"""parallel=fsdp (training/sharding.py) on 2 CPU processes (gloo): the same training as one process, the whole
+"""parallel=fsdp (training/parallel/sharding.py) on 2 CPU processes (gloo): the same training as one process, the whole
 pipeline verified, resume across world sizes, SIGKILL then exact resume, and 1/world of the memory per process.
 
 Each comparison is also shown to bite: a gradient reduction removed, an optimizer state not restored, a grown
@@ -62,7 +62,7 @@ def train_steps(rt, n_experts: int, steps: int = STEPS) -> dict:
     from models import build_model
     from training.loop import Phase, PhaseRun, lm_loss, train_phase
     from data.tokens import StepBatches
-    from training.sharding import resident_bytes
+    from training.parallel.sharding import resident_bytes
 
     torch.manual_seed(0)
     model = build_model(tiny_config(n_experts))
@@ -104,7 +104,7 @@ def _clip_by_local_norm(parameters, max_norm: float, *args, **kwargs) -> torch.T
 def equality_worker(out: str) -> None:
     """FSDP and DDP, dense and MoE; then FSDP again (5 steps) clipping by each rank's local norm, and with its
     gradient reduction removed."""
-    from training.runtime import setup_runtime, teardown_runtime
+    from training.parallel.runtime import setup_runtime, teardown_runtime
 
     rt, results, clip = setup_runtime("cpu", "fp32"), {}, torch.nn.utils.clip_grad_norm_
     for parallel in ("fsdp", "ddp", "local clip", "no reduction"):
@@ -123,7 +123,7 @@ def equality_worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def one_process():
     """The reference: one process, the same global batch (both streams as two accumulated micro-batches)."""
-    from training.runtime import Runtime
+    from training.parallel.runtime import Runtime
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,7 +136,7 @@ def one_process():
 @pytest.fixture
 def mesh_of_one():
     """A sharded runtime in this process: parallel=fsdp on one process shards over a mesh of one."""
-    from training.runtime import Runtime, teardown_runtime
+    from training.parallel.runtime import Runtime, teardown_runtime
 
     rt = Runtime(torch.device("cpu"))
     rt.use_parallel("fsdp")
@@ -155,7 +155,7 @@ def test_fsdp_on_a_torch_without_fully_shard_is_refused_in_one_line(monkeypatch)
     import torch.distributed.fsdp as fsdp
 
     from config import ConfigError
-    from training.runtime import Runtime
+    from training.parallel.runtime import Runtime
 
     monkeypatch.delattr(fsdp, "fully_shard")  # torch < 2.6
     with pytest.raises(ConfigError) as e:
@@ -208,7 +208,7 @@ def test_a_sharded_transition_starts_the_grown_model_at_the_old_loss_and_a_lost_
     from models import build_model
     from training.loop import evaluate
     from training.settings import build_settings
-    from training.sharding import is_sharded, sharded_from
+    from training.parallel.sharding import is_sharded, sharded_from
 
     s, rt = build_settings("micro"), mesh_of_one
     torch.manual_seed(0)
@@ -317,7 +317,7 @@ def fsdp_run(tmp_path_factory, prepared):
 @pytest.mark.slow
 def test_two_sharded_processes_run_all_three_phases_verified_and_export(fsdp_run, tmp_path):
     import export_hf
-    from training.checkpoint import latest_checkpoint
+    from training.run_state.checkpoint import latest_checkpoint
 
     out, stdout = fsdp_run
     assert stdout.count("VERIFICATION SUMMARY") == 1 and stdout.count("TRAINING SUMMARY") == 1  # rank 0 checks
@@ -414,7 +414,7 @@ def children(pid: int) -> list[int]:
 
 
 def newest_step(run_dir) -> int:
-    from training.checkpoint import list_checkpoints
+    from training.run_state.checkpoint import list_checkpoints
 
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"), verify=False)
     return found[-1].meta["global_step"] if found else -1

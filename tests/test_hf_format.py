@@ -149,7 +149,7 @@ def test_init_from_hf_starts_phase_1_from_a_llama_checkpoint(tmp_path, tokenizer
             "--moe_steps=3", "--grown_steps=3", "--eval_interval=3", "--checkpoint_interval=3", "--dense_lr=1e-9"]
     assert train_tinystories.main(args) == 0
     assert "✓ ALL CHECKS PASSED" in capsys.readouterr().out
-    from training.checkpoint import read_checkpoint
+    from training.run_state.checkpoint import read_checkpoint
 
     dense = read_checkpoint(str(run / "checkpoints" / "dense-000003")).load_model()  # barely moved (lr 1e-9)
     assert torch.allclose(dense.embed.weight, llama.model.embed_tokens.weight, atol=1e-6)

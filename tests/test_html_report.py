@@ -1,4 +1,4 @@
-"""Tests of report.html (training/html_report.py) and of the loss plot's x axis (training/report.py).
+"""Tests of report.html (training/reporting/html_report.py) and of the loss plot's x axis (training/reporting/metrics.py).
 
 A synthetic run directory written by hand after the metrics.jsonl schema (start, train, eval with routing and
 clone divergence, transition with every check's record, sample, outcome), plus settings.json and
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import html_report
-from training.html_report import ChromiumMissing, dump_dom, find_chromium, render_report, screenshot, write_report
+from training.reporting import html_report
+from training.reporting.html_report import ChromiumMissing, dump_dom, find_chromium, render_report, screenshot, write_report
 from training.stages import PIPELINE
-from training.report import loss_figure, plot_losses
+from training.reporting.metrics import loss_figure, plot_losses
 from training.settings import build_settings
 from transfer.checks.results import CheckResult
 

@@ -7,7 +7,7 @@ from config import TrainConfig
 from models import build_model
 from tests.conftest import tiny_config, tokens_for
 from training.loop import evaluate, lm_loss, lr_at, make_optimizer
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():

@@ -10,12 +10,12 @@ import torch
 import training.pipeline as pipeline
 import training.stages as stages
 from config import TrainConfig
-from training.checkpoint import list_checkpoints
+from training.run_state.checkpoint import list_checkpoints
 from training.loop import TrainingState
 from training.pipeline import run_pipeline, stage_phase
 from training.settings import RunRequest
 from training.stages import PIPELINE, Stage, stage_index
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 from training.settings import build_settings, parse_overrides
 from transfer import detailed_growth_check, grown_config, scale_bilaterally
 

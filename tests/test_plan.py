@@ -8,12 +8,12 @@ import torch
 from bench.memory_model import measure_step, saved_bytes
 from config import ModelConfig, TrainConfig
 from models import build_model
-from training.disk import checkpoint_bytes
+from training.run_state.disk import checkpoint_bytes
 from training.plan import (WIDTHS, activation_moments, autocast_weights, block_saved_bytes, checkpoint_size,
                            eval_memory, fit_settings, flops_per_token, head_saved_bytes, make_plan, parameter_count,
                            peak_flops, step_memory)
 from training.stages import stage_configs
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 from training.settings import apply, build_settings, parse_overrides
 
 CONFIGS = {

@@ -11,7 +11,7 @@ import pytest
 
 import export_hf
 import train_tinystories
-from training.checkpoint import latest_checkpoint, list_checkpoints
+from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--preset", "micro", "--dense_steps=40", "--moe_steps=20", "--grown_steps=20", "--checkpoint_interval=4",

@@ -3,7 +3,7 @@
 from models import build_model
 from tests.conftest import tiny_config
 from training.stages import PIPELINE
-from training.report import MetricsLog, phase_header, plot_losses
+from training.reporting.metrics import MetricsLog, phase_header, plot_losses
 
 
 def test_header_reports_active_share_for_moe():

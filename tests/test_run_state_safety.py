@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.safe_load import UnsafeFile, code_in_pickle, code_in_torch_file, load_torch_data, load_weights
-from training.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from training.run_state.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "run_46be59e")  # micro, 8/4/4 steps, stopped after dense step 4

@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from common.files import WriteFailed
-from training.runlock import LOCK_NAME, Holder, RunLocked, _start_ticks, acquire
+from training.run_state.lock import LOCK_NAME, Holder, RunLocked, _start_ticks, acquire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a contender: waits until start_at, tries the lock, says what happened, holds it hold_s seconds if it won;
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from training.runlock import RunLocked, acquire
+from training.run_state.lock import RunLocked, acquire
 out_dir, start_at, hold_s, fork = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
 time.sleep(max(0.0, start_at - time.time()))
 try:

@@ -12,7 +12,7 @@ from data import generate_stories, save_tokenizer, train_tokenizer
 from data.source import SOURCE_FILE
 from models import build_model, generate
 from tests.conftest import tiny_config
-from training.checkpoint import save_checkpoint
+from training.run_state.checkpoint import save_checkpoint
 from transfer import dense_to_moe, scale_bilaterally
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -66,7 +66,7 @@ def samples(out: str) -> list[str]:
 
 def reference(run_dir: str, prompt: str, n: int, max_new: int, temperature: float, top_k: int | None, seed: int):
     """What one generate() call per sample gives with the same seed: the non-streamed path."""
-    from training.checkpoint import find_checkpoint
+    from training.run_state.checkpoint import find_checkpoint
 
     ckpt, _ = find_checkpoint(run_dir)
     model, tok = ckpt.load_model().eval(), sample.load_for_inference(run_dir, torch.device("cpu")).tokenizer

@@ -1,4 +1,4 @@
-"""Tests of the TensorBoard sink (training/tensorboard.py) and of MetricsLog feeding sinks (training/report.py).
+"""Tests of the TensorBoard sink (training/reporting/tensorboard.py) and of MetricsLog feeding sinks (training/reporting/metrics.py).
 
 The missing-package message and the record -> scalars mapping run everywhere; writing event files and reading
 them back with tensorboard's EventAccumulator needs the optional tensorboard package (skipped without it).
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from training.report import MetricsLog
-from training.tensorboard import MISSING, TensorBoardMissing, TensorBoardSink, scalars
+from training.reporting.metrics import MetricsLog
+from training.reporting.tensorboard import MISSING, TensorBoardMissing, TensorBoardSink, scalars
 
 TRAIN = {"kind": "train", "phase": "moe", "step": 5, "global_step": 35, "loss": 3.25, "lr": 6e-4, "time": 1.0,
          "tokens": 17920, "flops": 1.2e10, "epochs": 0.1, "tokens_per_s": 2048.0, "tokens_per_s_per_process": 1024.0,

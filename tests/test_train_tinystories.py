@@ -9,7 +9,7 @@ import pytest
 
 import train_tinystories
 from data.synthetic import generate_stories
-from training.checkpoint import latest_checkpoint, list_checkpoints
+from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -352,7 +352,7 @@ def test_a_run_that_would_not_fit_the_gpu_stops_before_any_work_naming_what_fits
     from config import ConfigError
     from training.plan import check_memory
     from training.settings import RunRequest
-    from training.runtime import Runtime
+    from training.parallel.runtime import Runtime
     from training.settings import build_settings
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")

@@ -1,1 +1,12 @@
-"""Training machinery: runtime (device, DDP), checkpoints, the per-phase loop, logs and plots."""
+"""Training: the stage table and everything that runs it.
+
+    stages.py      the stage table (imports nothing from training/)
+    pipeline.py    start point -> for each stage: transition -> train -> sample
+    transition.py  grow the previous stage's model, check the pair (transfer.checks), record it
+    loop.py        one stage's training loop;  run_data.py  its data;  settings.py  settings and the parser
+    plan.py        the plan before any work and the memory pre-flight;  messages.py  what the console says
+    scoring.py     sample.py's and evaluate.py's loading and scoring
+    run_state/     checkpoints, the run's lock, disk needs      parallel/   device, process group, FSDP2
+    reporting/     metrics.jsonl, plots, report.html, TensorBoard
+Imports common/, config, models, data/ and transfer/; never an entry script.
+"""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from config import TrainConfig
 from models import load_balancing_loss, router_z_loss
 from models.moe import expert_load, load_entropy
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,7 +85,7 @@ class PhaseRun:
     train: TrainConfig
     batches: object  # data.TokenBatches
     val_batches: list
-    log: object  # training.report.MetricsLog (or anything with write(**record))
+    log: object  # training.reporting.metrics.MetricsLog (or anything with write(**record))
     save: Callable[[nn.Module, torch.optim.Optimizer, TrainingState], str | None] = lambda *a: None
     compile: bool = False
     stop_requested: Callable[[], str | None] = lambda: None  # name of a pending SIGINT/SIGTERM, if any
@@ -185,7 +185,7 @@ def wrap_for_training(model: nn.Module, run: PhaseRun) -> nn.Module:
     """The module the loop steps through: sharded in place (fsdp; the pipeline hands it over sharded already) or
     DDP-wrapped, and/or compiled; growth always sees the raw (or sharded) model, never a wrapper."""
     if run.rt.sharded:
-        from training.sharding import is_sharded, resharded, shard
+        from training.parallel.sharding import is_sharded, resharded, shard
 
         if not is_sharded(model):  # identical on every rank (same seed or checkpoint): each keeps its shards
             shard(model, run.rt)
@@ -308,7 +308,7 @@ def accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
 def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict | None, rt: Runtime) -> None:
     """A saved optimizer state (one process's state_dict(), whatever world size wrote it) into opt."""
     if rt.sharded:
-        from training.sharding import load_optimizer
+        from training.parallel.sharding import load_optimizer
 
         load_optimizer(model, opt, state, rt)
     else:

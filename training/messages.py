@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from training import stages
-from training.checkpoint import latest_checkpoint
+from training.run_state.checkpoint import latest_checkpoint
 from training.loop import TrainingState
-from training.report import BAR, MetricsLog, plot_losses
-from training.runtime import Runtime
+from training.reporting.metrics import BAR, MetricsLog, plot_losses
+from training.parallel.runtime import Runtime
 from training.settings import Settings
 
 

@@ -24,17 +24,17 @@ from config import config_to_dict
 from data.source import SOURCE_FILE
 from models import build_model, generate
 from training import stages
-from training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from training.html_report import write_report
+from training.run_state.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from training.reporting.html_report import write_report
 from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
                            evaluate_details, train_phase)
 from training.messages import halt, resume_command, resume_hint, summary
 from training.plan import check_memory, peak_flops
-from training.report import MetricsLog, phase_header
+from training.reporting.metrics import MetricsLog, phase_header
 from training.run_data import Data, load_data, load_prepared
-from training.runtime import Runtime, resolve_precision
+from training.parallel.runtime import Runtime, resolve_precision
 from training.settings import RunRequest, Settings, build_settings, save_settings
-from training.sharding import full_model, gather_optimizer, is_sharded, sharded_from
+from training.parallel.sharding import full_model, gather_optimizer, is_sharded, sharded_from
 from training.stages import Stage, stage_index
 from training.transition import transition, transition_record
 from transfer import judge_clone_divergence
@@ -190,7 +190,7 @@ def open_metrics(req: RunRequest, rt: Runtime, ckpt: Checkpoint | None) -> Metri
     resume_global_step = ckpt.meta["global_step"] if ckpt else None
     sinks = []
     if rt.is_master and req.settings.run.tensorboard:
-        from training.tensorboard import TensorBoardSink
+        from training.reporting.tensorboard import TensorBoardSink
 
         sinks.append(TensorBoardSink(os.path.join(req.out_dir, "tensorboard"), purge_step=None if resume_global_step is None else resume_global_step + 1))
     return MetricsLog(os.path.join(req.out_dir, "metrics.jsonl"), resume_global_step, rt.is_master, sinks,

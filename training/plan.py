@@ -20,7 +20,7 @@ process, eager mode (no torch.compile), and is checked against measurement by be
                    (transfer.checks.objective), then for a deepened model a stepped copy of the inserted blocks.
   eval             phase 3's clone-divergence measurement at each eval holds folded copies of the block weights.
 
-Under parallel=fsdp (training/sharding.py) each process holds 1/world of the weights, gradients and AdamW state,
+Under parallel=fsdp (training/parallel/sharding.py) each process holds 1/world of the weights, gradients and AdamW state,
 plus what FSDP gathers whole for the moment (the root's embedding and LM head, two blocks' weights and one block's
 gradients before their reduce-scatter); activations are per process as before. Growth and the checks, sampling and
 clone divergence run on rank 0 on a whole copy, so the transition's peak is unchanged and the eval's holds a
@@ -40,8 +40,8 @@ from common.files import SAFETENSORS_PER_TENSOR
 from common.formats import human
 from config import ConfigError, ModelConfig, TrainConfig
 from training import stages
-from training.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
-from training.runtime import Runtime, resolve_precision
+from training.run_state.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
+from training.parallel.runtime import Runtime, resolve_precision
 from training.settings import RunRequest, Settings
 from training.stages import stage_configs
 
@@ -49,7 +49,7 @@ GIB = 1024 ** 3
 
 # ------------------------------------------------------------------------------------------ device speed
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets: NVIDIA prints tensor figures "with
-# sparsity", which are twice these. "fp32" is the TF32 tensor figure: training.runtime sets allow_tf32, so fp32
+# sparsity", which are twice these. "fp32" is the TF32 tensor figure: training.parallel.runtime sets allow_tf32, so fp32
 # matmuls run as TF32. Patterns are matched in order against torch.cuda.get_device_name(), most specific first.
 GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"GH200", {"bf16": 989.4e12, "fp32": 494.7e12}),
@@ -133,7 +133,7 @@ def _tensor_count(cfg: ModelConfig) -> int:
 
 
 def checkpoint_size(cfg: ModelConfig) -> int:
-    """training.disk.checkpoint_bytes(cfg) without building the model (same bookkeeping per tensor)."""
+    """training.run_state.disk.checkpoint_bytes(cfg) without building the model (same bookkeeping per tensor)."""
     per_tensor = SAFETENSORS_PER_TENSOR + 2 * STATE_PER_TENSOR
     return checkpoint_bytes(parameter_count(cfg)) + _tensor_count(cfg) * per_tensor
 

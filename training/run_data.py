@@ -13,8 +13,8 @@ from data import DataError, eval_batches, load_corpus, load_tokenizer, save_toke
 from data import train_tokenizer
 from data.source import source_record
 from data.tokens import StepBatches, cache_bytes
-from training.disk import checkpoint_bytes, peak_checkpoint_bytes
-from training.runtime import Runtime
+from training.run_state.disk import checkpoint_bytes, peak_checkpoint_bytes
+from training.parallel.runtime import Runtime
 from training.settings import Settings
 from training.stages import stage_configs
 

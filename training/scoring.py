@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.checkpoint import Checkpoint, CheckpointError, find_checkpoint
+from training.run_state.checkpoint import Checkpoint, CheckpointError, find_checkpoint
 
 
 @dataclass

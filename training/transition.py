@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from training.loop import TrainingState
-from training.report import BAR
+from training.reporting.metrics import BAR
 from training.run_data import Data
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 from training.settings import Settings
-from training.sharding import full_model, is_sharded, sharded_from
+from training.parallel.sharding import full_model, is_sharded, sharded_from
 from training.stages import Stage, stage_index
 
 

@@ -1,5 +1,5 @@
 """What the run tells the user: phase headers, metrics.jsonl (and any sinks fed the same records, e.g.
-training.tensorboard.TensorBoardSink), the loss-curve picture against steps, tokens or FLOPs."""
+training.reporting.tensorboard.TensorBoardSink), the loss-curve picture against steps, tokens or FLOPs."""
 from __future__ import annotations
 
 import json

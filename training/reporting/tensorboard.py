@@ -1,4 +1,4 @@
-"""TensorBoard scalars from the same records metrics.jsonl gets: a sink for training.report.MetricsLog.
+"""TensorBoard scalars from the same records metrics.jsonl gets: a sink for training.reporting.metrics.MetricsLog.
 
     log = MetricsLog(path, sinks=[TensorBoardSink(os.path.join(out_dir, "tensorboard"))])   # rank 0 only
     ...
@@ -11,7 +11,7 @@ optional dependency: without it, constructing the sink is TensorBoardMissing.
 """
 from __future__ import annotations
 
-from training.report import number
+from training.reporting.metrics import number
 
 TRAIN_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "balance")
 MISSING = "tensorboard=true needs the tensorboard package: pip install tensorboard"

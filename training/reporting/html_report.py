@@ -2,7 +2,7 @@
 settings.json, data_source.json): summary, loss curves, every check of every transition, routing, clone
 divergence, sample stories. Images are inline PNGs; no network, no scripts; it opens from disk.
 
-    from training.html_report import write_report, screenshot
+    from training.reporting.html_report import write_report, screenshot
     path = write_report("runs/micro", PIPELINE)      # runs/micro/report.html, written atomically
     screenshot(path, "report.png")                    # headless Chromium (tests, bench/report_screenshot.py)
 
@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.files import write_atomic
-from training.report import loss_figure, number, read_records, x_axis
+from training.reporting.metrics import loss_figure, number, read_records, x_axis
 
 REPORT_FILE = "report.html"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -9,7 +9,7 @@ checkpoint is detected on load and the previous good one is used instead. Every 
 code: weights from safetensors, state.pt scanned and then loaded weights-only (common/safe_load.py); a checkpoint
 whose state.pt holds anything else is refused (CheckpointError) before any of it is unpickled. The hashes catch
 accidents; the scan catches intent, since whoever alters a file can rewrite its hash too. A sharded run
-(parallel=fsdp) gathers its model and optimizer state whole to rank 0 first (training/sharding.py): every checkpoint has this one format,
+(parallel=fsdp) gathers its model and optimizer state whole to rank 0 first (training/parallel/sharding.py): every checkpoint has this one format,
 whatever number of processes wrote it or resumes it. A write that fails (disk full, I/O
 error, permissions) raises common.files.WriteFailed after removing its partial files; earlier checkpoints and
 LATEST are untouched.
@@ -30,7 +30,7 @@ from common.files import PendingWrite, guarded_write, remove_quietly, sha256_fil
 from common.safe_load import UnsafeFile, load_torch_data, refuse_code
 from config import ModelConfig
 from models import build_model
-from training.disk import checkpoint_bytes
+from training.run_state.disk import checkpoint_bytes
 
 
 WEIGHTS_FILE, STATE_FILE = "model.safetensors", "state.pt"

@@ -1,6 +1,6 @@
 """One process per run: a lock file in the run directory, taken before anything is written, held for the run's life.
 
-    from training.runlock import acquire, RunLocked
+    from training.run_state.lock import acquire, RunLocked
     with acquire(out_dir) as lock:          # RunLocked (one line: holder's PID, host, start, command) if in use
         ...train...                         # released on exit; a killed holder's lock is taken over next time
 

@@ -1,6 +1,6 @@
 """What a run writes: checkpoint sizes before they exist, and cleaning up after a killed writer.
 
-    from training.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
+    from training.run_state.disk import checkpoint_bytes, peak_checkpoint_bytes, remove_stale_temporaries
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ _ASIDE_PATTERNS = {"checkpoints/.old-*": lambda name: name[len(".old-"):].rsplit
 def remove_stale_temporaries(out_dir: str, log=print) -> int:
     """Delete what killed writers left in out_dir and restore set-aside copies; return the bytes freed.
 
-    Call it only while holding the run's lock (training.runlock): a live writer's temporaries look the same.
+    Call it only while holding the run's lock (training.run_state.lock): a live writer's temporaries look the same.
     """
     import glob
 

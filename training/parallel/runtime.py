@@ -1,5 +1,5 @@
 """Where and how the run executes: device, precision, and data parallelism under torchrun (NCCL on GPU, gloo on CPU):
-DDP (a full replica per process) or FSDP2 (weights, gradients and AdamW sharded: training/sharding.py)."""
+DDP (a full replica per process) or FSDP2 (weights, gradients and AdamW sharded: training/parallel/sharding.py)."""
 from __future__ import annotations
 
 import contextlib

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models import build_model
-from training.runtime import Runtime
+from training.parallel.runtime import Runtime
 
 
 def is_sharded(model: nn.Module) -> bool:
