@@ -16,8 +16,7 @@ from data import generate_stories, split_stories, train_tokenizer
 from data.source import source_record
 from models import build_model
 from tests.conftest import tiny_config
-from tests.test_hf_format import trained_like_moe
-from tests.test_sample import make_run
+from tests.helpers import make_run, trained_like_moe
 from training.scoring import Score, score_stories, story_stream, windows
 from training.settings import build_settings, place
 from transfer import dense_to_moe, scale_bilaterally

@@ -10,7 +10,8 @@ import export_hf
 from data import generate_stories, train_tokenizer
 from models import build_model, generate
 from tests.conftest import tiny_config, tokens_for
-from transfer import dense_to_moe, scale_bilaterally
+from tests.helpers import trained_like_moe
+from transfer import scale_bilaterally
 from transfer.hf_format import UnsupportedModel, export_hf as export, from_hf, to_hf
 
 
@@ -22,17 +23,6 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(generate_stories(300), 300)
-
-
-def trained_like_moe(dense):
-    """An upcycled MoE whose experts and router have moved apart, so routing changes the function."""
-    moe = dense_to_moe(dense, 4, 2)
-    with torch.no_grad():
-        for b in moe.blocks:
-            for p in (b.ffn.gate_proj, b.ffn.up_proj, b.ffn.down_proj):
-                p.add_(torch.randn_like(p) * 0.02)
-            b.ffn.router.weight.mul_(30)
-    return moe
 
 
 def phase_models():

@@ -1,5 +1,4 @@
 """sample.py: streams what the project's sampler generates, for every phase's checkpoint, deterministically."""
-import json
 import os
 
 import pytest
@@ -7,31 +6,13 @@ import torch
 from torch import nn
 
 import sample
-from config import config_to_dict
-from data import generate_stories, save_tokenizer, train_tokenizer
-from data.source import SOURCE_FILE
+from data import generate_stories, train_tokenizer
 from models import build_model, generate
 from tests.conftest import tiny_config
-from training.run_state.checkpoint import save_checkpoint
+from tests.helpers import make_run
 from transfer import dense_to_moe, scale_bilaterally
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def make_run(out_dir, models: dict, tokenizer, settings: dict | None = None, source: dict | None = None) -> str:
-    """A run directory as training leaves one: a checkpoint per {phase: model}, the tokenizer, and optionally
-    settings.json and data_source.json."""
-    out_dir = str(out_dir)
-    for step, (phase, model) in enumerate(models.items(), start=1):
-        meta = dict(phase=phase, step=step, global_step=step, phase_done=True,
-                    model_config=config_to_dict(model.config), settings=settings or {})
-        save_checkpoint(out_dir, model, {}, meta)
-    save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
-    for name, record in (("settings.json", settings), (SOURCE_FILE, source)):
-        if record is not None:
-            with open(os.path.join(out_dir, name), "w") as f:
-                json.dump(record, f)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
