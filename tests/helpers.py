@@ -1,6 +1,7 @@
 """Builders several test files share (conftest.py holds the fixtures); no test module imports another."""
 import json
 import os
+import socket
 
 import torch
 
@@ -36,3 +37,10 @@ def trained_like_moe(dense):
                 p.add_(torch.randn_like(p) * 0.02)
             b.ffn.router.weight.mul_(30)
     return moe
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (torchrun's rendezvous): fixed ports collide with another suite's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
 from training.run_state.checkpoint import latest_checkpoint
 from training.parallel.runtime import process_alive
 
@@ -23,12 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
 RUN = ["--preset", "micro", "--dense_steps=400", "--moe_steps=10", "--grown_steps=10", "--checkpoint_interval=50",
        "--eval_interval=50", "--log_interval=10"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_line(out_dir, *extra: str) -> list[str]:

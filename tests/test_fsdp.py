@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
-PORTS = iter(range(29541, 29560))  # torchrun's rendezvous ports, apart from the DDP test's 29533
 STEPS = 20  # the equality test's optimizer steps
 # fp32 reduction-order noise: FSDP sums the gradient norm's squares shard by shard (and all-reduces), one process
 # parameter by parameter, so the clip coefficient differs in its last bits; Adam carries that through 20 steps.
@@ -28,7 +29,7 @@ EQUAL_REL = 1e-5
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={next(PORTS)}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *args]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -431,7 +432,7 @@ def test_sigkill_of_a_sharded_run_at_random_moments_then_resume_continues_exactl
         args = ["--out-dir", str(out), "--resume"] if kill else [*RUN, "--dataset", prepared, "--out-dir", str(out)]
         before = newest_step(out)
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 f"--master_port={next(PORTS)}", "train_tinystories.py", *args], cwd=ROOT, env=ENV,
+                                 f"--master_port={free_port()}", "train_tinystories.py", *args], cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while newest_step(out) <= before and proc.poll() is None and time.time() < deadline:

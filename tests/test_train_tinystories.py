@@ -9,6 +9,7 @@ import pytest
 
 import train_tinystories
 from data.synthetic import generate_stories
+from tests.helpers import free_port
 from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,7 +165,7 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_run_every_phase(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "train_tinystories.py", "--preset", "micro", "--out-dir", str(tmp_path), "--dense_steps=10",
            "--moe_steps=6", "--grown_steps=6", "--eval_interval=5", "--checkpoint_interval=5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
