@@ -110,7 +110,7 @@ class GrowthConfig:
 class TrainConfig:
     """Per-phase training. Each phase starts a fresh AdamW (moments do not map through growth) with warm-up.
 
-    A pipeline stage named X (training/pipeline.py) trains for X_steps at peak learning rate X_lr.
+    A pipeline stage named X (training/stages.py) trains for X_steps at peak learning rate X_lr.
     """
 
     batch_size: int = 16  # sequences per micro-batch per process; a step sees batch_size x grad_accum_steps x processes
