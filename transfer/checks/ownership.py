@@ -10,6 +10,7 @@ it is read off the model itself, here, and judged by the trainability check.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -97,11 +98,72 @@ def measure_ownership(model: nn.Module) -> Ownership:
             out.frozen.append(name)
         if t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
             out.overlapping.append(name)
-        places.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+        places.setdefault(t.untyped_storage().data_ptr(), []).append((name, t))
     for group in places.values():
-        if len(group) > 1 and frozenset(group) not in declared:
-            out.shared.append(group)
+        for names_sharing in _overlapping_groups(group):
+            if frozenset(names_sharing) not in declared:
+                out.shared.append(names_sharing)
     return out
+
+
+def _elements(t: Tensor) -> Tensor:
+    """The storage elements a tensor view covers, as indices into its storage."""
+    size = t.untyped_storage().nbytes() // t.element_size()
+    return torch.arange(size).as_strided(t.shape, t.stride(), t.storage_offset()).flatten()
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """[first, last] storage element a view can touch."""
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.storage_offset(), last
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Do two views of one storage share an element? Same object: yes; disjoint spans: no; else exactly."""
+    if a is b:
+        return True
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    return bool(torch.isin(_elements(a), _elements(b)).any())
+
+
+def _overlapping_groups(group: list[tuple[str, Tensor]]) -> list[list[str]]:
+    """Names whose views of one storage share elements, grouped; disjoint slices of one tensor (a fused qkv
+    split into q, k, v) own their memory and are fine. The same object counts as overlapping with itself."""
+    if len(group) < 2:
+        return []
+    parent = list(range(len(group)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for a in range(len(group)):
+        for b in range(a + 1, len(group)):
+            if _overlap(group[a][1], group[b][1]):
+                parent[root(b)] = root(a)
+    out: dict[int, list[str]] = {}
+    for i, (name, _) in enumerate(group):
+        out.setdefault(root(i), []).append(name)
+    return [names for names in out.values() if len(names) > 1]
+
+
+def _own_modules(model: nn.Module) -> None:
+    """A module object serving two places (a block reusing its source's q_proj) becomes two modules."""
+    with torch.device("meta"):
+        paths = [n for n, _ in build_model(model.config).named_modules() if n]
+    seen: set[int] = set()
+    for path in paths:  # parents before children: a copied parent brings its own children
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, attr, None)
+        if not isinstance(module, nn.Module):
+            continue
+        if id(module) in seen:
+            module = copy.deepcopy(module)
+            setattr(parent, attr, module)
+        seen.add(id(module))
 
 
 @torch.no_grad()
@@ -109,6 +171,7 @@ def own_tensors(model: nn.Module) -> nn.Module:
     """Give every expected place of `model` (a private copy) its own Parameter holding the same values, keeping
     declared ties: the function is unchanged and every check can measure every place separately."""
     names, ties = expected_parameters(model.config)
+    _own_modules(model)
     tied = {b: a for a, b in ties}
     seen: set[int] = set()
     for name in names:
