@@ -181,3 +181,60 @@ def from_hf(path_or_model) -> nn.Module:
         for key, (_, write) in _mapping(model, set(hf_sd)).items():
             write(hf_sd[key].float())
     return model
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+IGNORED_HF_KEYS = (".rotary_emb.inv_freq",)  # buffers some versions save; recomputed from the config
+
+
+def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers directory: safetensors (one file or shards), else a pickle .bin loaded with
+    torch.load(weights_only=True), which refuses anything but tensors. UnsupportedModel if there is none."""
+    import json
+
+    from safetensors.torch import load_file
+
+    for name in HF_WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            continue
+        if name.endswith(".index.json"):
+            with open(file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+        else:
+            files = [file]
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise UnsupportedModel(f"{path}: no weights ({', '.join(HF_WEIGHT_FILES)})")
+
+
+def load_hf_dir(path: str) -> nn.Module:
+    """The project's model from a transformers directory without instantiating any transformers model class or
+    running its code: config.json through AutoConfig (no remote code), weights through read_hf_weights. Every
+    tensor must find its place and every place its tensor (UnsupportedModel otherwise)."""
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModel(f"{path}: config.json is not a transformers config it can read ({str(e).splitlines()[0][:120]})") from None
+    cfg = _supported(hf_cfg)
+    state = {k: v for k, v in read_hf_weights(path).items() if not k.endswith(IGNORED_HF_KEYS)}
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg)
+    mapping = _mapping(model, set(state))
+    unused = sorted(set(state) - set(mapping))
+    if unused:
+        raise UnsupportedModel(f"{path}: weights the project's {'Mixtral' if cfg.is_moe else 'Llama'} layout has no place "
+                               f"for, e.g. {unused[:3]}")
+    with torch.no_grad():
+        for key, (_, write) in mapping.items():
+            try:
+                write(state[key].float())
+            except RuntimeError as e:
+                raise UnsupportedModel(f"{path}: {key} has shape {tuple(state[key].shape)}, which its config does not "
+                                       f"give ({str(e).splitlines()[0][:100]})") from None
+    return model
