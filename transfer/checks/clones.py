@@ -78,12 +78,13 @@ def group_copies(sig: Tensor, s: int, threshold: float = COPY_DISTANCE) -> Tenso
     return torch.stack(groups, dim=1)  # (s, n)
 
 
-def residual_groups(embed: Tensor, s: int) -> Tensor | None:
+def residual_groups(embed: Tensor, s: int, threshold: float = 1e-6) -> Tensor | None:
     """(s, dim // s) grouping of the residual dimensions: copies are equal embedding columns (the embedding tiles
-    without division), found up to rounding. None when the columns do not come in s equal copies."""
+    without division), within `threshold` relative (default: up to rounding, as right after growth). None when
+    the columns do not come in s such copies."""
     if s == 1:
         return positional(1, embed.shape[1], embed.device)
-    return group_copies(unit_signatures(embed.t(), embed.shape[1]), s, threshold=1e-6)
+    return group_copies(unit_signatures(embed.t(), embed.shape[1]), s, threshold=threshold)
 
 
 def fold(w: Tensor, groups: Tensor) -> Tensor:
@@ -133,7 +134,8 @@ class CloneGroups:
 
     def __init__(self, model, s: int):
         cfg, self.s, self.found = model.config, s, True
-        self.residual = self._or_positional(residual_groups(model.embed.weight, s), cfg.dim)
+        # Copies as far apart as training takes them (COPY_DISTANCE), not only exact ones: divergence reads this.
+        self.residual = self._or_positional(residual_groups(model.embed.weight.detach(), s, COPY_DISTANCE), cfg.dim)
         self.heads, self.kv_heads, self.neurons = [], [], []
         for b in model.blocks:
             a, f = b.attention, b.ffn
