@@ -206,7 +206,11 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
             files = [file]
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True))
+            try:
+                state.update(load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # a pickle with anything but tensors, a truncated or foreign file
+                raise UnsupportedModel(f"{f}: not readable as weights ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
         return state
     raise UnsupportedModel(f"{path}: no weights ({', '.join(HF_WEIGHT_FILES)})")
 
