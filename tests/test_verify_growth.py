@@ -17,7 +17,6 @@ import torch
 import verify_growth
 from conftest import TEXT
 from hf_pairs import build, from_state, hyperclone, llama_config, llama_pro, save, upcycle
-from models import build_model
 from test_verify_growth_mechanics import make_model
 from training.checkpoint import save_checkpoint
 from transfer.simple_growth import dense_to_moe, scale_bilaterally

@@ -84,9 +84,15 @@ def pair_problem(s, b) -> str | None:
     return None
 
 
-def _small_signature(block: nn.Module) -> Tensor:
-    a = block.attention
-    return torch.cat([(w.detach().double().t() @ w.detach().double()).flatten() for w in (a.q_proj.weight, a.k_proj.weight)])
+def _gram_signature(block: nn.Module, groups: Tensor, rows: tuple[int, int]) -> Tensor:
+    """What a block's attention computes on a tiled input, whatever the order of its heads: the Gram matrices of
+    its q and k weights folded over the residual copies, divided by how many times each SMALL row is there
+    (`rows`: q and k rows of the SMALL block), so a widened or relabelled copy reads as its source."""
+    a, parts = block.attention, []
+    for w, n in zip((a.q_proj.weight, a.k_proj.weight), rows):
+        f = fold(w.detach().double(), groups)  # (rows, dim_small)
+        parts.append((f.t() @ f).flatten() * (n / w.shape[0]))
+    return torch.cat(parts)
 
 
 def _norm_distance(big_w: Tensor, small_w: Tensor, index: Tensor) -> float:
@@ -102,19 +108,12 @@ def _is_identity(block: nn.Module) -> bool:
 
 def _distances(small: nn.Module, big: nn.Module, groups: Tensor) -> Tensor:
     """(BIG blocks, SMALL blocks) relative distance of attention signatures plus attention-norm weights."""
-    index = tiling_index(groups)
-    # Each SMALL row appears big_rows / small_rows times among the folded rows (once per head copy): the Gram is
-    # scaled back by that, so a relabelled or widened copy reads 0.
+    index, c = tiling_index(groups), small.config
+    rows = (c.n_heads * c.head_dim, c.kv_heads * c.head_dim)
+    small_sigs = [_gram_signature(b, positional(1, c.dim), rows) for b in small.blocks]
     d = torch.empty(len(big.blocks), len(small.blocks), dtype=torch.float64)
-    small_sigs = [_small_signature(b) for b in small.blocks]
     for j, bb in enumerate(big.blocks):
-        a = bb.attention
-        parts = []
-        for w, ws in ((a.q_proj.weight, small.blocks[0].attention.q_proj.weight),
-                      (a.k_proj.weight, small.blocks[0].attention.k_proj.weight)):
-            f = fold(w.detach().double(), groups)
-            parts.append((f.t() @ f).flatten() * (ws.shape[0] / w.shape[0]))
-        sig = torch.cat(parts)
+        sig = _gram_signature(bb, groups, rows)
         for i, sb in enumerate(small.blocks):
             ref = small_sigs[i]
             d[j, i] = ((sig - ref).norm() / ref.norm().clamp(min=1e-300)).item() + _norm_distance(

@@ -160,14 +160,12 @@ class CloneGroups:
         return self._or_positional(group_copies(unit_signatures(folded, n_units), self.s), n_units)
 
     def layout(self) -> str:
-        """How the copies are laid out, in words: residual, heads and neurons."""
-        neurons = self.neurons[0][0] if self.neurons and isinstance(self.neurons[0], list) else (
-            self.neurons[0] if self.neurons else None)
+        """How the copies are laid out, in words: residual, then the first block's heads and (first expert's)
+        neurons."""
         parts = [f"residual {describe_grouping(self.residual)}"]
         if self.heads:
-            parts.append(f"heads {describe_grouping(self.heads[0])}")
-        if neurons is not None:
-            parts.append(f"FFN neurons {describe_grouping(neurons)}")
+            first = self.neurons[0][0] if isinstance(self.neurons[0], list) else self.neurons[0]
+            parts += [f"heads {describe_grouping(self.heads[0])}", f"FFN neurons {describe_grouping(first)}"]
         return "; ".join(parts)
 
 

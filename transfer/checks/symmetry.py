@@ -71,7 +71,7 @@ def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int,
     if s > 1:
         groups = CloneGroups(model, s)
         stats.grouping = groups.layout() if groups.found else "positional (copies not found by their weights)"
-        waiting = _blocks_without_gradient(model, gradients.grads, later or {})
+        waiting = _blocks_without_gradient(model, gradients.grads, later or {})  # none without later gradients
         for label, g in _clone_families(model, gradients.grads, s, groups,
                                         [j for j in range(model.config.n_layers) if j not in waiting]):
             rel, zero = _relative_differences(g)
@@ -99,20 +99,13 @@ def _family_parameters(model: nn.Module, j: int) -> list[str]:
     return [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"] + [f"blocks.{j}.ffn.gate_proj{suffix}"]
 
 
-def _blocks_without_gradient(model: nn.Module, grads: dict[str, Tensor], later: dict[str, Tensor]) -> list[int]:
-    """Blocks whose cloned-unit weights all got exactly zero gradient at step 1 and have a later gradient."""
+def _blocks_without_gradient(model: nn.Module, grads: dict[str, Tensor],
+                             later: dict[str, Tensor] | None = None) -> list[int]:
+    """Blocks whose cloned-unit weights all got exactly zero gradient at step 1 (and, given `later`, have a
+    later gradient there)."""
     return [j for j in range(model.config.n_layers)
             if all(not bool(grads[n].any()) for n in _family_parameters(model, j))
-            and all(n in later for n in _family_parameters(model, j))]
-
-
-def compared_parameters(model: nn.Module) -> list[str]:
-    """Names of the weights whose gradients the symmetry check reads."""
-    names = ["embed.weight"]
-    for j in range(model.config.n_layers):
-        names += [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"]
-        names.append(f"blocks.{j}.ffn.gate_proj" + ("" if model.config.is_moe else ".weight"))
-    return names
+            and (later is None or all(n in later for n in _family_parameters(model, j)))]
 
 
 def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: CloneGroups,
@@ -264,9 +257,8 @@ def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: 
     model, tc = copy_model(new_model, dtype), train_config or TrainConfig()
     tokens = tokens[:max_sequences].to(next(model.parameters()).device)
     grads = objective_gradients(model, tokens, tc, block_io=True)
-    later = None
-    if _blocks_without_gradient(model, grads.grads, {n: grads.grads[n] for n in compared_parameters(model)}):
-        later = measure_trainability(model, tokens, tc, first=grads).later_grads
+    later = measure_trainability(model, tokens, tc, first=grads).later_grads if _blocks_without_gradient(
+        model, grads.grads) else None
     return symmetry_result(model, grads, s, limits, later)
 
 
