@@ -121,7 +121,8 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
             break
         local = _local_blocks(waiting, first)
         if local is not None and inputs is None:  # each block's input after every weight took its first step
-            inputs = _stepped_inputs(model, tokens, {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items()})
+            stepped = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items()}
+            inputs = _stepped_inputs(model, tokens, stepped, max(local))
         moved = [n for n in values if local is None or n.startswith(tuple(f"blocks.{j}." for j in local))]
         values = values | {n: _adamw_first_step(values[n], latest[n], lr, tc) for n in moved}
         if local is None:
@@ -170,13 +171,19 @@ def _reached_ownership(ownership: Ownership | None, judged: dict[str, Tensor]) -
     return Ownership(frozen, ownership.shared, ownership.not_parameters, ownership.overlapping, ownership.weights)
 
 
-def _stepped_inputs(model: nn.Module, tokens: Tensor, values: dict[str, Tensor]) -> list[Tensor]:
-    """Every block's input hidden state with all weights at `values` (one forward, no gradient): after the first
-    step the residual stream is no longer exactly tiled, which is what lets noisy clones in an inserted block
-    (equal on tiled input) tell themselves apart, while pure clones stay equal on any input."""
+def _stepped_inputs(model: nn.Module, tokens: Tensor, values: dict[str, Tensor], last: int) -> list[Tensor]:
+    """Each block's input hidden state (up to block `last`) with all weights at `values`: blocks only, no LM
+    head, no gradient. After the first step the residual stream is no longer exactly tiled, which is what lets
+    noisy clones in an inserted block (equal on tiled input) tell themselves apart; pure clones stay equal on
+    any input."""
+    x, inputs = values["embed.weight"][tokens[:, :-1]], []
     with torch.no_grad():
-        out = functional_call(model, values, (tokens[:, :-1],), {"return_details": True})
-    return out.hidden_states[:-1]
+        for j, block in enumerate(model.blocks[:last + 1]):
+            inputs.append(x)
+            prefix = f"blocks.{j}."
+            local = {n[len(prefix):]: v for n, v in values.items() if n.startswith(prefix)}
+            x, _ = functional_call(block, local, (x, model.rope_cos, model.rope_sin))
+    return inputs
 
 
 def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | None:
