@@ -153,8 +153,12 @@ class CloneGroups:
             return positional(self.s, n // self.s)
         return groups
 
-    def _rows(self, w: Tensor, n_units: int) -> Tensor:
-        """Group n_units row blocks of w (inputs in the residual layout, possibly several concatenated)."""
+    def _rows(self, w: Tensor, n_units: int) -> Tensor | None:
+        """Group n_units row blocks of w (inputs in the residual layout, possibly several concatenated); None when
+        n_units is no multiple of s (heads not grown with the width: the RoPE check reports it)."""
+        if n_units % self.s:
+            self.found = False
+            return None
         D = self.residual.numel()
         folded = torch.cat([fold(part, self.residual) for part in w.detach().split(D, dim=-1)], dim=-1)
         return self._or_positional(group_copies(unit_signatures(folded, n_units), self.s), n_units)
@@ -165,7 +169,8 @@ class CloneGroups:
         parts = [f"residual {describe_grouping(self.residual)}"]
         if self.heads:
             first = self.neurons[0][0] if isinstance(self.neurons[0], list) else self.neurons[0]
-            parts += [f"heads {describe_grouping(self.heads[0])}", f"FFN neurons {describe_grouping(first)}"]
+            for name, g in (("heads", self.heads[0]), ("FFN neurons", first)):
+                parts.append(f"{name} {describe_grouping(g) if g is not None else 'not a multiple of the width factor'}")
         return "; ".join(parts)
 
 

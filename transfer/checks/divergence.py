@@ -104,6 +104,8 @@ def _families(model: nn.Module, s: int) -> dict[str, list[Tensor]]:
     fam: dict[str, list[Tensor]] = {k: [] for k in KINDS + RAW_KINDS}
     for j, b in enumerate(model.blocks):
         a, f = b.attention, b.ffn
+        if g.heads[j] is None or g.neurons[j] is None or (cfg.is_moe and None in g.neurons[j]):
+            continue  # heads or neurons not multiplied by s: nothing was cloned there
         qkv = [(a.q_proj.weight, g.heads[j])] + ([(a.k_proj.weight, g.kv_heads[j]), (a.v_proj.weight, g.kv_heads[j])]
                                                  if g.kv_heads[j] is not None else [])
         fam["attention_heads"] += [by_groups(_fold_units(w, res), h) for w, h in qkv]
