@@ -99,11 +99,12 @@ def _block_attention(pair: ModelPair, j: int, src: int, x_old: Tensor, off_diag:
     normed_new = nb.attention_norm(pair.tile(x_old))
     p_old = ob.attention.attention_probs(normed_old, pair.old.rope_cos, pair.old.rope_sin)
     p_new = nb.attention.attention_probs(normed_new, pair.new.rope_cos, pair.new.rope_sin)
-    H = p_old.shape[1]
+    B, H, T, _ = p_old.shape
     match = torch.arange(p_new.shape[1], device=p_new.device) % H  # new head i copies old head i % H
-    drift, drift_far = _head_drifts(p_new, p_old, match, off_diag), _head_drifts(p_new, p_old, match, far)
-    b = BlockAttention(j, block_label(pair.layout, j), drift.max().item(), drift_far.max().item(),
+    diff = (p_new.view(B, pair.s, H, T, T) - p_old.unsqueeze(1)).abs()  # by position: a view, no gathered copy
+    b = BlockAttention(j, block_label(pair.layout, j), diff[..., off_diag].max().item(), diff[..., far].max().item(),
                        relative_drift(normed_new, pair.tile(normed_old)))
+    del diff
     if b.drift > resolution:
         best = _best_match(p_new, p_old, off_diag, pair.s)
         if best is not None and not torch.equal(best, match):
