@@ -1,5 +1,6 @@
-"""Growth operators (simple_growth) and the checks that verify them (checks/, also importable from
-verify_growth_mechanics)."""
+"""Growth operators (simple_growth), the checks that verify them (checks/, also importable from
+verify_growth_mechanics), how a pair grown elsewhere maps onto them (pair_mapping, used by verify_growth.py) and
+Hugging Face interop (hf_format)."""
 from transfer.simple_growth import dense_to_moe, grown_config, hyperclone_weight, layer_sources, scale_bilaterally
 from transfer.checks import (
     CheckResult,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from common.files import SAFETENSORS_PER_TENSOR, guarded_write, unique_tensors
-from common.safe_load import load_weights, refuse_code
+from common.safe_load import UnsafeFile, load_weights, refuse_code
 from config import ModelConfig
 from models import build_model
 
@@ -167,18 +167,25 @@ def _supported(c) -> ModelConfig:
 
 
 def read_hf_config(path: str) -> ModelConfig:
-    """The ModelConfig of a transformers directory, from its config.json alone (UnsupportedModel if it cannot be)."""
+    """The ModelConfig of a transformers directory, from its config.json alone (no remote code); UnsupportedModel
+    if it cannot be read or represented."""
     from transformers import AutoConfig
 
-    return _supported(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModel(f"{path}: config.json is not a transformers config it can read "
+                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    return _supported(hf_cfg)
 
 
 # Where save_pretrained puts the weights: one file, or shards listed in an index (weight_map: key -> file).
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+IGNORED_HF_KEYS = (".rotary_emb.inv_freq",)  # buffers some versions save; recomputed from the config
 
 
 def weight_files(path: str) -> list[str]:
-    """The files holding a transformers directory's weights, safetensors preferred; OSError naming what is missing."""
+    """The files holding a transformers directory's weights, safetensors preferred; UnsupportedModel if none."""
     for name in _WEIGHT_FILES:
         if os.path.isfile(os.path.join(path, name)):
             return [os.path.join(path, name)]
@@ -187,7 +194,8 @@ def weight_files(path: str) -> list[str]:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [os.path.join(path, shard) for shard in shards]
-    raise OSError(f"{path}: no weights there (model.safetensors, pytorch_model.bin or a sharded index of either)")
+    raise UnsupportedModel(f"{path}: no weights there (model.safetensors, pytorch_model.bin or a sharded index of "
+                           "either)")
 
 
 def refuse_code_in_weights(path: str) -> None:
@@ -198,27 +206,42 @@ def refuse_code_in_weights(path: str) -> None:
 
 
 def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a transformers directory by its key; a pickle .bin that holds code raises UnsafeFile."""
+    """Every tensor of a transformers directory by its key: safetensors, or a pickle .bin scanned and loaded
+    weights-only (UnsafeFile if it holds code); UnsupportedModel for a file that is not weights at all."""
     weights: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
-        weights.update(load_weights(file))
+        try:
+            weights.update(load_weights(file))
+        except UnsafeFile:
+            raise
+        except Exception as e:  # a truncated or foreign file: safetensors' and zip's errors differ by version
+            raise UnsupportedModel(f"{file}: not readable as weights ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return weights
 
 
 def from_hf(path_or_model) -> nn.Module:
-    """The project's model from a transformers directory (or loaded model), weights copied exactly."""
+    """The project's model from a transformers directory (or loaded model), weights copied exactly. A directory is
+    read as data: no transformers model class is instantiated and no code it names runs. Every tensor must find
+    its place and every place its tensor, at its shape (UnsupportedModel otherwise)."""
     if isinstance(path_or_model, (str, os.PathLike)):
-        cfg, hf_sd = read_hf_config(str(path_or_model)), read_hf_weights(str(path_or_model))
+        where = str(path_or_model)
+        cfg, hf_sd = read_hf_config(where), read_hf_weights(where)
     else:
-        cfg, hf_sd = _supported(path_or_model.config), path_or_model.state_dict()
+        where, cfg, hf_sd = "the transformers model", _supported(path_or_model.config), path_or_model.state_dict()
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(IGNORED_HF_KEYS)}
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg)
     mapping = _mapping(model, set(hf_sd))
-    unused = sorted(k for k in set(hf_sd) - set(mapping) if not k.endswith("rotary_emb.inv_freq"))
+    unused = sorted(set(hf_sd) - set(mapping))
     if unused:  # e.g. biases the config does not declare: dropping them would change the function
-        raise UnsupportedModel(f"the weights hold {len(unused)} tensors a {'Mixtral' if cfg.is_moe else 'Llama'} "
+        raise UnsupportedModel(f"{where}: the weights hold {len(unused)} tensors a {'Mixtral' if cfg.is_moe else 'Llama'} "
                                f"model of its config has no place for ({', '.join(unused[:3])})")
     with torch.no_grad():
         for key, (_, write) in mapping.items():
-            write(hf_sd[key].float())
+            try:
+                write(hf_sd[key].float())
+            except RuntimeError as e:
+                raise UnsupportedModel(f"{where}: {key} has shape {tuple(hf_sd[key].shape)}, which its config does "
+                                       f"not give ({str(e).splitlines()[0][:100]})") from None
     return model

@@ -590,3 +590,22 @@ def dump_dom(html_path: str, timeout: float = 120) -> str:
         tail = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise RuntimeError(f"Chromium could not load {html_path} (exit code {done.returncode}): {tail}")
     return done.stdout
+
+
+# --------------------------------------------------------------------------------- a pair grown elsewhere
+def render_pair_report(small: str, big: str, mapping: str, tokens_note: str, records: dict[str, dict],
+                       passed: bool) -> str:
+    """The page for one (SMALL, BIG) pair judged by verify_growth.py: the inferred mapping and every check's
+    record (CheckResult.to_record), in the same table the run report uses."""
+    rows = [_check_row(k, v) for k, v in records.items()]
+    title = f"Growth verification: {os.path.basename(os.path.abspath(big))} from {os.path.basename(os.path.abspath(small))}"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{esc(title)} — {verdict(passed)}</h1>"
+            f'<p class="small">SMALL {esc(os.path.abspath(small))}<br>BIG {esc(os.path.abspath(big))}<br>'
+            f"{esc(tokens_note)}</p>"
+            f'<h2>Mapping</h2><pre class="story">{esc(mapping)}</pre>'
+            f"<h2>Checks</h2>{table(['check', 'quantity', 'measured', 'limit', 'verdict', 'fix'], rows, {2, 3})}"
+            f"\n</body></html>\n")
+

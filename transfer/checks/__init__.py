@@ -6,6 +6,8 @@
     divergence     clone divergence through phase 3 (measure per eval, judge the history)
     pair, objective, results, labels                   the float64 pair, the training objective's gradient,
                                                        CheckResult / GrowthReport / fix texts, place names
+    clones         which units are copies, found by what they compute (tiled, interleaved or relabelled)
+    ownership      weights the optimizer cannot move (frozen, shared, not parameters), read off the model
 """
 from transfer.checks.divergence import DivergenceLimits, judge_clone_divergence, measure_clone_divergence
 from transfer.checks.functional import FunctionalLimits, check_functional_equivalence

@@ -7,8 +7,9 @@ record; the judge reads the list of records.
     verdict = judge_clone_divergence(history_of_records)           # CheckResult; passed=False is a warning
 
 Distance of one pair of copies (a, b) of one unit: ||w_a - w_b|| / mean(||w_a||, ||w_b||), scale-free; a kind's
-figure is the median over every unit and every pair of copies (copy c of unit u is unit u + n*c, n the old
-count). Units whose copies are both zero (an inserted block's o_proj at growth) are skipped.
+figure is the median over every unit and every pair of copies. Which units are copies is found by what they
+compute (transfer.checks.clones: the project's copy c of unit u is unit u + n*c, other tools interleave or
+relabel). Units whose copies are both zero (an inserted block's o_proj at growth) are skipped.
 
 What is compared is what the copies compute: a row's weights summed over its s input copies, i.e. the weight
 it applies to a tiled input [x; x; ...]. The symmetry-breaking noise sums to zero there, so every kind starts
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from transfer.checks.clones import CloneGroups, by_groups
 from transfer.checks.results import FIX_SYMMETRY, CheckResult
 
 KINDS = ("attention_heads", "ffn_neurons", "residual")
@@ -81,48 +83,51 @@ def _pair_distances(w: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def _by_copy(w: Tensor, s: int) -> Tensor:
-    """(s*n, ...) -> (s, n, ...): row u + n*c is copy c of unit u."""
-    return w.reshape(s, w.shape[0] // s, *w.shape[1:])
-
-
-def _expert_rows(w: Tensor, s: int) -> Tensor:
-    """(E, s*F, D) -> (s, E*F, D): row i of expert e and its copies."""
-    E, F_, D = w.shape
-    return w.reshape(E, s, F_ // s, D).transpose(0, 1).reshape(s, E * (F_ // s), D)
-
-
-def _fold(w: Tensor, s: int) -> Tensor:
-    """Sum the s input copies of the last dimension: the weight a row applies to a tiled input [x; x; ...]."""
+def _fold_units(w: Tensor, groups: Tensor) -> Tensor:
+    """w (..., N * r) whose last dimension holds N input units of r entries (heads, neurons, residual dims), summed
+    over the s copies of each: (..., n * r), the weight applied to an input that is tiled in this grouping."""
     w = w.to(torch.promote_types(w.dtype, torch.float32))  # a bf16 sum would round away small differences
-    return w.reshape(*w.shape[:-1], s, w.shape[-1] // s).sum(-2)
+    x = w.reshape(*w.shape[:-1], groups.numel(), -1)[..., groups, :].sum(-3)
+    return x.flatten(-2)
+
+
+def _expert_units(w: Tensor, groups: list[Tensor]) -> Tensor:
+    """(E, s*F, ...) -> (s, E*F, ...): row i of expert e and its copies (each expert's own grouping)."""
+    return torch.cat([by_groups(w[e], groups[e]) for e in range(len(w))], dim=1)
 
 
 def _families(model: nn.Module, s: int) -> dict[str, list[Tensor]]:
-    """Per kind, tensors (s, units, ...) whose copies are compared; *_raw kinds keep the function-invisible noise."""
-    cfg = model.config
+    """Per kind, tensors (s, units, ...) whose copies are compared; *_raw kinds keep the function-invisible noise.
+    The copies are found by what they compute (clones.CloneGroups): tiled, interleaved or relabelled alike."""
+    cfg, g = model.config, CloneGroups(model, s)
+    res = g.residual
     fam: dict[str, list[Tensor]] = {k: [] for k in KINDS + RAW_KINDS}
-    for b in model.blocks:
+    for j, b in enumerate(model.blocks):
         a, f = b.attention, b.ffn
-        qkv = [a.q_proj.weight] + ([a.k_proj.weight, a.v_proj.weight] if cfg.kv_heads % s == 0 else [])
-        fam["attention_heads"] += [_by_copy(_fold(w, s), s) for w in qkv]
-        fam["attention_heads_raw"] += [_by_copy(w, s) for w in qkv] + [_by_copy(a.o_proj.weight.t(), s)]
-        fam["residual"].append(_by_copy(_fold(a.o_proj.weight, s), s))  # what each residual copy is written
+        if g.heads[j] is None or g.neurons[j] is None or (cfg.is_moe and None in g.neurons[j]):
+            continue  # heads or neurons not multiplied by s: nothing was cloned there
+        qkv = [(a.q_proj.weight, g.heads[j])] + ([(a.k_proj.weight, g.kv_heads[j]), (a.v_proj.weight, g.kv_heads[j])]
+                                                 if g.kv_heads[j] is not None else [])
+        fam["attention_heads"] += [by_groups(_fold_units(w, res), h) for w, h in qkv]
+        fam["attention_heads_raw"] += [by_groups(w, h) for w, h in qkv] + [by_groups(a.o_proj.weight.t(), g.heads[j])]
+        fam["residual"].append(by_groups(_fold_units(a.o_proj.weight, g.heads[j]), res))  # what each copy is written
         if cfg.is_moe:
-            reads, down = [f.gate_proj, f.up_proj], f.down_proj
-            fam["ffn_neurons"] += [_expert_rows(_fold(w, s), s) for w in reads]
-            fam["ffn_neurons_raw"] += [_expert_rows(w, s) for w in reads] + [_expert_rows(down.transpose(1, 2), s)]
-            fam["residual"] += [_expert_rows(_fold(down, s), s), _by_copy(f.router.weight.t(), s)]
+            reads, down, n = [f.gate_proj, f.up_proj], f.down_proj, g.neurons[j]
+            fam["ffn_neurons"] += [_expert_units(torch.stack([_fold_units(w[e], res) for e in range(len(w))]), n)
+                                   for w in reads]
+            fam["ffn_neurons_raw"] += [_expert_units(w, n) for w in reads] + [_expert_units(down.transpose(1, 2), n)]
+            folded_down = torch.stack([_fold_units(down[e], n[e]) for e in range(len(down))])  # (E, D, F)
+            fam["residual"] += [_expert_units(folded_down, [res] * len(down)), by_groups(f.router.weight.t(), res)]
         else:
-            reads, down = [f.gate_proj.weight, f.up_proj.weight], f.down_proj.weight
-            fam["ffn_neurons"] += [_by_copy(_fold(w, s), s) for w in reads]
-            fam["ffn_neurons_raw"] += [_by_copy(w, s) for w in reads] + [_by_copy(down.t(), s)]
-            fam["residual"].append(_by_copy(_fold(down, s), s))
-    fam["residual"].append(_by_copy(model.embed.weight.t(), s))
+            reads, down, n = [f.gate_proj.weight, f.up_proj.weight], f.down_proj.weight, g.neurons[j]
+            fam["ffn_neurons"] += [by_groups(_fold_units(w, res), n) for w in reads]
+            fam["ffn_neurons_raw"] += [by_groups(w, n) for w in reads] + [by_groups(down.t(), n)]
+            fam["residual"].append(by_groups(_fold_units(down, n), res))
+    fam["residual"].append(by_groups(model.embed.weight.t(), res))
     if model.lm_head.weight is not model.embed.weight:
-        fam["residual"].append(_by_copy(model.lm_head.weight.t(), s))
+        fam["residual"].append(by_groups(model.lm_head.weight.t(), res))
     norms = [b.attention_norm.weight for b in model.blocks] + [b.ffn_norm.weight for b in model.blocks] + [model.norm.weight]
-    fam["residual"].append(_by_copy(torch.stack(norms, dim=1), s))  # (D, n_norms): one vector per residual dim
+    fam["residual"].append(by_groups(torch.stack(norms, dim=1), res))  # (D, n_norms): one vector per residual dim
     return fam
 
 

@@ -8,6 +8,8 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from transfer.checks.clones import positional, residual_map, tiling_index
+from transfer.checks.ownership import measure_ownership, own_tensors
 from transfer.checks.results import FIX_PAIR, CheckResult
 from transfer.simple_growth import layer_sources
 
@@ -54,8 +56,9 @@ def config_changes(oc, nc) -> list[str]:
 
 
 def copy_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A detached copy in `dtype` and eval mode, without .grad: the caller's model is never touched."""
-    clone = copy.deepcopy(model).to(dtype)
+    """A detached copy in `dtype` and eval mode, without .grad, every place owning its own Parameter
+    (ownership.own_tensors: shared or frozen weights are judged on the caller's model, measure_ownership)."""
+    clone = own_tensors(copy.deepcopy(model)).to(dtype)
     for p in clone.parameters():
         p.grad = None
     return clone.eval()
@@ -74,16 +77,24 @@ class ModelPair:
     requires_grad, so no check leaves anything behind for the next one.
     """
 
-    def __init__(self, old: nn.Module, new: nn.Module, tokens: Tensor | None, dtype: torch.dtype):
+    def __init__(self, old: nn.Module, new: nn.Module, tokens: Tensor | None, dtype: torch.dtype,
+                 layout: list[tuple[int, bool]] | None = None):
         self.oc, self.nc = old.config, new.config
         if tokens is not None and tokens.shape[1] > self.oc.max_seq_len:
             raise ValueError(f"tokens have {tokens.shape[1]} positions; the old model's max_seq_len is "
                              f"{self.oc.max_seq_len}: pass at most that many")
         assert pair_problem(self.oc, self.nc) is None, "reject an invalid pair with rejected_pair first"
+        self.ownership = measure_ownership(new)  # on the caller's model: the copies own every tensor
         self.old, self.new = copy_model(old, dtype), copy_model(new, dtype)
         self.tokens = None if tokens is None else tokens.to(next(self.new.parameters()).device)
         self.s = self.nc.dim // self.oc.dim
-        self.layout = layer_sources(self.oc.n_layers, self.nc.n_layers - self.oc.n_layers)
+        self.layout = layout or layer_sources(self.oc.n_layers, self.nc.n_layers - self.oc.n_layers)
+        # Which new residual dimensions copy which old one: the project tiles, other tools may interleave.
+        found = residual_map(self.old.embed.weight, self.new.embed.weight, self.s)
+        self.residual_found = found is not None
+        self.residual = found if found is not None else positional(self.s, self.oc.dim)
+        self._index = tiling_index(self.residual).to(self.new.embed.weight.device)
+        self._tiled = torch.equal(self.residual, positional(self.s, self.oc.dim))
         self.config_changes = config_changes(self.oc, self.nc)
         self._outputs = None
 
@@ -95,5 +106,6 @@ class ModelPair:
         return self._outputs
 
     def tile(self, x: Tensor) -> Tensor:
-        """[x; x; ...] along the last dimension: the grown model's view of an old hidden vector."""
-        return x.repeat(*([1] * (x.dim() - 1)), self.s)
+        """[x; x; ...] along the last dimension (in the new model's residual layout): the grown model's view of an
+        old hidden vector."""
+        return x.repeat(*([1] * (x.dim() - 1)), self.s) if self._tiled else x[..., self._index]

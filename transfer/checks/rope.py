@@ -15,6 +15,9 @@ from transfer.checks.results import FIX_FUNCTIONAL, FIX_ROPE, CheckResult, norm_
 NAME = "RoPE integrity"
 QUANTITY = "max drift of cloned heads' attention probabilities and of the RoPE tables"  # limit: <= tolerance
 QUANTITY_CONFIG = "RoPE config fields changed (head_dim, head counts, theta)"  # limit: 0
+QUANTITY_RELABEL = "max relative drift of relabelled heads' outputs and o_proj writes"  # limit: <= tolerance
+FIX_RELABEL = ("relabel each head's q, k and v rows and its o_proj columns together (kv heads with their query "
+               "groups): one permutation for all four")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class BlockAttention:
     drift: float  # max |p_new - p_old| at off-diagonal positions, over every copy of every head
     drift_far: float  # the same over queries t >= T // 2 (long range)
     input_drift: float  # relative drift of attention_norm(tile(x)) against tile(attention_norm_old(x))
+    relabelling: list[int] | None = None  # new head i copies old head relabelling[i] (found by attention, not position)
+    output_drift: float | None = None  # with a relabelling: drift of the heads' outputs and o_proj writes (consistency)
 
 
 @dataclass
@@ -60,9 +65,10 @@ class RopeStats:
         return problems
 
 
-def measure_rope(pair: ModelPair) -> RopeStats:
+def measure_rope(pair: ModelPair, resolution: float = 1e-5) -> RopeStats:
     """Config and tables, then (if the config is right) every original block's attention probabilities on the
-    old model's real hidden state: old block on x, new block on tile(x), head j + H*c against old head j."""
+    old model's real hidden state: old block on x, new block on tile(x), head j + H*c against old head j, or,
+    where that drifts beyond `resolution`, each new head against the old head it attends like."""
     oc, nc = pair.oc, pair.nc
     stats = RopeStats(pair.s, (oc.n_heads, oc.kv_heads, oc.head_dim), (nc.n_heads, nc.kv_heads, nc.head_dim),
                       oc.rope_theta, nc.rope_theta, pair.config_changes)
@@ -80,20 +86,62 @@ def measure_rope(pair: ModelPair) -> RopeStats:
         for j, (src, inserted) in enumerate(pair.layout):
             if inserted:  # its input is another block's output: nothing in the old model to compare with
                 continue
-            stats.blocks.append(_block_attention(pair, j, src, old_out.hidden_states[src], off_diag, far))
+            stats.blocks.append(_block_attention(pair, j, src, old_out.hidden_states[src], off_diag, far, resolution))
     return stats
 
 
-def _block_attention(pair: ModelPair, j: int, src: int, x_old: Tensor, off_diag: Tensor, far: Tensor) -> BlockAttention:
+def _block_attention(pair: ModelPair, j: int, src: int, x_old: Tensor, off_diag: Tensor, far: Tensor,
+                     resolution: float) -> BlockAttention:
+    """Cloned heads against their source heads: by position (head j + H*c) first; where that drifts beyond
+    `resolution`, by what each head computes (its attention probabilities), so relabelled heads match."""
     ob, nb = pair.old.blocks[src], pair.new.blocks[j]
     normed_old = ob.attention_norm(x_old)
     normed_new = nb.attention_norm(pair.tile(x_old))
     p_old = ob.attention.attention_probs(normed_old, pair.old.rope_cos, pair.old.rope_sin)
     p_new = nb.attention.attention_probs(normed_new, pair.new.rope_cos, pair.new.rope_sin)
     B, H, T, _ = p_old.shape
-    diff = (p_new.view(B, pair.s, H, T, T) - p_old.unsqueeze(1)).abs()  # head j + H*c vs old head j
-    return BlockAttention(j, block_label(pair.layout, j), diff[..., off_diag].max().item(),
-                          diff[..., far].max().item(), relative_drift(normed_new, pair.tile(normed_old)))
+    match = torch.arange(p_new.shape[1], device=p_new.device) % H  # new head i copies old head i % H
+    diff = (p_new.view(B, pair.s, H, T, T) - p_old.unsqueeze(1)).abs()  # by position: a view, no gathered copy
+    b = BlockAttention(j, block_label(pair.layout, j), diff[..., off_diag].max().item(), diff[..., far].max().item(),
+                       relative_drift(normed_new, pair.tile(normed_old)))
+    del diff
+    if b.drift > resolution:
+        best = _best_match(p_new, p_old, off_diag, pair.s)
+        if best is not None and not torch.equal(best, match):
+            b.drift, b.drift_far = (_head_drifts(p_new, p_old, best, m).max().item() for m in (off_diag, far))
+            b.relabelling = best.tolist()
+            b.output_drift = _relabelled_output_drift(pair, ob, nb, normed_old, normed_new, p_old, p_new, best)
+    return b
+
+
+def _head_drifts(p_new: Tensor, p_old: Tensor, match: Tensor, mask: Tensor) -> Tensor:
+    """(new heads,) max |p_new_i - p_old_match[i]| over the masked (query, key) positions."""
+    return (p_new - p_old[:, match]).abs()[..., mask].amax(dim=(0, 2))
+
+
+def _best_match(p_new: Tensor, p_old: Tensor, mask: Tensor, s: int) -> Tensor | None:
+    """The old head each new head attends like (closest probabilities), if every old head gets exactly s copies."""
+    H = p_old.shape[1]
+    d = torch.stack([(p_new - p_old[:, m:m + 1]).abs()[..., mask].amax(dim=(0, 2)) for m in range(H)], dim=1)
+    best = d.argmin(dim=1)  # (new heads,)
+    return best if torch.equal(torch.bincount(best, minlength=H), torch.full((H,), s, device=best.device)) else None
+
+
+def _relabelled_output_drift(pair: ModelPair, ob, nb, normed_old: Tensor, normed_new: Tensor, p_old: Tensor,
+                             p_new: Tensor, match: Tensor) -> float:
+    """A relabelling is consistent when each relabelled head also reads its source head's values and its copies'
+    o_proj columns write what the source head wrote (tiled): the largest relative drift of either."""
+    hd = pair.oc.head_dim
+    _, _, v_old = ob.attention.qkv(normed_old, pair.old.rope_cos, pair.old.rope_sin)
+    _, _, v_new = nb.attention.qkv(normed_new, pair.new.rope_cos, pair.new.rope_sin)
+    y_old, y_new = p_old @ v_old, p_new @ v_new  # (B, heads, T, hd)
+    worst = relative_drift(y_new, y_old[:, match])
+    w_old, w_new = ob.attention.o_proj.weight, nb.attention.o_proj.weight
+    for m in range(p_old.shape[1]):
+        copies = (match == m).nonzero().flatten().tolist()
+        wrote = sum(y_new[:, i] @ w_new[:, i * hd:(i + 1) * hd].t() for i in copies)  # (B, T, D_new)
+        worst = max(worst, relative_drift(wrote, pair.tile(y_old[:, m] @ w_old[:, m * hd:(m + 1) * hd].t())))
+    return worst
 
 
 def judge_rope(stats: RopeStats, limits: RopeLimits = RopeLimits()) -> CheckResult:
@@ -110,16 +158,26 @@ def judge_rope(stats: RopeStats, limits: RopeLimits = RopeLimits()) -> CheckResu
     headline = dict(quantity=QUANTITY, value=max(stats.table_drift, worst.drift if worst else 0.0), limit=tol)
     metrics.update(rope_table_drift=stats.table_drift, max_attention_prob_drift=worst.drift if worst else 0.0,
                    max_attention_prob_drift_far=worst_far, seq_len=stats.seq_len,
-                   max_input_drift=max((b.input_drift for b in stats.blocks), default=0.0))
+                   max_input_drift=max((b.input_drift for b in stats.blocks), default=0.0),
+                   head_relabelling={b.label: b.relabelling for b in stats.blocks if b.relabelling})
     if stats.table_drift > tol:
         msg = f"RoPE cos/sin tables differ by {stats.table_drift:.2e} (limit {tol:.0e})."
         return CheckResult(NAME, False, f"{msg} Fix: {FIX_ROPE}.", metrics, FIX_ROPE, **headline)
     failing = [b for b in stats.blocks if b.drift > tol]
+    inconsistent = [b for b in stats.blocks if b.drift <= tol and b.output_drift is not None and b.output_drift > tol]
+    if not failing and inconsistent:
+        b = inconsistent[0]
+        msg = (f"cloned heads in {b.label} attend like old heads {b.relabelling} (relabelled), but their values and "
+               f"o_proj columns were not relabelled with them: head outputs and writes drift by {b.output_drift:.2e} "
+               f"relative (limit {tol:.0e}).")
+        return CheckResult(NAME, False, f"{msg} Fix: {FIX_RELABEL}.", metrics, FIX_RELABEL, quantity=QUANTITY_RELABEL,
+                           value=b.output_drift, limit=tol)
     if not failing:
         drift = worst.drift if worst else 0.0
         return CheckResult(NAME, True, f"head_dim {stats.new_heads[2]} kept, heads {stats.old_heads[0]}->"
                            f"{stats.new_heads[0]}, theta {stats.new_theta:g}; attention probabilities of cloned heads "
-                           f"match over {stats.seq_len} positions within {drift:.1e} (limit {tol:.0e})", metrics, **headline)
+                           f"match over {stats.seq_len} positions within {drift:.1e} (limit {tol:.0e})"
+                           f"{_relabel_note(stats.blocks)}", metrics, **headline)
     own = [b for b in failing if b.input_drift <= tol]
     if not own:  # every drifting block already gets a drifting input: the norm, not RoPE
         return _consequence(failing[0], stats.config_changes, tol, metrics, headline)
@@ -130,6 +188,14 @@ def judge_rope(stats: RopeStats, limits: RopeLimits = RopeLimits()) -> CheckResu
            f"at off-diagonal positions (limit {tol:.0e}), worst in {b.label}; {worst_far:.2e} at query positions "
            f">= {stats.seq_len // 2}.")
     return CheckResult(NAME, False, f"{msg} Fix: {fix}.", metrics, fix, **headline)
+
+
+def _relabel_note(blocks: list[BlockAttention]) -> str:
+    relabelled = [b for b in blocks if b.relabelling]
+    if not relabelled:
+        return ""
+    return (f" (heads relabelled consistently, q/k/v rows and o_proj columns together, in "
+            f"{', '.join(f'{b.label} as {b.relabelling}' for b in relabelled[:3])}{' ...' if len(relabelled) > 3 else ''})")
 
 
 def _consequence(b: BlockAttention, changes: list[str], tol: float, metrics: dict, headline: dict) -> CheckResult:
@@ -154,4 +220,4 @@ def check_rope_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Ten
     rejected = rejected_pair(NAME, old_model, new_model)
     if rejected:
         return rejected
-    return judge_rope(measure_rope(ModelPair(old_model, new_model, tokens, dtype)), RopeLimits(tolerance))
+    return judge_rope(measure_rope(ModelPair(old_model, new_model, tokens, dtype), tolerance), RopeLimits(tolerance))

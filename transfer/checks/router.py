@@ -109,7 +109,7 @@ def _block_routing(pair: ModelPair, j: int, src: int, x: Tensor, resolution: flo
     label, input_drift = block_label(pair.layout, j), relative_drift(x_new, pair.tile(x_old))
     routing = _agreement(old_logits, new_logits, scale, pair.oc.top_k, resolution, j, label, input_drift)
     if not routing.agrees(resolution):
-        perm = _relabelling(ob, nb, x_old, x_new, old_logits, new_logits, scale, pair.s, resolution)
+        perm = _relabelling(ob, nb, x_old, x_new, old_logits, new_logits, scale, pair.tile, resolution)
         if perm is not None:
             aligned = new_logits[:, torch.tensor(perm).argsort()]  # column e = the new expert that is old e
             routing = _agreement(old_logits, aligned, scale, pair.oc.top_k, resolution, j, label, input_drift)
@@ -132,7 +132,7 @@ def _agreement(old_logits: Tensor, new_logits: Tensor, scale: Tensor, k: int, re
 
 
 def _relabelling(ob, nb, x_old: Tensor, x_new: Tensor, old_logits: Tensor, new_logits: Tensor, scale: Tensor,
-                 s: int, resolution: float) -> list[int] | None:
+                 tile, resolution: float) -> list[int] | None:
     """A permutation perm (new expert e is old expert perm[e]) under which both the router columns and the expert
     functions match, i.e. experts relabelled consistently; None if there is none other than the identity."""
     E = old_logits.shape[1]
@@ -143,7 +143,7 @@ def _relabelling(ob, nb, x_old: Tensor, x_new: Tensor, old_logits: Tensor, new_l
     if column_drift[torch.arange(E), perm].max() > resolution:
         return None
     y_old, y_new = _experts(ob.ffn, x_old[:RELABEL_TOKENS]), _experts(nb.ffn, x_new[:RELABEL_TOKENS])  # (E, n, D)
-    tiled = y_old.repeat(1, 1, s)
+    tiled = tile(y_old)
     if max(relative_drift(y_new[e], tiled[perm[e]]) for e in range(E)) > resolution:
         return None
     return perm.tolist()

@@ -7,43 +7,47 @@ from torch import Tensor, nn
 
 from config import TrainConfig
 from transfer.checks.functional import FunctionalLimits, judge_functional, measure_functional
-from transfer.checks.objective import objective_gradients
+from transfer.checks.objective import ObjectiveGradients, objective_gradients
 from transfer.checks.pair import ModelPair, rejected_pair, require_tokens
 from transfer.checks.results import GrowthReport
 from transfer.checks.rope import RopeLimits, judge_rope, measure_rope
 from transfer.checks.router import RouterLimits, judge_router, measure_router
 from transfer.checks.symmetry import SymmetryLimits, symmetry_result
-from transfer.checks.trainability import (TrainabilityLimits, first_step_lr, judge_trainability,
-                                          measure_trainability)
+from transfer.checks.trainability import (TrainabilityLimits, TrainabilityStats, first_step_lr, judge_trainability,
+                                          mark_inherited, measure_trainability)
 
 GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to reach every expert, cheap
 
 
 def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
-                          verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
+                          verbose: bool = True, train_config: TrainConfig | None = None,
+                          layout: list[tuple[int, bool]] | None = None) -> GrowthReport:
     """All five checks (rope, router, symmetry, functional, trainability) on shared float64 copies; prints the
     VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients and the trainability
-    check's step (phase 3's first: grown_lr / warmup_steps). A pair that is no grown pair gets one result, "pair"."""
+    check's step (phase 3's first: grown_lr / warmup_steps); layout which old block each new block copies
+    (default: the project's, layer_sources). A pair that is no grown pair gets one result, "pair"."""
     require_tokens(tokens, min_len=16, why="RoPE breaks are invisible on short sequences")
     rejected = rejected_pair("Grown pair", old_model, new_model)
     if rejected:
         return _report({"pair": rejected}, verbose)
     tc = train_config or TrainConfig()
-    pair = ModelPair(old_model, new_model, tokens, dtype)
-    results = {"rope": judge_rope(measure_rope(pair), RopeLimits(tolerance)),
+    pair = ModelPair(old_model, new_model, tokens, dtype, layout)
+    results = {"rope": judge_rope(measure_rope(pair, tolerance), RopeLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
     batch = pair.tokens[:GRADIENT_SEQUENCES]
     gradients = objective_gradients(pair.new, batch, tc, block_io=True)
-    results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference))
+    trainability = _trainability(pair, batch, tc, first_step_lr(tc.grown_lr, tc), gradients)
+    results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference),
+                                          trainability.later_grads)
     results["functional"] = judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance))
-    trainability = measure_trainability(pair.new, batch, tc, layout=pair.layout, first=gradients)
     results["trainability"] = judge_trainability(trainability, TrainabilityLimits())
     return _report(results, verbose)
 
 
 def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
-                    verbose: bool = True, train_config: TrainConfig | None = None) -> GrowthReport:
+                    verbose: bool = True, train_config: TrainConfig | None = None,
+                    layout: list[tuple[int, bool]] | None = None) -> GrowthReport:
     """Dense -> MoE: functional equivalence, routing health and trainability (RoPE and symmetry have nothing to
     compare); the trainability check steps at phase 2's first learning rate, moe_lr / warmup_steps."""
     require_tokens(tokens, min_len=2)
@@ -51,13 +55,23 @@ def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor
     if rejected:
         return _report({"pair": rejected}, verbose, upcycling=True)
     tc = train_config or TrainConfig()
-    pair = ModelPair(dense_model, moe_model, tokens, torch.float64)
+    pair = ModelPair(dense_model, moe_model, tokens, torch.float64, layout)
     results = {"functional": judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
-    stats = measure_trainability(pair.new, pair.tokens[:GRADIENT_SEQUENCES], tc, lr=first_step_lr(tc.moe_lr, tc),
-                                 layout=pair.layout)
+    stats = _trainability(pair, pair.tokens[:GRADIENT_SEQUENCES], tc, first_step_lr(tc.moe_lr, tc))
     results["trainability"] = judge_trainability(stats, TrainabilityLimits())
     return _report(results, verbose, upcycling=True)
+
+
+def _trainability(pair: ModelPair, batch: Tensor, tc: TrainConfig, lr: float,
+                  first: ObjectiveGradients | None = None) -> TrainabilityStats:
+    """The grown model's trainability; where it finds dead units, the source model's too, so that what growth
+    inherited is told apart from what it caused (costs nothing when nothing is dead)."""
+    stats = measure_trainability(pair.new, batch, tc, lr=lr, layout=pair.layout, first=first,
+                                 ownership=pair.ownership)
+    if stats.dead:
+        mark_inherited(stats, pair.old, measure_trainability(pair.old, batch, tc, lr=lr), pair.layout)
+    return stats
 
 
 def _report(results: dict, verbose: bool, upcycling: bool = False) -> GrowthReport:

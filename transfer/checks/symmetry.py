@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from config import TrainConfig
+from transfer.checks.clones import CloneGroups, by_groups, residual_groups
 from transfer.checks.objective import ObjectiveGradients, objective_gradients
 from transfer.checks.pair import copy_model, require_tokens
 from transfer.checks.results import FIX_COLLAPSE, FIX_SYMMETRY, CheckResult
@@ -18,6 +19,7 @@ FIX_SCALE = "pass the scale factor the model was grown by"
 # Headline figures; the limit of each is in the comment, and the one reported is the first criterion that fails.
 Q_SMALLEST = "smallest relative gradient difference of cloned unit pairs"  # >= identical_below
 Q_MEDIAN = "median relative gradient difference of cloned unit pairs"  # >= min_relative_difference
+Q_LATER = "smallest relative gradient difference of cloned unit pairs in inserted blocks at step 2"  # >= identical_below
 Q_TWINS = "pairs of identical experts with identical gradients"  # <= 0
 Q_TESTED = "cloned unit pairs that received gradient"  # >= 1
 Q_EXPERTS = "smallest relative gradient difference of identical experts"  # >= identical_below
@@ -39,14 +41,16 @@ class SymmetryStats:
     expert_pairs: list[tuple[str, float]] = field(default_factory=list)  # identical experts: (label, relative difference)
     loss: float | None = None
     has_clones: bool = True  # False: width unchanged and no experts, nothing to compare
+    later_families: list[tuple[str, Tensor]] = field(default_factory=list)  # inserted blocks, at step 2
+    grouping: str = ""  # how the copies were found (clones.CloneGroups.layout)
 
 
 def infer_scale_factor(model: nn.Module) -> int:
-    """The largest s for which the embedding is exactly s copies of one block of columns (1 if none)."""
-    e = model.embed.weight
+    """The largest s for which the embedding's columns come in s equal copies, in any order (1 if none)."""
+    e = model.embed.weight.detach()
     d = e.shape[1]
     for s in range(d, 1, -1):
-        if d % s == 0 and torch.equal(e, e[:, : d // s].repeat(1, s)):
+        if d % s == 0 and residual_groups(e, s) is not None:
             return s
     return 1
 
@@ -58,14 +62,26 @@ def scale_problem(model: nn.Module, s: int) -> str | None:
     return None
 
 
-def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int) -> SymmetryStats:
-    """Relative gradient difference of every pair of copies of every cloned unit, and of identical experts."""
+def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int,
+                     later: dict[str, Tensor] | None = None) -> SymmetryStats:
+    """Relative gradient difference of every pair of copies of every cloned unit, and of identical experts. A
+    block whose cloned units got no gradient at all at step 1 (an inserted identity block) is judged on `later`,
+    the gradients at the step where they first arrive (the trainability check's), when given."""
     stats = SymmetryStats(s, torch.finfo(model.embed.weight.dtype).eps, loss=gradients.ce)
     if s > 1:
-        for label, g in _clone_families(model, gradients.grads, s):
+        groups = CloneGroups(model, s)
+        stats.grouping = groups.layout() if groups.found else "positional (copies not found by their weights)"
+        waiting = _blocks_without_gradient(model, gradients.grads, later or {})  # none without later gradients
+        for label, g in _clone_families(model, gradients.grads, s, groups,
+                                        [j for j in range(model.config.n_layers) if j not in waiting]):
             rel, zero = _relative_differences(g)
             stats.pairs_without_gradient += int(zero.sum())
             stats.families.append((label, rel[~zero]))
+        if waiting:
+            for label, g in _clone_families(model, later, s, groups, waiting, residual=False):
+                rel, zero = _relative_differences(g)
+                stats.pairs_without_gradient += int(zero.sum())
+                stats.later_families.append((f"{label} at step 2", rel[~zero]))
     if model.config.is_moe:
         for j, b in enumerate(model.blocks):
             grads = gradients.grads[f"blocks.{j}.ffn.gate_proj"].flatten(1)
@@ -78,31 +94,37 @@ def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int) ->
     return stats
 
 
-def compared_parameters(model: nn.Module) -> list[str]:
-    """Names of the weights whose gradients the symmetry check reads."""
-    names = ["embed.weight"]
-    for j in range(model.config.n_layers):
-        names += [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"]
-        names.append(f"blocks.{j}.ffn.gate_proj" + ("" if model.config.is_moe else ".weight"))
-    return names
+def _family_parameters(model: nn.Module, j: int) -> list[str]:
+    suffix = "" if model.config.is_moe else ".weight"
+    return [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"] + [f"blocks.{j}.ffn.gate_proj{suffix}"]
 
 
-def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int) -> list[tuple[str, Tensor]]:
-    """(label, grads shaped (s, units, ...)) for every family of width clones: copy c of unit u is unit u + n*c."""
+def _blocks_without_gradient(model: nn.Module, grads: dict[str, Tensor],
+                             later: dict[str, Tensor] | None = None) -> list[int]:
+    """Blocks whose cloned-unit weights all got exactly zero gradient at step 1 (and, given `later`, have a
+    later gradient there)."""
+    return [j for j in range(model.config.n_layers)
+            if all(not bool(grads[n].any()) for n in _family_parameters(model, j))
+            and (later is None or all(n in later for n in _family_parameters(model, j)))]
+
+
+def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: CloneGroups,
+                    blocks: list[int] | None = None, residual: bool = True) -> list[tuple[str, Tensor]]:
+    """(label, grads shaped (s, units, ...)) for every family of width clones, the copies of each unit found by
+    what they compute (CloneGroups), not by position; only `blocks` (default all) and, with residual, the
+    embedding's columns."""
     cfg = model.config
-    fams = [("residual dims (embedding columns)", grads["embed.weight"].t().reshape(s, cfg.dim // s, -1))]
-    for j in range(cfg.n_layers):
-        for proj, heads in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
-            if heads % s:  # a single shared KV head (MQA) kept as it is: nothing cloned
+    fams = [("residual dims (embedding columns)", by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
+    for j in range(cfg.n_layers) if blocks is None else blocks:
+        for proj, g_heads in (("q", groups.heads[j]), ("k", groups.kv_heads[j]), ("v", groups.kv_heads[j])):
+            if g_heads is None:  # a single shared KV head (MQA) kept as it is: nothing cloned
                 continue
-            g = grads[f"blocks.{j}.attention.{proj}_proj.weight"]
-            fams.append((f"block {j} {proj}-heads", g.reshape(s, heads // s, -1)))
-        if cfg.is_moe:  # (E, s*F0, D) -> (s, E*F0, D): neuron i of expert e and its copies
+            fams.append((f"block {j} {proj}-heads", by_groups(grads[f"blocks.{j}.attention.{proj}_proj.weight"], g_heads)))
+        if cfg.is_moe:  # per expert: neuron i of expert e and its copies, experts side by side
             g = grads[f"blocks.{j}.ffn.gate_proj"]
-            E, F_, D = g.shape
-            g = g.reshape(E, s, F_ // s, D).transpose(0, 1).reshape(s, E * (F_ // s), D)
+            g = torch.cat([by_groups(g[e], groups.neurons[j][e]) for e in range(len(g))], dim=1)
         else:
-            g = grads[f"blocks.{j}.ffn.gate_proj.weight"].reshape(s, cfg.hidden_dim // s, -1)
+            g = by_groups(grads[f"blocks.{j}.ffn.gate_proj.weight"], groups.neurons[j])
         fams.append((f"block {j} FFN neurons", g))
     return fams
 
@@ -138,23 +160,36 @@ def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits
     identical_below = limits.identical_below if limits.identical_below is not None else 1e3 * stats.eps
     min_rel = limits.min_relative_difference
     r = torch.cat([rel for _, rel in stats.families]) if stats.families else torch.zeros(0, dtype=torch.float64)
-    tested, identical = len(r), int((r < identical_below).sum())
+    # Inserted blocks' clones first get gradient at step 2, where their difference scales with that first step
+    # (~1e-5 at warm-up's lr for noisy copies, exactly 0 for pure ones): they are held to "not identical" only.
+    later = torch.cat([rel for _, rel in stats.later_families]) if stats.later_families else torch.zeros(0, dtype=torch.float64)
+    every = torch.cat([r, later])
+    tested, identical, identical_later = len(every), int((r < identical_below).sum()), int((later < identical_below).sum())
     twins = [label for label, rel in stats.expert_pairs if rel < identical_below]
-    median = r.median().item() if tested else None
+    median = r.median().item() if len(r) else None
     metrics = {"scale_factor": stats.scale_factor, "pairs_tested": tested + len(stats.expert_pairs),
                "pairs_identical": identical + len(twins), "pairs_without_gradient": stats.pairs_without_gradient,
-               "min_relative_difference": r.min().item() if tested else None, "median_relative_difference": median,
+               "min_relative_difference": every.min().item() if tested else None, "median_relative_difference": median,
+               "later_pairs_tested": len(later), "later_median_relative_difference": later.median().item() if len(later) else None,
+               "grouping": stats.grouping,
                "limit": min_rel, "identical_below": identical_below,
                "identical_expert_pairs_tested": len(stats.expert_pairs), "loss": stats.loss}
+    metrics["pairs_identical"] += identical_later
     problems, fix = [], FIX_SYMMETRY
     if identical:
         first = next(label for label, rel in stats.families if (rel < identical_below).any())
-        problems.append(f"{identical} of {tested} cloned unit pairs receive identical gradients (relative difference "
+        problems.append(f"{identical} of {len(r)} cloned unit pairs receive identical gradients (relative difference "
                         f"{r.min().item():.1e}, below {identical_below:.0e}: equal up to rounding), first in {first}: "
                         f"the copies would stay identical through training and the added width would be wasted.")
-    elif tested and median < min_rel:
+    elif median is not None and median < min_rel:
         problems.append(f"cloned units' gradients differ by a median {median:.1e} relative (limit >= {min_rel:.0e}): "
                         f"the symmetry-breaking noise is too weak to make the copies diverge in bf16/fp32 training.")
+    if identical_later:
+        first = next(label for label, rel in stats.later_families if (rel < identical_below).any())
+        problems.append(f"{identical_later} of {len(later)} cloned unit pairs in inserted blocks receive identical "
+                        f"gradients at step 2, where they first get any (relative difference {later.min().item():.1e}, "
+                        f"below {identical_below:.0e}), first in {first}: their copies are pure clones (equal rows) "
+                        f"and would stay identical through training.")
     if twins:
         problems.append(f"identical experts receive identical gradients ({'; '.join(twins[:3])}"
                         f"{' ...' if len(twins) > 3 else ''}): the router sends them the same tokens.")
@@ -162,19 +197,23 @@ def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits
             fix = FIX_COLLAPSE
     if tested == 0 and stats.scale_factor > 1:
         problems.append("no gradient reached any cloned unit, so symmetry breaking cannot be shown.")
-    headline = _headline(stats, r, twins, identical_below, min_rel)
+    headline = _headline(stats, r, every, twins, identical_below, min_rel)
     if problems:
         return CheckResult(NAME, False, " ".join(problems) + f" Fix: {fix}.", metrics, fix, **headline)
     return CheckResult(NAME, True, _ok_message(stats, r, median, min_rel), metrics, **headline)
 
 
-def _headline(stats: SymmetryStats, r: Tensor, twins: list[str], identical_below: float, min_rel: float) -> dict:
+def _headline(stats: SymmetryStats, r: Tensor, every: Tensor, twins: list[str], identical_below: float,
+              min_rel: float) -> dict:
     """The first failing criterion in the order the verdict reports them, else the main one that applies."""
+    if len(r) and r.min().item() < identical_below:
+        return dict(quantity=Q_SMALLEST, value=r.min().item(), limit=identical_below, higher_is_better=True)
+    if len(r) and r.median().item() < min_rel:
+        return dict(quantity=Q_MEDIAN, value=r.median().item(), limit=min_rel, higher_is_better=True)
+    if len(every) and every.min().item() < identical_below:
+        return dict(quantity=Q_LATER, value=every.min().item(), limit=identical_below, higher_is_better=True)
     if len(r):
-        smallest = r.min().item()
-        if smallest < identical_below:
-            return dict(quantity=Q_SMALLEST, value=smallest, limit=identical_below, higher_is_better=True)
-        if r.median().item() < min_rel or not twins:
+        if not twins:
             return dict(quantity=Q_MEDIAN, value=r.median().item(), limit=min_rel, higher_is_better=True)
     if twins:
         return dict(quantity=Q_TWINS, value=len(twins), limit=0)
@@ -187,10 +226,14 @@ def _headline(stats: SymmetryStats, r: Tensor, twins: list[str], identical_below
 
 
 def _ok_message(stats: SymmetryStats, r: Tensor, median: float | None, min_rel: float) -> str:
+    later = sum(len(rel) for _, rel in stats.later_families)
+    at_step2 = (f"; {later} pairs in inserted blocks, judged at step 2 where they first get gradient, all differ "
+                f"(smallest {min(rel.min().item() for _, rel in stats.later_families if len(rel)):.1e})" if later else "")
     if len(r):
         return (f"{len(r)} cloned unit pairs all receive different gradients (median relative difference "
-                f"{median:.2e}, limit {min_rel:.0e}; smallest {r.min().item():.1e}); {stats.pairs_without_gradient} "
-                f"pairs received no gradient (identity blocks, idle experts)")
+                f"{median:.2e}, limit {min_rel:.0e}; smallest {r.min().item():.1e}){at_step2}; "
+                f"{stats.pairs_without_gradient} pairs received no gradient (idle experts, identity blocks not "
+                f"reached)")
     if stats.expert_pairs:
         return f"{len(stats.expert_pairs)} pairs of identical experts all receive different gradients (different tokens)"
     return "no cloned units or identical experts with gradients to compare"
@@ -209,13 +252,18 @@ def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: 
     limits = SymmetryLimits(min_relative_difference)
     if scale_problem(new_model, s) or (s == 1 and not new_model.config.is_moe):  # nothing to differentiate
         return symmetry_result(new_model, None, s, limits)
-    model = copy_model(new_model, dtype)
+    from transfer.checks.trainability import measure_trainability  # the step inserted blocks are judged at
+
+    model, tc = copy_model(new_model, dtype), train_config or TrainConfig()
     tokens = tokens[:max_sequences].to(next(model.parameters()).device)
-    grads = objective_gradients(model, tokens, train_config or TrainConfig(), wrt=compared_parameters(model))
-    return symmetry_result(model, grads, s, limits)
+    grads = objective_gradients(model, tokens, tc, block_io=True)
+    later = measure_trainability(model, tokens, tc, first=grads).later_grads if _blocks_without_gradient(
+        model, grads.grads) else None
+    return symmetry_result(model, grads, s, limits, later)
 
 
-def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: int, limits: SymmetryLimits) -> CheckResult:
+def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: int, limits: SymmetryLimits,
+                    later: dict[str, Tensor] | None = None) -> CheckResult:
     """The verdict for width factor s from gradients of the objective (None when there is nothing to compare)."""
     problem = scale_problem(model, s)
     if problem:
@@ -223,4 +271,4 @@ def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: i
                            quantity="scale factor divides the model's widths")  # a yes/no: no figure, no limit
     if s == 1 and not model.config.is_moe:
         return judge_symmetry(SymmetryStats(1, 0.0, has_clones=False), limits)
-    return judge_symmetry(measure_symmetry(model, gradients, s), limits)
+    return judge_symmetry(measure_symmetry(model, gradients, s, later), limits)

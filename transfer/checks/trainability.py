@@ -23,11 +23,14 @@ from config import TrainConfig
 from models import expert_load
 from transfer.checks.labels import parameter_place
 from transfer.checks.objective import ObjectiveGradients, objective_gradients, router_loss
+from transfer.checks.ownership import FIX_OWNERSHIP, Ownership, measure_ownership
 from transfer.checks.pair import copy_model, require_tokens
 from transfer.checks.results import FIX_TRAINABILITY, CheckResult
 
 NAME = "Trainability"
 QUANTITY = "weights the batch reached that never receive gradient"  # limit: <= max_dead_weights
+FIX_INHERITED = ("the growth copied them faithfully: re-initialise those units in the source model (or in the "
+                 "grown one) with small random weights on one side of each product, then grow again")
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which training.loop.make_optimizer keeps
 
 
@@ -47,6 +50,7 @@ class DeadUnits:
     n_units: int
     dead_weights: int
     judged_weights: int  # weights the batch reached at every evaluation
+    inherited: bool = False  # the source model's unit is dead too (or idle there and all zero): not growth's doing
 
     def describe(self) -> str:
         """"attention.v_proj (1 of 8 kv heads: 1; 512 of 4096 weights)": which units, when not all of them."""
@@ -76,6 +80,8 @@ class TrainabilityStats:
     loss: float | None = None
     zero_below: float = 0.0  # unit RMS gradient / model RMS gradient at step 1 at or below which a unit got none
     weakest_unit: float | None = None  # smallest such ratio of a unit when it first received gradient: the margin
+    ownership: Ownership | None = None  # places the optimizer cannot move (frozen, shared, not parameters)
+    later_grads: dict[str, Tensor] = field(default_factory=dict)  # gradient at the step a parameter waited for
 
 
 def first_step_lr(phase_lr: float, tc: TrainConfig) -> float:
@@ -85,7 +91,7 @@ def first_step_lr(phase_lr: float, tc: TrainConfig) -> float:
 
 def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, steps: int = 2, lr: float | None = None,
                          layout: list[tuple[int, bool]] | None = None,
-                         first: ObjectiveGradients | None = None) -> TrainabilityStats:
+                         first: ObjectiveGradients | None = None, ownership: Ownership | None = None) -> TrainabilityStats:
     """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
     first step (lr default: phase 3's first, first_step_lr(tc.grown_lr)) until `steps` evaluations or until every
     reached unit has had gradient. Later evaluations differentiate only the parameters still waiting, and
@@ -108,19 +114,26 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     first_alive = {n: (u > zero_below).to(torch.int8) for n, u in unit_rms.items()}  # 0: not yet
     weakest = min((u[u > zero_below].min().item() for u in unit_rms.values() if (u > zero_below).any()), default=None)
     latest, rms = dict(g.grads), {n: [_relative_rms(u, judged[n], reference)] for n, u in unit_rms.items()}
-    done = 1
+    done, inputs, waited = 1, None, []
     while done < steps:
         waiting = [n for n in values if (judged[n] & (first_alive[n] == 0)).any()]
         if not waiting:
             break
         local = _local_blocks(waiting, first)
+        stepped = {}
+        if local is not None and inputs is None:  # each block's input after every weight took its first step
+            used = ("embed.",) + tuple(f"blocks.{j}." for j in range(max(local) + 1))
+            stepped = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items() if n.startswith(used)}
+            inputs = _stepped_inputs(model, tokens, stepped, max(local))
         moved = [n for n in values if local is None or n.startswith(tuple(f"blocks.{j}." for j in local))]
-        values = values | {n: _adamw_first_step(values[n], latest[n], lr, tc) for n in moved}
+        values = values | {n: stepped[n] if n in stepped else _adamw_first_step(values[n], latest[n], lr, tc)
+                           for n in moved}
         if local is None:
             g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
         else:
-            g = _block_gradients(model, first, values, waiting, local, tc)
+            g = _block_gradients(model, first, values, waiting, local, tc, inputs)
         done += 1
+        waited = waited or waiting
         reached = _reached_units(model, g)
         for n in values:
             if n not in waiting:
@@ -134,7 +147,8 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
                 weakest = min(u[newly].min().item(), weakest if weakest is not None else float("inf"))
             rms[n].append(_relative_rms(u, judged[n], reference))
     stats = TrainabilityStats(done, lr, loss=g.ce, zero_below=(zero_below / reference).item(),
-                              weakest_unit=None if weakest is None else weakest / reference.item())
+                              weakest_unit=None if weakest is None else weakest / reference.item(),
+                              later_grads={n: latest[n] for n in waited})
     for n, v in values.items():
         per_unit = v.numel() // len(judged[n])
         alive = [int(((first_alive[n] > 0) & (first_alive[n] <= t) & judged[n]).sum()) * per_unit for t in range(1, done + 1)]
@@ -148,7 +162,33 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
         stats.idle_embedding_rows = int((~judged["embed.weight"]).sum())
     stats.idle_experts = [f"block {j} expert {e}" for j in range(len(g.expert_tokens))
                           for e in (~judged[f"blocks.{j}.ffn.gate_proj"]).nonzero().flatten().tolist()]
+    stats.ownership = _reached_ownership(ownership, judged)
     return stats
+
+
+def _reached_ownership(ownership: Ownership | None, judged: dict[str, Tensor]) -> Ownership | None:
+    """The ownership findings that matter: a frozen weight only where the batch reached some unit of it."""
+    if ownership is None:
+        return None
+    frozen = [n for n in ownership.frozen if n not in judged or bool(judged[n].any())]
+    return Ownership(frozen, ownership.shared, ownership.not_parameters, ownership.overlapping, ownership.weights)
+
+
+def _stepped_inputs(model: nn.Module, tokens: Tensor, values: dict[str, Tensor], last: int) -> list[Tensor]:
+    """Each block's input hidden state (up to block `last`) with all weights at `values`: blocks only, no LM
+    head, no gradient. After the first step the residual stream is no longer exactly tiled, which is what lets
+    noisy clones in an inserted block (equal on tiled input) tell themselves apart; pure clones stay equal on
+    any input."""
+    # In float32: the inputs only have to carry the first step's departure from tiling (relative ~1e-4, far above
+    # fp32 rounding), and pure clones stay bit-equal on any input; half the cost of the float64 forward.
+    x, inputs, dtype = values["embed.weight"][tokens[:, :-1]].float(), [], values["embed.weight"].dtype
+    with torch.no_grad():
+        for j, block in enumerate(model.blocks[:last + 1]):
+            inputs.append(x.to(dtype))
+            prefix = f"blocks.{j}."
+            local = {n[len(prefix):]: v.float() for n, v in values.items() if n.startswith(prefix)}
+            x, _ = functional_call(block, local, (x, model.rope_cos.float(), model.rope_sin.float()))
+    return inputs
 
 
 def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | None:
@@ -161,11 +201,12 @@ def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | 
 
 
 def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[str, Tensor], waiting: list[str],
-                     blocks: list[int], tc: TrainConfig) -> ObjectiveGradients:
-    """The waiting parameters' gradients, each block alone at its stepped weights, fed its step-1 input and
-    pulled by its step-1 output gradient (plus its own router loss): the step-2 gradient to first order in
-    the step, at the cost of those blocks only. Exact zeros stay exact: a unit zero on both sides of its
-    product gets none whatever its input and output gradient."""
+                     blocks: list[int], tc: TrainConfig, inputs: list[Tensor] | None = None) -> ObjectiveGradients:
+    """The waiting parameters' gradients, each block alone at its stepped weights, fed its stepped input (or its
+    step-1 input) and pulled by its step-1 output gradient (plus its own router loss): the step-2 gradient to
+    first order in the step, at the cost of a forward and those blocks only. Exact zeros stay exact: a unit zero
+    on both sides of its product gets none whatever its input and output gradient."""
+    inputs = first.block_inputs if inputs is None else inputs
     grads, expert_tokens, k = {}, list(first.expert_tokens), model.config.top_k
     for j in blocks:
         prefix = f"blocks.{j}."
@@ -174,7 +215,7 @@ def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[s
         leaves = [local[n[len(prefix):]].detach().requires_grad_(True) for n in names]
         local.update({n[len(prefix):]: leaf for n, leaf in zip(names, leaves)})
         with torch.enable_grad():
-            y, logits = functional_call(model.blocks[j], local, (first.block_inputs[j], model.rope_cos, model.rope_sin))
+            y, logits = functional_call(model.blocks[j], local, (inputs[j], model.rope_cos, model.rope_sin))
             loss = (y * first.block_output_grads[j]).sum()
             if logits is not None:
                 loss = loss + router_loss(logits, k, tc)
@@ -250,8 +291,11 @@ def _units(name: str, t: Tensor, cfg) -> Tensor:
 
 
 def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = TrainabilityLimits()) -> CheckResult:
-    """Fails when more reached weights than allowed never received gradient; idle weights are only reported."""
-    dead = sum(d.dead_weights for d in stats.dead)
+    """Fails when more reached weights than allowed never receive gradient or can never be updated (frozen,
+    shared, not parameters); idle weights and findings inherited from the source model are only reported."""
+    own, inherited = [d for d in stats.dead if not d.inherited], [d for d in stats.dead if d.inherited]
+    unmovable = _unmovable_weights(stats.ownership)
+    dead = sum(d.dead_weights for d in stats.dead) + unmovable
     weights = sum(p.weights for p in stats.parameters)
     judged = sum(p.judged for p in stats.parameters)
     alive_after = [sum(p.alive_after[t] for p in stats.parameters) for t in range(stats.steps)]
@@ -261,24 +305,77 @@ def judge_trainability(stats: TrainabilityStats, limits: TrainabilityLimits = Tr
                "dead_units": [asdict(d) for d in stats.dead], "idle_embedding_rows": stats.idle_embedding_rows,
                "idle_experts": stats.idle_experts, "loss": stats.loss, "zero_below": stats.zero_below,
                "weakest_relative_gradient": min((x for x in last_rms if x is not None), default=None),
-               "weakest_unit_gradient": stats.weakest_unit}
-    idle = _idle_note(stats)
+               "weakest_unit_gradient": stats.weakest_unit,
+               "unmovable": stats.ownership.names() if stats.ownership else [], "unmovable_weights": unmovable,
+               "inherited_dead_weights": sum(d.dead_weights for d in stats.dead if d.inherited)}
+    notes = _idle_note(stats)
     headline = dict(quantity=QUANTITY, value=dead, limit=limits.max_dead_weights)
     if dead > limits.max_dead_weights:
-        places = dict.fromkeys(d.place for d in stats.dead)  # in model order
-        listed = "; ".join(f"{p}: " + ", ".join(d.describe() for d in stats.dead if d.place == p) for p in places)
-        msg = (f"{dead} weights reached by the batch never receive gradient within {stats.steps} step{'s' if stats.steps > 1 else ''} (their unit's RMS "
-               f"gradient at most {stats.zero_below:.1e} of the model's; limit {limits.max_dead_weights} such weights), so "
-               f"training cannot move them and weight decay holds them where they are: {listed}.{idle} "
-               f"Fix: {FIX_TRAINABILITY}.")
-        return CheckResult(NAME, False, msg, metrics, FIX_TRAINABILITY, **headline)
+        problems, fixes = [], []
+        if unmovable:
+            problems.append(f"{unmovable} weights the batch reaches can never be updated by the optimizer (limit "
+                            f"{limits.max_dead_weights} such weights): {'; '.join(stats.ownership.problems())}.")
+            fixes.append(FIX_OWNERSHIP)
+        if own:
+            problems.append(_dead_message(own, stats, limits))
+            fixes.append(FIX_TRAINABILITY)
+        if inherited:
+            problems.append(_dead_message(inherited, stats, limits).replace(" weights reached", " weights, inherited "
+                            "from the source model and not caused by growth (the source's unit is dead, or unused "
+                            "and all zero, there too), reached", 1))
+            fixes.append(FIX_INHERITED)
+        fix = "; and ".join(fixes)
+        msg = f"{' '.join(problems)}{notes} Fix: {fix}."
+        return CheckResult(NAME, False, msg, metrics, fix, **headline)
     later = (f", the other {alive_after[-1] - alive_after[0]} after {stats.steps - 1} AdamW step(s) (lr {stats.lr:g})"
              if stats.steps > 1 else "")
     weakest = ("" if stats.weakest_unit is None else f"; the weakest unit's RMS gradient is {stats.weakest_unit:.1e} "
                f"of the model's (none at or below {stats.zero_below:.0e})")
     ok = (f"all {judged} weights the batch reached receive gradient within {stats.steps} step(s): {alive_after[0]} at "
-          f"step 1{later}{weakest}.{idle}")
+          f"step 1{later}{weakest}; every place owns a trainable tensor.{notes}")
     return CheckResult(NAME, True, ok, metrics, **headline)
+
+
+def _unmovable_weights(ownership: Ownership | None) -> int:
+    """Weights in places the optimizer cannot move: every name listed, each counted once."""
+    if ownership is None:
+        return 0
+    return sum(ownership.weights.get(n, 0) for n in ownership.names())
+
+
+def _dead_message(dead: list[DeadUnits], stats: TrainabilityStats, limits: TrainabilityLimits) -> str:
+    places = dict.fromkeys(d.place for d in dead)  # in model order
+    listed = "; ".join(f"{p}: " + ", ".join(d.describe() for d in dead if d.place == p) for p in places)
+    n = sum(d.dead_weights for d in dead)
+    return (f"{n} weights reached by the batch never receive gradient within {stats.steps} "
+            f"step{'s' if stats.steps > 1 else ''} (their unit's RMS gradient at most {stats.zero_below:.1e} of the "
+            f"model's; limit {limits.max_dead_weights} such weights), so training cannot move them and weight decay "
+            f"holds them where they are: {listed}.")
+
+
+def mark_inherited(stats: TrainabilityStats, old: nn.Module, old_stats: TrainabilityStats,
+                   layout: list[tuple[int, bool]]) -> None:
+    """Flag each dead group of the grown model whose source block has the same module dead, or (an expert) has
+    that expert unused by the batch and all zero in the source: a finding the growth inherited."""
+    dead_old = {(d.place, d.module) for d in old_stats.dead}
+    for d in stats.dead:
+        if not d.place.startswith("block "):
+            d.inherited = ("model", d.module) in dead_old
+            continue
+        src = layout[int(d.place.split()[1])][0]
+        place = f"block {src}"
+        if (place, d.module) in dead_old:
+            d.inherited = True
+        elif d.unit == "expert":
+            d.inherited = all(_zero_in_source(old, src, d.module, e) for e in d.dead_units)
+
+
+def _zero_in_source(old: nn.Module, src: int, module: str, expert: int) -> bool:
+    """The source block's expert (or, for a dense source, its FFN) is all zero in every weight of its FFN."""
+    f = old.blocks[src].ffn
+    if old.config.is_moe:
+        return all(not bool(w[expert].any()) for w in (f.gate_proj, f.up_proj, f.down_proj)) if expert < len(f.gate_proj) else False
+    return not (bool(f.gate_proj.weight.any()) and bool(f.up_proj.weight.any()))
 
 
 def _idle_note(stats: TrainabilityStats) -> str:
@@ -301,6 +398,8 @@ def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max
     require_tokens(tokens)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    ownership = measure_ownership(new_model)  # on the caller's model: the copy owns every tensor
     model = copy_model(new_model, dtype)
     tokens = tokens[:max_sequences].to(next(model.parameters()).device)
-    return judge_trainability(measure_trainability(model, tokens, train_config or TrainConfig(), steps, lr))
+    stats = measure_trainability(model, tokens, train_config or TrainConfig(), steps, lr, ownership=ownership)
+    return judge_trainability(stats)
