@@ -90,7 +90,8 @@ def planned_memory(phase) -> dict:
     """A PhasePlan's memory: the training step's peak (what this script measures) and the phase's (with its
     transition checks and evals, which this script does not run)."""
     m = phase.memory
-    return {"planned_step_peak_bytes": m.step_peak, "planned_step_moment": m.step_moment,
+    return {"planned_mfu": phase.mfu, "planned_mfu_source": phase.mfu_source,
+            "planned_step_peak_bytes": m.step_peak, "planned_step_moment": m.step_moment,
             "planned_phase_peak_bytes": phase.peak_bytes, "planned_phase_peak_at": m.where}
 
 

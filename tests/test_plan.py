@@ -103,7 +103,8 @@ def test_cuda_preset_plan_is_fast_and_builds_no_model(monkeypatch):
     assert [p.name for p in plan.phases] == ["dense", "moe", "grown"]
     assert plan.peak_bytes == max(p.memory.peak for p in plan.phases) > plan.phases[0].memory.step_peak
     assert plan.phases[0].memory.transition_peak == 0 < plan.phases[2].memory.transition_peak
-    for text in ("Phase 3: grown MoE", "MFU 0.35", "NVIDIA H100 80GB HBM3", "bf16", "micro-batch of 64 x 512"):
+    for text in ("Phase 3: grown MoE", "MFU dense ", "derived from the shapes", "training/roofline.py",
+                 "NVIDIA H100 80GB HBM3", "bf16", "micro-batch of 64 x 512"):
         assert text in table
 
 

@@ -67,7 +67,10 @@ GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"V100", {"fp32": 15.7e12}),  # no bf16 tensor cores, no TF32
     (r"\bT4\b", {"fp32": 8.1e12}),
 )
-DEFAULT_MFU = 0.35  # assumed model FLOPs utilisation for time estimates (bf16, an H100-class GPU, mid-sized model)
+# The plan's time on a GPU takes each phase's MFU from training.roofline (its shapes against the GPU's ridge point
+# and per-kernel overhead, or a figure gpu_check.sh measured and the repo records); DEFAULT_MFU only where the GPU's
+# bandwidth is not in that table. The old flat 35% was ~2.5x optimistic at these shapes (README, "At GPU scale").
+DEFAULT_MFU = 0.35  # assumed model FLOPs utilisation where no roofline can be made (an unknown GPU's bandwidth)
 REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a cuda plan assumes when none is named (planning on a CPU)
 # Achieved, not peak: the cpu preset's three phases ran 42-53 GFLOP/s of model FLOPs on 2 threads (config.py's
 # step times, fp32), ~20 GFLOP/s a thread. bf16 on a CPU is slower than fp32: no figure, no time.
@@ -151,18 +154,19 @@ def block_saved_bytes(cfg: ModelConfig, w: Widths, seq_len: int = 0, math_attent
     """Bytes per token one block keeps for backward, op by op (measured by bench/memory_model.py's hooks)."""
     D, Dq, F, k = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim, cfg.top_k
     norms = 2 * (2 * w.full * D + w.full)  # each RMSNorm: its input, the normalised x and the 1/rms
-    attn_in = 3 * w.act * D if w.autocast else w.full * D  # q, k and v each cast the normed input under autocast
+    attn_in = (w.act if w.autocast else w.full) * D  # the normed input, in autocast's dtype: q, k and v share it
     # q, k, v (kv heads expanded) and the output, which o_proj reads as a view (the kernels lay it out (B, T, H, hd)),
     # and per row the logsumexp (flash / memory-efficient kernels on CUDA, torch's flash kernel on CPU) or, on
     # CUDA's math path (float64: the checks), the (T, T) probabilities
     sdpa = 4 * w.act * Dq + w.full * cfg.n_heads * (seq_len if math_attention else 1)
     if not cfg.is_moe:
-        ffn_in = 2 * w.act * D if w.autocast else w.full * D
+        ffn_in = (w.act if w.autocast else w.full) * D  # gate and up share the normed input
         return norms + attn_in + sdpa + ffn_in + 4 * w.act * F  # gate, silu(gate), up, their product
     E = cfg.n_experts
     router = (w.act if w.autocast else w.full) * D + w.full * (E + 1 + 2 * k) + 3 * INDEX * k  # softmax, top-k, orders
-    expert_in = 2 * w.act * k * D if w.autocast else w.full * k * D  # tokens sorted by expert (cast twice in bf16)
-    experts = 4 * w.act * k * F + w.act * k * D + w.full * k * D  # SwiGLU per assignment, outputs, weighted outputs
+    expert_in = (w.act if w.autocast else w.full) * k * D  # tokens sorted by expert (gate and up share them)
+    # SwiGLU per assignment, outputs, and weighted outputs (in the outputs' dtype, which the combine keeps)
+    experts = 4 * w.act * k * F + w.act * k * D + (w.act if w.autocast else w.full) * k * D
     losses = w.full * (2 * E + 2)  # balance loss softmax, z-loss logsumexp input and output
     return norms + attn_in + sdpa + router + expert_in + experts + losses
 
@@ -356,6 +360,8 @@ class PhasePlan:
     memory: Memory
     checkpoint_bytes: int
     seconds: float | None  # at the plan's device throughput; None when unknown
+    mfu: float | None = None  # the utilisation `seconds` assumes on a GPU (training.roofline, or stated)
+    mfu_source: str | None = None  # roofline (from the shapes) | measured (gpu_check.sh, recorded) | stated | assumed
 
     @property
     def peak_bytes(self) -> int:
@@ -379,6 +385,7 @@ class Plan:
     disk_bytes: int  # the most the checkpoints directory holds at once
     train_tokens: int | None = None
     parallel: str = "ddp"  # RunConfig.parallel: fsdp divides weights, gradients and AdamW by world_size
+    compiled: bool = False  # RunConfig.compile: the roofline's MFU is for a compiled step
 
     @property
     def peak_bytes(self) -> int:
@@ -428,11 +435,22 @@ class Plan:
         lines.append(f"{'peak':<{name_w}}{'':>57}{_gib(self.peak_bytes):>8}  {worst.label}, {worst.memory.where}")
         return "\n".join(lines + [""] + self.assumptions())
 
+    def mfu_text(self) -> str:
+        """Each phase's MFU and where it comes from, e.g. "dense 14%, moe 14%, grown 26% (roofline ...)"."""
+        figures = ", ".join(f"{p.name} {100 * p.mfu:.0f}%" for p in self.phases if p.mfu)
+        sources = {p.mfu_source for p in self.phases if p.mfu}
+        why = {"roofline": "derived from the shapes: each matmul against the GPU's ridge point, elementwise bytes "
+                           "at its bandwidth, per-kernel overhead; training/roofline.py",
+               "measured": "measured by bench/gpu_check.sh, recorded in training/roofline.py",
+               "stated": "as stated", "assumed": f"assumed {DEFAULT_MFU:g}: no bandwidth figure for this GPU"}
+        mode = "compiled" if self.compiled else "eager"
+        return f"{figures} ({mode}; {'; '.join(why[x] for x in sorted(sources))})"
+
     def assumptions(self) -> list[str]:
         """What the figures assume, one line each."""
-        if self.device == "cuda" and self.device_flops:
-            speed = (f"time at MFU {self.mfu:g} of the {self.gpu_name}'s {self.peak_device_flops / 1e12:g} TFLOP/s "
-                     f"dense {self.precision} peak (datasheet, no sparsity)"
+        if self.device == "cuda" and self.peak_device_flops:
+            speed = (f"time at MFU {self.mfu_text()} of the {self.gpu_name}'s {self.peak_device_flops / 1e12:g} "
+                     f"TFLOP/s dense {self.precision} peak (datasheet, no sparsity)"
                      + (f" x {self.world_size} GPUs" if self.world_size > 1 else ""))
         elif self.device == "cuda":
             speed = f"time unknown: no peak FLOP/s for {self.gpu_name!r} at {self.precision} (give mfu and a known GPU)"
@@ -495,10 +513,9 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
         raise ValueError(f"device_type={device_type!r} must be cuda or cpu")
     tc, precision = s.train, resolve_precision(s.run.precision, device_type)
     gpu = (gpu_name or REFERENCE_GPU) if device_type == "cuda" else None
-    mfu = (DEFAULT_MFU if mfu is None else mfu) if device_type == "cuda" else None
     peak = peak_flops(gpu, precision) if gpu else None
     if device_type == "cuda":
-        device_flops = peak * mfu if peak else None
+        device_flops = peak * mfu if peak and mfu else None
     else:
         import torch  # the threads this process would train with
 
@@ -518,16 +535,32 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
                 memory.transition_peak += memory.transition["old model's shards"]
         clones = stage.measure_clones is not None and cfg.dim != configs[i - 1].dim
         memory.eval_peak = eval_memory(cfg, tc, precision, clones, world_size, s.run.parallel)
-        seconds = flops / (device_flops * world_size) if device_flops else None
+        phase_mfu, source = _phase_mfu(cfg, s, gpu, precision, mfu, f"{stage.name}") if peak else (None, None)
+        rate = peak * phase_mfu if phase_mfu else device_flops
+        seconds = flops / (rate * world_size) if rate else None
         phases.append(PhasePlan(stage.name, stage.label, cfg, parameter_count(cfg), parameter_count(cfg, active=True),
                                 steps, tokens, flops, tokens / train_tokens if train_tokens else None, memory,
-                                checkpoint_size(cfg), seconds))
+                                checkpoint_size(cfg), seconds, phase_mfu, source))
     disk = peak_checkpoint_bytes([p.checkpoint_bytes for p in phases], tc.keep_checkpoints)
     return Plan(phases, device_type, gpu, precision, world_size, tc.batch_size, tc.grad_accum_steps, tc.seq_len,
-                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens, s.run.parallel)
+                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens, s.run.parallel,
+                s.run.compile)
 
 
 # ------------------------------------------------------------------------------------------ fitting
+def _phase_mfu(cfg: ModelConfig, s: Settings, gpu: str, precision: str, stated: float | None,
+               phase: str) -> tuple[float, str]:
+    """(MFU, where it comes from) for one phase on a GPU: stated by the caller, measured and recorded,
+    derived from the shapes (training.roofline), or DEFAULT_MFU where the GPU's bandwidth is unknown."""
+    from training.roofline import expected_mfu
+
+    if stated is not None:
+        return stated, "stated"
+    key = f"{phase}/{cfg.dim}x{cfg.n_layers}/e{cfg.n_experts}/{'compiled' if s.run.compile else 'eager'}"
+    est = expected_mfu(cfg, s.train, gpu, precision, compiled=s.run.compile, key=key)
+    return (est.mfu, est.source) if est else (DEFAULT_MFU, "assumed")
+
+
 def _with_train(s: Settings, **changes) -> Settings:
     return replace(s, train=replace(s.train, **changes))
 
