@@ -6,6 +6,7 @@ Missing parts read as null; figures sit beside the goals, never as verdicts.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -155,7 +156,11 @@ def missing(work: str, out: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    work, out = argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("work", help="the parts' files (the check's scratch folder, or its unpacked results.tar.gz)")
+    p.add_argument("out", help="the results folder: reads cuda_tests.xml there, writes summary.json there")
+    a = p.parse_args(argv)
+    work, out = a.work, a.out
     result = collect(work, out)
     with open(os.path.join(out, "summary.json.tmp"), "w") as f:
         json.dump(result, f, indent=1)
