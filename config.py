@@ -193,9 +193,12 @@ class RunConfig:
 
     seed: int = 1337  # one seed for the run: init, data order, growth noise, routers, samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # compile: measured on CPU (micro, 1 thread): dense step 27 ms compiled vs 104 ms eager after a 63 s compile;
-    # MoE 238 vs 152 ms (the expert loop runs eagerly between compiled graphs). Off by default: it pays only on
-    # long dense phases, and on a GPU it is unmeasured (bench/gpu_check.sh measures it).
+    # compile: measured on CPU (micro, 1 thread, before issue 20): dense step 27 ms compiled vs 104 ms eager after a
+    # 63 s compile; MoE 238 vs 152 ms while its expert loop ran eagerly between compiled graphs. Since issue 20 the
+    # dense and MoE steps compile as one graph (grouped_mm in bf16, the expert op elsewhere), so a compiled MoE step
+    # no longer pays graph breaks. Off by default everywhere until bench/gpu_check.sh's phases_eager against
+    # phases_compiled is measured on a GPU (none lent yet); the roofline (training/roofline.py) predicts compile
+    # lifts the cuda preset's MFU from 14/14/26% to 24/23/39% on an H100, a prediction only.
     compile: bool = False  # torch.compile the training model (first step of each phase compiles: about a minute on CPU)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast, CPU too) | fp32
     tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tensorboard (pip install tensorboard)

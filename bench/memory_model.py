@@ -39,8 +39,9 @@ from models import build_model  # noqa: E402
 from training.loop import Phase, PhaseRun, lm_loss, train_phase  # noqa: E402
 from training.transition import transition  # noqa: E402
 from training.stages import PIPELINE, stage_configs  # noqa: E402
+from training.costs import parameter_count  # noqa: E402
 from training.plan import (WIDTHS, autocast_weights, block_saved_bytes, clone_divergence_bytes,  # noqa: E402
-                           eval_memory, head_saved_bytes, parameter_count, step_memory, transition_memory)
+                           eval_memory, head_saved_bytes, step_memory, transition_memory)
 from training.parallel.runtime import Runtime  # noqa: E402
 from training.settings import build_settings  # noqa: E402
 from transfer import measure_clone_divergence  # noqa: E402

@@ -7,7 +7,7 @@ Each stage's model is built from training.stages.stage_configs (random init) and
 with the training loop's own pieces: accumulate_gradients (lm_loss under the runtime's autocast, gradient
 accumulation, activation checkpointing), the loop's compile wrapper, gradient clipping and make_optimizer's
 AdamW. Warm-up steps (compilation included) are not timed. MFU is model FLOPs (Transformer.flops_per_token)
-per second over training.plan.peak_flops for the GPU and precision; peak memory is
+per second over training.costs.peak_flops for the GPU and precision; peak memory is
 torch.cuda.max_memory_allocated over the phase (weights, gradients, AdamW state, activations), set against
 training.plan.make_plan's training-step peak for that phase (an eager-mode model: a compiled step may use
 less). Figures, not assertions. Writes one JSON file (--out), rewritten after every phase so a time limit
@@ -74,7 +74,8 @@ def targets(s: Settings, rt: Runtime) -> Target:
     """training.plan's peak FLOP/s and per-phase memory; a missing or failing plan leaves them unknown."""
     precision = resolve_precision(s.run.precision, rt.device.type)
     try:
-        from training.plan import make_plan, peak_flops
+        from training.costs import peak_flops
+        from training.plan import make_plan
     except ImportError as e:
         return Target(None, {}, f"training.plan unavailable: {e}")
     name = gpu_name(rt.device)
@@ -90,7 +91,8 @@ def planned_memory(phase) -> dict:
     """A PhasePlan's memory: the training step's peak (what this script measures) and the phase's (with its
     transition checks and evals, which this script does not run)."""
     m = phase.memory
-    return {"planned_step_peak_bytes": m.step_peak, "planned_step_moment": m.step_moment,
+    return {"planned_mfu": phase.mfu, "planned_mfu_source": phase.mfu_source,
+            "planned_step_peak_bytes": m.step_peak, "planned_step_moment": m.step_moment,
             "planned_phase_peak_bytes": phase.peak_bytes, "planned_phase_peak_at": m.where}
 
 

@@ -1,16 +1,19 @@
 """Training-step throughput of the project's models against transformers' Llama / Mixtral, and MoE layer cost.
 
-    python bench/throughput.py                  # CPU here; CUDA (bf16 autocast) when available
-    python bench/throughput.py --reps=10 --dim=256
+    python bench/throughput.py                       # CPU here, fp32; CUDA (bf16 autocast) when available
+    python bench/throughput.py --precision=bf16 --compile --experts 8
 
-Same configs, same weights (exported with transfer.hf_format.to_hf), same batches, one process, contenders
-alternated step by step after warm-up; medians. Model FLOPs = 6 x active parameters x tokens (+ attention
-12 x layers x T x dim per token); utilisation against the fp32 (CPU) / bf16 (CUDA) matmul peak measured in
-the same run. Figures, not assertions: run it on a quiet machine. Writes throughput.json and throughput.png
-to --out-dir (default bench/results).
+Same configs, same weights (exported with transfer.hf_format.to_hf), same batches, the same autocast dtype on
+both sides, one process, contenders alternated step by step after warm-up; medians. transformers' Mixtral runs
+at its fastest experts implementation: every one it offers here (set_experts_implementation: eager, batched_mm,
+grouped_mm, ...) races and the fastest is the one compared. --compile compiles both sides' models. Model FLOPs =
+6 x active parameters x tokens (+ attention 12 x layers x T x dim per token); utilisation against the matmul
+peak in the step's dtype measured in the same run. Figures, not assertions: run it on a quiet machine. Writes
+throughput.json and throughput.png to --out-dir (default bench/results).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -49,26 +52,71 @@ def matmul_peak(device, dtype, n=2048, reps=10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def step_fn(model, hf: bool, device, autocast_dtype, tc):
-    """One training step: the project's objective (training.loop.lm_loss: cross-entropy + MoE balance and z
-    losses) for our models; cross-entropy + Mixtral's own load-balancing loss for HF's (as its trainer does);
-    the pipeline's AdamW for both."""
+def step_fn(model, hf: bool, device, autocast_dtype, tc, net=None):
+    """One training step of `net` (model, or its compiled wrapper): the project's objective (training.loop.lm_loss:
+    cross-entropy + MoE balance and z losses) for our models; cross-entropy + Mixtral's own load-balancing loss
+    for HF's (as its trainer does); the pipeline's AdamW for both."""
     opt = make_optimizer(model, 1e-4, tc)  # the pipeline's optimizer for both contenders
     hf_moe = hf and getattr(model.config, "num_local_experts", 0) > 0
+    net = model if net is None else net
 
     def step(x, y):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if hf:
-                out = model(x, output_router_logits=True) if hf_moe else model(x)
+                out = net(x, output_router_logits=True) if hf_moe else net(x)
                 loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
                 if hf_moe:
                     loss = loss + tc.balance_coef * out.aux_loss
             else:
-                loss = lm_loss(model, x, y, tc)[1]
+                loss = lm_loss(net, x, y, tc)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def hf_contenders(ours, device, autocast_dtype, tc, compiled: bool, batch) -> dict:
+    """transformers' model of `ours` at each experts implementation that runs a training step here (a dense
+    Llama has one); an implementation it accepts but cannot run (a CUDA kernel's package missing, out of memory)
+    is left out, and so is one whose trial step took over TRIAL_SLOWER times the fastest trial's (batched_mm
+    gathers every token's expert weights: minutes a step at these shapes)."""
+    base = to_hf(ours).to(device).train()
+    impls = HF_EXPERTS if getattr(base.config, "num_local_experts", 0) > 0 else [None]
+    out, trial = {}, {}
+    for impl in impls:
+        gathered = _batched_mm_bytes(ours.config, batch[0].numel(), autocast_dtype)
+        if impl == "batched_mm" and gathered > BATCHED_MM_LIMIT:
+            print(f"transformers experts implementation batched_mm: left out (it would gather "
+                  f"{gathered / 2**30:.0f} GiB of per-token expert weights)")
+            continue
+        hf = copy.deepcopy(base)
+        try:
+            if impl is not None:
+                hf.set_experts_implementation(impl)
+            step = step_fn(hf, True, device, autocast_dtype, tc, torch.compile(hf) if compiled else hf)
+            for _ in range(2):  # the second trial step is timed: the first compiles or warms up
+                sync(device)
+                started = time.perf_counter()
+                step(*batch)
+                sync(device)
+        except (ValueError, ImportError, RuntimeError, NotImplementedError) as e:
+            print(f"transformers experts implementation {impl}: left out ({type(e).__name__}: {str(e)[:120]})")
+            del hf
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        name = f"hf {impl}" if impl else "hf"
+        out[name], trial[name] = step, time.perf_counter() - started
+        if min(trial.values()) * TRIAL_SLOWER < trial[name]:
+            print(f"transformers experts implementation {impl}: left out (trial step {trial[name]:.2f} s, over "
+                  f"{TRIAL_SLOWER}x the fastest's {min(trial.values()):.2f} s)")
+            del out[name]
+    return {k: v for k, v in out.items() if trial[k] <= TRIAL_SLOWER * min(trial.values())}
+
+
+def _batched_mm_bytes(cfg, tokens: int, autocast_dtype) -> int:
+    """Bytes of expert weights transformers' batched_mm gathers: one gate/up/down copy per token and choice."""
+    return tokens * cfg.top_k * 3 * cfg.dim * cfg.hidden_dim * (2 if autocast_dtype else 4)
 
 
 def race(contenders: dict, batch, reps: int, device) -> dict[str, float]:
@@ -122,6 +170,9 @@ def plot(result: dict, path: str) -> None:
     a1.set_ylabel("ms per training step")
     a1.set_title(f"Training step, {result['config']}", fontsize=9)
     layers = result["moe_layer"]
+    if not layers:  # --skip-layer
+        a2.set_visible(False)
+        layers = [{"experts": 0, "moe_ms": 1.0, "dense_ms": 1.0}]
     xs = [str(r["experts"]) for r in layers]
     a2.plot(xs, [r["moe_ms"] for r in layers], "o-", label="MoE layer (top-2)")
     a2.plot(xs, [r["dense_ms"] for r in layers], "s--", label="dense SwiGLU, same active parameters")
@@ -138,6 +189,9 @@ def plot(result: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
+HF_EXPERTS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")  # those missing here are skipped
+BATCHED_MM_LIMIT = 2 << 30  # bytes: above this batched_mm is not tried (it ran this machine out of memory)
+TRIAL_SLOWER = 3  # an implementation whose trial step is this many times the fastest's does not race
 BENCH_DEFAULTS = {"train": {"batch_size": 8}, "model": {"tie_embeddings": False}}  # on top of config.py's
 
 
@@ -148,6 +202,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16], help="MoE step races at these expert counts")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast dtype of both sides (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides' models")
+    p.add_argument("--skip-layer", action="store_true", help="skip the MoE layer vs dense FFN table")
     try:
         a, overrides = parse_command_line(p, argv)
         s = build_settings(None, merge_overrides(BENCH_DEFAULTS, overrides))
@@ -158,12 +216,15 @@ def main(argv: list[str]) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ac = torch.bfloat16 if device.type == "cuda" else None
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
+    ac = torch.bfloat16 if bf16 else None
     peak = matmul_peak(device, ac or torch.float32, n=8192 if device.type == "cuda" else 2048)  # big enough to saturate
+    dtype_name = "bf16" if ac else "fp32"
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"matmul peak {peak:.1f} GFLOP/s ({'bf16' if ac else 'fp32'})")
-    result = dict(device=f"{device.type} ({'bf16' if ac else 'fp32'})", torch=torch.__version__,
-                  threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[], speedup={},
+          f"matmul peak {peak:.1f} GFLOP/s ({dtype_name}); {'compiled' if a.compile else 'eager'}")
+    result = dict(device=f"{device.type} ({dtype_name})", torch=torch.__version__, precision=dtype_name,
+                  compile=a.compile, threads=torch.get_num_threads(), peak_gflops=peak, steps=[], moe_layer=[],
+                  speedup={}, hf_experts={}, hf_all={},
                   config=f"dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}, batch {batch_size}x{seq}")
     x = torch.randint(0, m.vocab_size, (batch_size, seq + 1), device=device)
     batch = (x[:, :-1], x[:, 1:])
@@ -172,27 +233,42 @@ def main(argv: list[str]) -> int:
         cfg = replace(m, max_seq_len=seq, n_experts=n_experts, top_k=s.growth.top_k)
         torch.manual_seed(0)
         ours = build_model(cfg).to(device)
-        hf = to_hf(ours).to(device).train()
-        times = race({"ours": step_fn(ours, False, device, ac, s.train), "hf": step_fn(hf, True, device, ac, s.train)}, batch, a.reps, device)
+        contenders = {"ours": step_fn(ours, False, device, ac, s.train, torch.compile(ours) if a.compile else None)}
+        contenders.update(hf_contenders(ours, device, ac, s.train, a.compile, batch))
+        times = race(contenders, batch, a.reps, device)
+        fastest = min((k for k in times if k != "ours"), key=times.get)
+        result["hf_all"][kind] = {k: 1000 * v for k, v in times.items() if k != "ours"}
+        result["hf_experts"][kind] = fastest.removeprefix("hf").strip() or None
         flops = ours.flops_per_token(seq) * tokens
-        for name, sec in times.items():
+        for name in ("ours", fastest):
+            sec = times[name]
             label = "project" if name == "ours" else ("HF Llama" if n_experts == 0 else "HF Mixtral")
             print(f"{kind:<6} {label:<11} {1000 * sec:8.1f} ms/step  {tokens / sec:9.0f} tok/s  "
-                  f"{flops / sec / 1e9:6.1f} GFLOP/s  MFU {100 * flops / sec / 1e9 / peak:5.1f}%")
+                  f"{flops / sec / 1e9:6.1f} GFLOP/s  MFU {100 * flops / sec / 1e9 / peak:5.1f}%"
+                  + (f"  (experts {result['hf_experts'][kind]}, fastest of "
+                     + ", ".join(f"{k.split()[1]} {1000 * v:.0f} ms" for k, v in times.items() if k != "ours") + ")"
+                     if name != "ours" and n_experts else ""))
             result["steps"].append(dict(model=kind, contender=label, ms=1000 * sec, tokens_per_s=tokens / sec,
                                         mfu=flops / sec / 1e9 / peak))
-        print(f"{kind:<6} speed-up project / HF: {times['hf'] / times['ours']:.2f}x")
-        result["speedup"][kind] = times["hf"] / times["ours"]
+        print(f"{kind:<6} speed-up project / HF: {times[fastest] / times['ours']:.2f}x")
+        result["speedup"][kind] = times[fastest] / times["ours"]
+    os.makedirs(a.out_dir, exist_ok=True)
+    if a.skip_layer:
+        return _write(result, a.out_dir)
     print("\nMoE layer (top-2) vs dense SwiGLU with the same active parameters, forward+backward, "
           f"{tokens} tokens, dim {m.dim}:")
     for n_experts, moe_ms, dense_ms in moe_layer_costs(m.dim, m.hidden_dim, tokens, device, a.reps):
         print(f"  {n_experts:>2} experts: {moe_ms:7.2f} ms vs dense {dense_ms:7.2f} ms  ({100 * (moe_ms / dense_ms - 1):+.0f}%)")
         result["moe_layer"].append(dict(experts=n_experts, moe_ms=moe_ms, dense_ms=dense_ms))
-    os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, "throughput.json"), "w") as f:
+    return _write(result, a.out_dir)
+
+
+def _write(result: dict, out_dir: str) -> int:
+    """throughput.json and throughput.png into out_dir."""
+    with open(os.path.join(out_dir, "throughput.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, os.path.join(a.out_dir, "throughput.png"))
-    print(f"wrote {a.out_dir}/throughput.json and throughput.png")
+    plot(result, os.path.join(out_dir, "throughput.png"))
+    print(f"wrote {out_dir}/throughput.json and throughput.png")
     return 0
 
 

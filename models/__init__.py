@@ -1,9 +1,10 @@
 """The project's one decoder definition (dense and MoE) and its MoE helpers."""
 from models.model import Attention, Block, FeedForward, ModelOutput, RMSNorm, Transformer, build_model
 from models.generate import generate
-from models.moe import MoEFeedForward, expert_load, load_balancing_loss, load_entropy, route, router_z_loss
+from models.moe import (MoEFeedForward, expert_load, load_balancing_loss, load_entropy, route, router_z_loss,
+                        set_expert_impl)
 
 __all__ = [
     "generate", "Attention", "Block", "FeedForward", "ModelOutput", "RMSNorm", "Transformer", "build_model",
-    "MoEFeedForward", "expert_load", "load_balancing_loss", "load_entropy", "route", "router_z_loss",
+    "MoEFeedForward", "expert_load", "load_balancing_loss", "load_entropy", "route", "router_z_loss", "set_expert_impl",
 ]

@@ -31,7 +31,20 @@ class RMSNorm(nn.Module):
         # Normalise in at least fp32 (bf16 under autocast loses too much), as HF Llama does.
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return _to_compute_dtype(self.weight * xf.to(x.dtype))
+
+
+def _to_compute_dtype(t: Tensor) -> Tensor:
+    """t in autocast's dtype where autocast is on: the norm's output is cast once here, not once by each of the
+    projections that read it (q, k, v; gate, up, router). Outside autocast t is returned as it is."""
+    return t.to(_compute_dtype(t))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """Autocast's dtype where it is on (float64 is never autocast), else t's."""
+    if torch.is_autocast_enabled(t.device.type) and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -63,7 +76,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+        cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)  # RoPE in the projections' dtype (bf16 under autocast)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:  # query head i reads kv head i // group
             group = self.n_heads // self.n_kv_heads
@@ -159,12 +172,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(tokens)
         hidden_states, router_logits = [x], []
+        dtype = _compute_dtype(x)  # one cast of the RoPE tables per forward, not two per block
+        cos, sin = self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # keeps only the block's input; non-reentrant: works with compile, DDP and autocast
-                x, logits = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+                x, logits = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x, logits = block(x, self.rope_cos, self.rope_sin)
+                x, logits = block(x, cos, sin)
             hidden_states.append(x)
             if logits is not None:
                 router_logits.append(logits)

@@ -133,6 +133,69 @@ def test_compiled_training_gives_the_eager_losses(n_experts, no_tf32):
     assert compiled == pytest.approx(eager, rel=1e-3)
 
 
+# ------------------------------------------------------------------------------------------ MoE dispatch
+def _moe_layer(impl: str):
+    from models.moe import MoEFeedForward
+    torch.manual_seed(0)
+    moe = MoEFeedForward(256, 704, 8, 2).to(CUDA)  # the cuda preset's phase-2 layer
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    moe.impl = impl
+    return moe
+
+
+def _moe_step(moe, x: torch.Tensor) -> list[torch.Tensor]:
+    """bf16 autocast forward + backward of the layer: output and every gradient, in fp32."""
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    (y.float() * torch.linspace(-1, 1, y.numel(), device=CUDA).view_as(y)).sum().backward()
+    return [y.float(), x.grad.float()] + [p.grad.float() for p in moe.parameters()]
+
+
+def test_grouped_mm_moe_equals_the_loop_in_bf16_and_never_syncs():
+    """The grouped-matmul path on the device's kernels: value and gradients within bf16 tolerance of the loop's,
+    forward and backward with torch.cuda.set_sync_debug_mode("error") (any host sync raises)."""
+    from models.moe import grouped_mm_runs
+    if not grouped_mm_runs(CUDA, torch.bfloat16):
+        pytest.skip("no grouped_mm for this GPU and torch")
+    x = torch.randn(4096, 256, device=CUDA)
+    ref = _moe_step(_moe_layer("loop"), x)
+    grouped = _moe_layer("grouped_mm")
+    _moe_step(grouped, x)  # warm-up: first calls may synchronise (allocator, kernel loading)
+    for p in grouped.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = _moe_step(grouped, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=0, atol=3e-2 * r.abs().max().item())
+
+
+def test_moe_model_compiles_fullgraph_in_bf16_and_equals_eager():
+    """The MoE training forward + backward as one Inductor graph (fullgraph=True) on the GPU: loss and gradients
+    within bf16 tolerance of eager's, with and without activation checkpointing."""
+    x, y = RandomTokens(512, 4, 128, CUDA, seed=0).next()
+    for checkpointing in (False, True):
+        torch._dynamo.reset()
+        results = []
+        for compiled in (False, True):
+            model = _model(4)
+            model.activation_checkpointing = checkpointing
+            net = torch.compile(model, fullgraph=True) if compiled else model
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                total = lm_loss(net, x, y, TC)[1]
+            total.backward()
+            results.append((total.item(), [p.grad.float() for p in model.parameters()]))
+        (loss_e, grads_e), (loss_c, grads_c) = results
+        assert loss_c == pytest.approx(loss_e, rel=1e-2)
+        for g, r in zip(grads_c, grads_e):
+            assert torch.allclose(g, r, rtol=0, atol=5e-2 * max(r.abs().max().item(), 1e-6))
+
+
 # ------------------------------------------------------------------------------------------ memory
 def test_activation_checkpointing_lowers_peak_cuda_memory():
     """6 blocks, 8 x 256 tokens, fp32: without checkpointing each block keeps ~25 MB for backward; with it only the

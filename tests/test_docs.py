@@ -49,7 +49,7 @@ def test_readme_commands_name_real_files_and_options():
 SCRIPTS = ["train_tinystories.py", "test_growth_checks.py", "export_hf.py", "prepare_data.py", "sample.py",
            "evaluate.py", "bench/growth_vs_scratch.py", "bench/throughput.py", "bench/growth_exactness.py",
            "bench/verify_cost.py", "bench/memory_model.py", "bench/phase_throughput.py", "bench/report_screenshot.py",
-           "bench/tokenize_rate.py", "verify_growth.py"]
+            "bench/tokenize_rate.py", "bench/expert_impls.py", "bench/gpu_check_summary.py", "verify_growth.py"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,13 @@
 """bench/phase_throughput.py on the CPU (micro preset, two steps), and bench/gpu_check.sh: it parses, its dry run
-prints every part, a run records failed and timed-out parts and goes on, and its summary reads a results folder."""
+prints every part, a run records failed and timed-out parts and goes on, a pytest part stopped by its limit keeps
+its JUnit XML, at most 4 flat files come back, the summary reads them, and --rehearse runs every part on the CPU."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from training.settings import build_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
-PARTS = ["env", "cuda_tests", "micro_run", "phases", "vs_hf", "memory"]
+PARTS = ["env", "cuda_tests", "micro_run", "phases_eager", "phases_compiled", "fsdp", "vs_hf", "memory"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
 
 
@@ -96,88 +100,144 @@ def test_phase_throughput_answers_help():
 
 
 # ------------------------------------------------------------------------------------------ gpu_check.sh
+MAX_FILES, MAX_BYTES = 8, 16 << 20  # what the device tool brings back from $OUT: 8 files, two folders deep, 16 MiB
+
+
 def _check(*args, env=None, timeout=120):
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _brought_back(out) -> list:
+    """Every file under out, asserting what the device tool can bring back: 1..8 files, none too deep or big."""
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert 1 <= len(files) <= MAX_FILES, files
+    for f in files:
+        assert len(f.relative_to(out).parts) <= 3 and f.stat().st_size <= MAX_BYTES, f
+    return files
+
+
+def _unpacked(out, tmp_path):
+    dest = tmp_path / "unpacked"
+    dest.mkdir()
+    with tarfile.open(out / "results.tar.gz") as t:
+        t.extractall(dest, filter="data")
+    return dest
 
 
 def test_gpu_check_is_executable_bash_that_parses():
     assert os.access(SCRIPT, os.X_OK)
     assert subprocess.run(["bash", "-n", SCRIPT], capture_output=True).returncode == 0
     help_text = _check("--help").stdout
-    assert all(f"LIMIT_{v}=" in help_text for v in ("ENV", "TESTS", "MICRO", "PHASES", "HF", "MEMORY"))
+    for v in ("ENV", "TESTS", "MICRO", "EAGER", "COMPILED", "FSDP", "HF", "MEMORY", "SCALE"):
+        assert f"LIMIT_{v}" in help_text, v
+    assert "--rehearse" in help_text
 
 
-def test_gpu_check_dry_run_prints_every_part_and_writes_nothing(tmp_path):
+def test_gpu_check_dry_run_prints_every_part_within_600_s_and_writes_nothing(tmp_path):
     out = tmp_path / "results"
     proc = _check("--dry-run", str(out))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert [line.split()[1] for line in text.splitlines() if line.startswith("== ")] == PARTS
-    for expected in ("python -m pytest -m cuda tests/test_cuda.py", f"--junitxml={out}/cuda_tests.xml",
+    limits = [int(line.split("limit ")[1].rstrip("s)")) for line in text.splitlines() if line.startswith("== ")]
+    assert sum(limits) + 3 * len(limits) <= 480  # well inside the device tool's 600 s per command
+    for expected in ("-m pytest -m cuda tests/test_cuda.py", f"--junitxml={out}/cuda_tests.xml",
                      "train_tinystories.py --preset micro --device=cuda --compile=true --precision=bf16",
-                     f"bench/phase_throughput.py --preset cuda --device=cuda --compile=true --precision=bf16 "
-                     f"--steps 100 --warmup 8 --out {out}/phase_throughput.json",
-                     f"bench/throughput.py --out-dir {out}/throughput", f"{out}/env.json"):
+                     "bench/phase_throughput.py --preset cuda --device=cuda --compile=false --precision=bf16 "
+                     "--steps 200 --warmup 5 --out $WORK/phases_eager.json",
+                     "--compile=true --precision=bf16 --steps 100 --warmup 5 --out $WORK/phases_compiled.json",
+                     "-m torch.distributed.run --standalone --nproc_per_node=1 train_tinystories.py --preset micro "
+                     "--device=cuda --parallel=fsdp --precision=bf16",
+                     "bench/throughput.py --out-dir $WORK --precision=bf16", "bench/memory_model.py --device=cuda"):
         assert expected in text, expected
-    assert not out.exists()
+    assert "pip" not in text.split() and not out.exists()
 
 
-def test_gpu_check_limits_and_results_folder_come_from_the_environment(tmp_path):
-    env = dict(ENV, OUT=str(tmp_path / "from_out"), LIMIT_PHASES="7", PHASE_STEPS="3")
+def test_gpu_check_prefers_python3_and_takes_limits_and_folder_from_the_environment(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "PYTHON"}
     text = _check("--dry-run", env=env).stdout
-    assert "== phases (limit 7s)" in text and "--steps 3 " in text and f"{tmp_path}/from_out/env.json" in text
+    assert f"{shutil.which('python3')} -m pytest" in text
+    env = dict(ENV, OUT=str(tmp_path / "from_out"), LIMIT_EAGER="7", PHASE_STEPS="3", LIMIT_SCALE="2")
+    text = _check("--dry-run", env=env).stdout
+    assert "== phases_eager (limit 14s)" in text and "--steps 3 " in text and f"{tmp_path}/from_out/cuda_tests" in text
+    rehearsal = _check("--rehearse", "--dry-run").stdout
+    assert "--device=cpu" in rehearsal and "--device=cuda" not in rehearsal and "--preset micro" in rehearsal
     assert _check("--bogus").returncode == 2
 
 
 @pytest.mark.slow
-def test_gpu_check_records_each_part_goes_on_past_failures_and_summarises(tmp_path):
-    """Tiny limits: every part after env times out (or fails without CUDA); all six are still recorded, in
-    order, an earlier check's results are gone, the summary is printed and written, and the exit code says a
-    part did not succeed."""
+def test_gpu_check_records_each_part_goes_on_past_failures_and_brings_back_four_files(tmp_path):
+    """Tiny limits: every part after env times out (or fails without CUDA); all eight are still recorded, in
+    order, in the tarball, an earlier check's files are gone, the summary is printed and written, and the exit
+    code says a part did not succeed."""
     out = tmp_path / "results"
     out.mkdir()
-    (out / "phase_throughput.json").write_text('{"phases": []}')  # an earlier check's: must not pass for this one's
+    (out / "summary.json").write_text('{"parts": []}')  # an earlier check's: must not pass for this one's
     (out / "notes.txt").write_text("not the check's")
-    env = dict(ENV, LIMIT_ENV="90", LIMIT_TESTS="1", LIMIT_MICRO="1", LIMIT_PHASES="1", LIMIT_HF="1",
-               LIMIT_MEMORY="1")
+    env = dict(ENV, LIMIT_ENV="90", **{f"LIMIT_{v}": "1" for v in ("TESTS", "MICRO", "EAGER", "COMPILED", "FSDP",
+                                                                      "HF", "MEMORY")})
     proc = _check(str(out), env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    parts = [json.loads(line) for line in (out / "parts.jsonl").read_text().splitlines()]
+    (out / "notes.txt").unlink()
+    assert {f.name for f in _brought_back(out)} <= {"summary.json", "summary.txt", "cuda_tests.xml", "results.tar.gz"}
+    work = _unpacked(out, tmp_path)
+    parts = [json.loads(line) for line in (work / "parts.jsonl").read_text().splitlines()]
     assert [p["part"] for p in parts] == PARTS
     assert parts[0]["status"] == ("ok" if torch.cuda.is_available() else "failed")
     for p in parts[1:]:
-        assert p["status"] in ("timed_out", "failed", "skipped") and p["wall_s"] < 10, p
-        assert (out / p["log"]).exists() and p["commands"]
+        assert p["status"] in ("timed_out", "failed") and p["wall_s"] < 10, p
+        assert (work / p["log"]).exists() and p["commands"]
     assert parts[1]["status"] == "timed_out" and parts[1]["exit_code"] == 124
-    env_facts = json.loads((out / "env.json").read_text())
+    env_facts = json.loads((work / "env.json").read_text())
     assert env_facts["torch"] == torch.__version__ and env_facts["cuda_available"] == torch.cuda.is_available()
-    assert not (out / "phase_throughput.json").exists() and (out / "notes.txt").exists()
     assert "GPU CHECK SUMMARY" in proc.stdout and json.loads((out / "summary.json").read_text())["parts"] == parts
 
 
-def _finished_check(folder, phases: dict) -> None:
-    """A results folder as a GPU run leaves it (figures made up, shapes real)."""
-    (folder / "micro_run").mkdir(parents=True)
-    (folder / "throughput").mkdir()
+def test_a_pytest_part_stopped_by_its_limit_still_writes_its_junit_xml(tmp_path):
+    """SIGINT, not SIGTERM: pytest finishes its session and writes the XML of the tests that ran."""
+    tests = tmp_path / "test_slow_part.py"
+    tests.write_text("import time, pytest\npytestmark = pytest.mark.cuda\n\ndef test_quick():\n    pass\n\n"
+                     "def test_hangs():\n    time.sleep(600)\n")
+    out = tmp_path / "results"
+    env = dict(ENV, CUDA_TESTS=str(tests), LIMIT_ENV="60", LIMIT_TESTS="20",
+               **{f"LIMIT_{v}": "1" for v in ("MICRO", "EAGER", "COMPILED", "FSDP", "HF", "MEMORY")})
+    _check(str(out), env=env, timeout=300)
+    root = ET.parse(out / "cuda_tests.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert [c.get("name") for c in suite.iter("testcase")][:1] == ["test_quick"]
+    assert json.loads((out / "summary.json").read_text())["cuda_tests"]["passed"] >= 1
+
+
+def _finished_check(out, tmp_path, phases: dict) -> None:
+    """A results folder as a GPU run leaves it (figures made up, shapes real): the tarball and the XML."""
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
     parts = [{"part": p, "limit_s": 10, "exit_code": 0, "status": "ok", "wall_s": 1.5, "log": f"logs/{p}.log",
               "commands": "x"} for p in PARTS]
-    (folder / "parts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in parts))
-    (folder / "env.json").write_text(json.dumps({"torch": "2.x", "cuda": "12.8", "gpu_name": "NVIDIA H100 80GB HBM3",
-                                                 "gpu_memory_gib": 79.2, "git_commit": "0123456789abcdef"}))
-    (folder / "phase_throughput.json").write_text(json.dumps(phases))
-    (folder / "cuda_tests.xml").write_text('<testsuites><testsuite tests="12" failures="1" errors="0" skipped="1">'
-                                          "</testsuite></testsuites>")
+    (work / "parts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in parts))
+    (work / "env.json").write_text(json.dumps({"torch": "2.x", "cuda": "12.8", "gpu_name": "NVIDIA H100 80GB HBM3",
+                                               "gpu_memory_gib": 79.2, "git_commit": "0123456789abcdef"}))
+    compiled = json.loads(json.dumps(phases))
+    compiled["phases"][0]["tokens_per_s"] *= 1.5
+    (work / "phases_eager.json").write_text(json.dumps(phases))
+    (work / "phases_compiled.json").write_text(json.dumps(compiled))
     records = [{"kind": "train", "phase": "dense", "tokens_per_s": 12345.0, "mfu": 0.1},
                {"kind": "eval", "phase": "dense", "loss": 3.25}, {"kind": "outcome", "status": "finished"}]
-    (folder / "micro_run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "memory_model").mkdir()
-    (folder / "memory_model" / "memory_model_cuda.json").write_text(json.dumps({
+    for name in ("micro_run.jsonl", "fsdp_run.jsonl"):
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (work / "memory_model_cuda.json").write_text(json.dumps({
         "measured_with": "torch.cuda.max_memory_allocated", "summary": {"step_max_abs_error": 0.04}, "rows": [{}, {}]}))
-    (folder / "throughput" / "throughput.json").write_text(json.dumps({
-        "device": "cuda (bf16)", "peak_gflops": 700000.0, "speedup": {"dense": 1.2, "MoE-8": 1.6},
+    (work / "throughput.json").write_text(json.dumps({
+        "device": "cuda (bf16)", "precision": "bf16", "peak_gflops": 700000.0, "speedup": {"dense": 1.2, "MoE-8": 1.6},
+        "hf_experts": {"dense": None, "MoE-8": "grouped_mm"},
         "steps": [{"model": "MoE-8", "contender": "project", "ms": 50.0, "mfu": 0.3},
                   {"model": "MoE-8", "contender": "HF Mixtral", "ms": 80.0, "mfu": 0.19}]}))
+    out.mkdir(exist_ok=True)
+    (out / "cuda_tests.xml").write_text('<testsuites><testsuite tests="12" failures="1" errors="0" skipped="1">'
+                                        "</testsuite></testsuites>")
+    with tarfile.open(out / "results.tar.gz", "w:gz") as t:
+        t.add(work, arcname=".")
 
 
 @pytest.mark.slow
@@ -187,20 +247,21 @@ def test_gpu_check_summary_shows_figures_beside_the_goals(tmp_path, cpu_result):
     dense = phases["phases"][0]
     dense.update(mfu=0.412, peak_memory_bytes=3 << 30, planned_step_peak_bytes=2 << 30, memory_ratio=1.5)
     phases["phases"][2] = {"phase": "grown", "error": "OutOfMemoryError: CUDA out of memory"}
-    _finished_check(tmp_path, phases)
-    proc = _check("--summary", str(tmp_path))
+    out = tmp_path / "out"
+    _finished_check(out, tmp_path, phases)
+    proc = _check("--summary", str(out))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for expected in ("NVIDIA H100 80GB HBM3, 79.2 GiB", "CUDA tests: 10 passed, 1 failed, 1 skipped",
                      "outcome finished", "last eval loss 3.2500, 12,345 tok/s, MFU 10.0%",
-                     "MFU 41.2% (goal 45.0%)", "peak 3.00 GiB, plan (eager) 2.00 GiB, measured/plan 1.50",
-                     "grown  error: OutOfMemoryError", "against 989 TFLOP/s",
-                     "MoE-8   project is 1.60x the speed of transformers' Mixtral", "dense step >= 45% MFU",
-                     "plan vs torch.cuda.max_memory_allocated over 2 cases: step_max_abs_error 4.0%"):
+                     "MFU 41.2% (goal 45.0%", "peak 3.00 GiB, plan 2.00 GiB, measured/plan 1.50",
+                     "grown  error: OutOfMemoryError", "against 989 TFLOP/s", "compiled / eager tokens/s: dense 1.50x",
+                     "MoE-8   project is 1.60x the speed of transformers' Mixtral (grouped_mm)", "dense step >= 45% MFU",
+                     "plan vs measured over 2 cases: step_max_abs_error 4.0%", "FSDP, 1 process: outcome finished"):
         assert expected in text, expected
     phase_lines = [line for line in text.splitlines() if "MFU" in line]
     assert not any(word in line.lower() for line in phase_lines for word in ("pass", "fail", "✓", "✗"))
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["cuda_tests"]["passed"] == 10 and summary["vs_transformers"]["speedup"]["MoE-8"] == 1.6
     assert summary["memory_model"]["cases"] == 2 and "no result" not in text
 
@@ -208,4 +269,22 @@ def test_gpu_check_summary_shows_figures_beside_the_goals(tmp_path, cpu_result):
 def test_gpu_check_summary_of_an_empty_folder_says_what_is_missing_without_crashing(tmp_path):
     proc = _check("--summary", str(tmp_path))
     assert proc.returncode == 0 and "GPU CHECK SUMMARY" in proc.stdout, proc.stderr
-    assert "no result (see the parts' logs): parts.jsonl, env.json, cuda_tests.xml" in proc.stdout
+    assert "no result (see the parts' logs in results.tar.gz): cuda_tests.xml, parts.jsonl, env.json" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_runs_every_part_on_the_cpu_and_brings_back_what_the_device_tool_can(tmp_path):
+    """--rehearse: every part on the CPU at tiny sizes, the device's layout: exit 0, 1..8 files, none in a folder
+    deeper than two or over 16 MiB, summary.json with every part ok and the figures of each."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", SCRIPT, "--rehearse"], cwd=ROOT, env=dict(ENV, OUT=str(out)), capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = {f.name for f in _brought_back(out)}
+    assert {"summary.json", "cuda_tests.xml", "results.tar.gz"} <= names
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["part"] for p in summary["parts"]] == PARTS and {p["status"] for p in summary["parts"]} == {"ok"}
+    assert summary["micro_run"]["outcome"] == summary["fsdp_run"]["outcome"] == "finished"
+    assert [p["phase"] for p in summary["phases"]["eager"]["phases"]] == ["dense", "moe", "grown"]
+    assert summary["phases"]["compiled"]["compile"] is True and summary["vs_transformers"]["speedup"]
+    assert summary["memory_model"]["cases"] > 0 and summary["cuda_tests"]["tests"] > 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model
+from models import build_model, load_balancing_loss, router_z_loss
 from tests.conftest import tiny_config, tokens_for
 
 
@@ -103,3 +103,103 @@ def test_matches_hugging_face_llama_with_the_same_weights():
     tokens = tokens_for(2, 128)
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens)).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ dtype flow
+class _Record(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """Every aten op's name, input tensors' (shape, dtype) and output's, as it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [(tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor)]
+        outs = [(tuple(o.shape), o.dtype) for o in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(o, torch.Tensor)]
+        self.calls.append((str(func), ins, outs))
+        return out
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_under_bf16_autocast_each_norm_casts_once_and_attention_runs_in_bf16(n_experts, tokens):
+    """One block, fp32 weights and residual, bf16 autocast: the normalised input is cast to bf16 once per norm
+    (not once by each projection reading it), RoPE runs in bf16 (no fp32 tensor of q's shape), and SDPA is
+    handed q, k, v of one dtype."""
+    model = build_model(tiny_config(n_experts=n_experts))
+    block, x = model.blocks[0], model.embed(tokens)  # (B, T, D) fp32
+    B, T, D = x.shape
+    cos, sin = model.rope_cos[:T].to(torch.bfloat16), model.rope_sin[:T].to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Record() as rec:
+        block(x, cos, sin)
+    flat = (B * T, D)
+    activation_casts = [c for c in rec.calls if c[0].startswith("aten._to_copy") and c[1][0][0] in ((B, T, D), flat)
+                        and c[1][0][1] == torch.float32 and c[2][0][1] == torch.bfloat16]
+    assert len(activation_casts) == 2, activation_casts  # attention_norm's and ffn_norm's outputs
+    q_shape = (B, block.attention.n_heads, T, block.attention.head_dim)
+    assert not [c for c in rec.calls if any(o == (q_shape, torch.float32) for o in c[2])]
+    [sdpa] = [c for c in rec.calls if "scaled_dot_product" in c[0]]
+    assert {dtype for _, dtype in sdpa[1][:3]} == {torch.bfloat16}
+
+
+def test_float64_forward_has_no_casts_and_autocast_leaves_it_alone(tokens):
+    """The checks' float64 copies: no op changes dtype, with or without an enclosing autocast."""
+    model = build_model(tiny_config(n_experts=4)).double()
+    plain = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Record() as rec:
+        under = model(tokens)
+    assert torch.equal(plain, under) and under.dtype == torch.float64
+    assert not [c for c in rec.calls if any(d in (torch.bfloat16, torch.float32) for _, d in c[2])
+                and c[1] and all(d == torch.float64 for _, d in c[1])]
+
+
+# ------------------------------------------------------------------------------------------ one graph
+def _bf16_training_forward(model):
+    """The loop's training forward: details (router logits) included, grad on, bf16 autocast, fp32 loss."""
+    def fwd(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, return_details=True)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+        for logits in out.router_logits:
+            loss = loss + 0.01 * load_balancing_loss(logits, 2) + 1e-3 * router_z_loss(logits)
+        return loss
+    return fwd
+
+
+def _compile_model(n_experts: int, checkpointing: bool):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_experts=n_experts, top_k=2)).train()
+    model.activation_checkpointing = checkpointing
+    return model
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_training_forward_has_no_graph_breaks(n_experts, checkpointing, tokens):
+    """torch._dynamo.explain over the training forward and its objective (balance and z losses included)."""
+    model = _compile_model(n_experts, checkpointing)
+    explained = torch._dynamo.explain(_bf16_training_forward(model))(tokens[:, :-1], tokens[:, 1:])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_experts", [0, 4])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fullgraph_compiled_bf16_step_equals_eager(n_experts, checkpointing, tokens, single_thread):
+    """torch.compile(fullgraph=True) (Inductor) of the training forward + backward: loss and every gradient equal
+    eager's within bf16 tolerance (Inductor fuses and reorders bf16 arithmetic; 2^-8 relative per rounding)."""
+    x, y = tokens[:2, :-1], tokens[:2, 1:]
+    eager, compiled = _compile_model(n_experts, checkpointing), _compile_model(n_experts, checkpointing)
+    losses = []
+    for model, fn in ((eager, _bf16_training_forward(eager)),
+                      (compiled, torch.compile(_bf16_training_forward(compiled), fullgraph=True))):
+        loss = fn(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=0, atol=5e-2 * max(p.grad.abs().max().item(), 1e-6)), name
+    torch._dynamo.reset()

@@ -9,9 +9,9 @@ from bench.memory_model import measure_step, saved_bytes
 from config import ModelConfig, TrainConfig
 from models import build_model
 from training.run_state.disk import checkpoint_bytes
+from training.costs import flops_per_token, parameter_count, peak_flops
 from training.plan import (WIDTHS, activation_moments, autocast_weights, block_saved_bytes, checkpoint_size,
-                           eval_memory, fit_settings, flops_per_token, head_saved_bytes, make_plan, parameter_count,
-                           peak_flops, step_memory)
+                           eval_memory, fit_settings, head_saved_bytes, make_plan, step_memory)
 from training.stages import stage_configs
 from training.parallel.runtime import Runtime
 from training.settings import apply, build_settings, parse_overrides
@@ -103,7 +103,8 @@ def test_cuda_preset_plan_is_fast_and_builds_no_model(monkeypatch):
     assert [p.name for p in plan.phases] == ["dense", "moe", "grown"]
     assert plan.peak_bytes == max(p.memory.peak for p in plan.phases) > plan.phases[0].memory.step_peak
     assert plan.phases[0].memory.transition_peak == 0 < plan.phases[2].memory.transition_peak
-    for text in ("Phase 3: grown MoE", "MFU 0.35", "NVIDIA H100 80GB HBM3", "bf16", "micro-batch of 64 x 512"):
+    for text in ("Phase 3: grown MoE", "MFU dense ", "derived from the shapes", "training/roofline.py",
+                 "NVIDIA H100 80GB HBM3", "bf16", "micro-batch of 64 x 512"):
         assert text in table
 
 

@@ -5,6 +5,7 @@
     transition.py  grow the previous stage's model, check the pair (transfer.checks), record it
     loop.py        one stage's training loop;  run_data.py  its data;  settings.py  settings and the parser
     plan.py        the plan before any work and the memory pre-flight;  messages.py  what the console says
+    costs.py       parameters, FLOPs and a GPU's peak from a config;  roofline.py  the MFU its shapes allow
     scoring.py     sample.py's and evaluate.py's loading and scoring
     run_state/     checkpoints, the run's lock, disk needs      parallel/   device, process group, FSDP2
     reporting/     metrics.jsonl, plots, report.html, TensorBoard

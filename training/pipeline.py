@@ -29,7 +29,8 @@ from training.reporting.html_report import write_report
 from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
                            evaluate_details, train_phase)
 from training.messages import halt, resume_command, resume_hint, summary
-from training.plan import check_memory, peak_flops
+from training.costs import peak_flops
+from training.plan import check_memory
 from training.reporting.metrics import MetricsLog, phase_header
 from training.run_data import Data, load_data, load_prepared
 from training.parallel.runtime import Runtime, resolve_precision

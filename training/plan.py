@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -43,36 +42,16 @@ from training import stages
 from training.run_state.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
 from training.parallel.runtime import Runtime, resolve_precision
 from training.settings import RunRequest, Settings
+from training.costs import block_matmul_weights, flops_per_token, parameter_count, peak_flops
+from training.roofline import expected_mfu
 from training.stages import stage_configs
 
 GIB = 1024 ** 3
 
-# ------------------------------------------------------------------------------------------ device speed
-# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets: NVIDIA prints tensor figures "with
-# sparsity", which are twice these. "fp32" is the TF32 tensor figure: training.parallel.runtime sets allow_tf32, so fp32
-# matmuls run as TF32. Patterns are matched in order against torch.cuda.get_device_name(), most specific first.
-GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    (r"GH200", {"bf16": 989.4e12, "fp32": 494.7e12}),
-    (r"H200 NVL", {"bf16": 835.5e12, "fp32": 417.5e12}),
-    (r"H200", {"bf16": 989.4e12, "fp32": 494.7e12}),  # SXM
-    (r"H100 NVL", {"bf16": 835.5e12, "fp32": 417.5e12}),
-    (r"H100 PCIe", {"bf16": 756.5e12, "fp32": 378.0e12}),
-    (r"H100", {"bf16": 989.4e12, "fp32": 494.7e12}),  # SXM5, "NVIDIA H100 80GB HBM3"
-    (r"B200", {"bf16": 2250e12, "fp32": 1100e12}),
-    (r"A100", {"bf16": 312e12, "fp32": 156e12}),  # SXM4 and PCIe, 40 and 80 GB
-    (r"L40S", {"bf16": 366.5e12, "fp32": 183e12}),
-    (r"L40\b", {"bf16": 181e12, "fp32": 90.5e12}),
-    (r"\bL4\b", {"bf16": 121e12, "fp32": 60e12}),
-    # No NVIDIA datasheet for the A10G (AWS's GA102 variant of the A10): the A10's figures, not verified.
-    (r"A10G", {"bf16": 125e12, "fp32": 62.5e12}),
-    (r"\bA10\b", {"bf16": 125e12, "fp32": 62.5e12}),
-    (r"RTX 6000 Ada", {"bf16": 364.2e12, "fp32": 182.1e12}),
-    (r"RTX 4090", {"bf16": 165.2e12, "fp32": 82.6e12}),  # with fp32 accumulate (what torch uses)
-    (r"RTX 3090", {"bf16": 71e12, "fp32": 35.6e12}),
-    (r"V100", {"fp32": 15.7e12}),  # no bf16 tensor cores, no TF32
-    (r"\bT4\b", {"fp32": 8.1e12}),
-)
-DEFAULT_MFU = 0.35  # assumed model FLOPs utilisation for time estimates (bf16, an H100-class GPU, mid-sized model)
+# The plan's time on a GPU takes each phase's MFU from training.roofline (its shapes against the GPU's ridge point
+# and per-kernel overhead, or a figure gpu_check.sh measured and the repo records); DEFAULT_MFU only where the GPU's
+# bandwidth is not in that table. The old flat 35% was ~2.5x optimistic at these shapes (README, "At GPU scale").
+DEFAULT_MFU = 0.35  # assumed model FLOPs utilisation where no roofline can be made (an unknown GPU's bandwidth)
 REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a cuda plan assumes when none is named (planning on a CPU)
 # Achieved, not peak: the cpu preset's three phases ran 42-53 GFLOP/s of model FLOPs on 2 threads (config.py's
 # step times, fp32), ~20 GFLOP/s a thread. bf16 on a CPU is slower than fp32: no figure, no time.
@@ -89,42 +68,6 @@ def estimate_tokens(n_bytes: int, vocab_size: int) -> int:
     """Tokens in n_bytes of TinyStories-like text at vocab_size (the nearest measured vocabulary's rate)."""
     nearest = min(TOKENS_PER_FILE_BYTE, key=lambda v: abs(math.log(v / vocab_size)))
     return round(n_bytes * TOKENS_PER_FILE_BYTE[nearest])
-
-
-def peak_flops(gpu_name: str, precision: str) -> float | None:
-    """Dense peak FLOP/s of one GPU at precision "bf16" or "fp32" (TF32 matmuls), or None if unknown."""
-    for pattern, peaks in GPU_PEAK_FLOPS:
-        if re.search(pattern, gpu_name):
-            return peaks.get(precision)
-    return None
-
-
-# ------------------------------------------------------------------------------------------ sizes
-def parameter_count(cfg: ModelConfig, active: bool = False) -> int:
-    """Transformer.num_parameters(active) from the config alone."""
-    D, L = cfg.dim, cfg.n_layers
-    total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * D + L * _block_matmul(cfg)
-    if active and cfg.is_moe:
-        total -= L * (cfg.n_experts - cfg.top_k) * 3 * D * cfg.hidden_dim
-    return total
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Transformer.flops_per_token(seq_len) from the config alone (its docstring gives the convention)."""
-    norms = (2 * cfg.n_layers + 1) * cfg.dim
-    matmul = parameter_count(cfg, active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    return 6 * matmul + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-
-
-def _attention_weights(cfg: ModelConfig) -> int:
-    q = cfg.n_heads * cfg.head_dim
-    return 2 * cfg.dim * q + 2 * cfg.dim * cfg.kv_heads * cfg.head_dim
-
-
-def _block_matmul(cfg: ModelConfig) -> int:
-    """Matrix weights of one block: attention, then the dense FFN or the router and every expert."""
-    ffn = 3 * cfg.dim * cfg.hidden_dim
-    return _attention_weights(cfg) + (cfg.n_experts * (ffn + cfg.dim) if cfg.is_moe else ffn)
 
 
 def _tensor_count(cfg: ModelConfig) -> int:
@@ -156,18 +99,19 @@ def block_saved_bytes(cfg: ModelConfig, w: Widths, seq_len: int = 0, math_attent
     """Bytes per token one block keeps for backward, op by op (measured by bench/memory_model.py's hooks)."""
     D, Dq, F, k = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim, cfg.top_k
     norms = 2 * (2 * w.full * D + w.full)  # each RMSNorm: its input, the normalised x and the 1/rms
-    attn_in = 3 * w.act * D if w.autocast else w.full * D  # q, k and v each cast the normed input under autocast
+    attn_in = (w.act if w.autocast else w.full) * D  # the normed input, in autocast's dtype: q, k and v share it
     # q, k, v (kv heads expanded) and the output, which o_proj reads as a view (the kernels lay it out (B, T, H, hd)),
     # and per row the logsumexp (flash / memory-efficient kernels on CUDA, torch's flash kernel on CPU) or, on
     # CUDA's math path (float64: the checks), the (T, T) probabilities
     sdpa = 4 * w.act * Dq + w.full * cfg.n_heads * (seq_len if math_attention else 1)
     if not cfg.is_moe:
-        ffn_in = 2 * w.act * D if w.autocast else w.full * D
+        ffn_in = (w.act if w.autocast else w.full) * D  # gate and up share the normed input
         return norms + attn_in + sdpa + ffn_in + 4 * w.act * F  # gate, silu(gate), up, their product
     E = cfg.n_experts
     router = (w.act if w.autocast else w.full) * D + w.full * (E + 1 + 2 * k) + 3 * INDEX * k  # softmax, top-k, orders
-    expert_in = 2 * w.act * k * D if w.autocast else w.full * k * D  # tokens sorted by expert (cast twice in bf16)
-    experts = 4 * w.act * k * F + w.act * k * D + w.full * k * D  # SwiGLU per assignment, outputs, weighted outputs
+    expert_in = (w.act if w.autocast else w.full) * k * D  # tokens sorted by expert (gate and up share them)
+    # SwiGLU per assignment, outputs, and weighted outputs (in the outputs' dtype, which the combine keeps)
+    experts = 4 * w.act * k * F + w.act * k * D + (w.act if w.autocast else w.full) * k * D
     losses = w.full * (2 * E + 2)  # balance loss softmax, z-loss logsumexp input and output
     return norms + attn_in + sdpa + router + expert_in + experts + losses
 
@@ -196,7 +140,7 @@ def autocast_weights(cfg: ModelConfig, cached_only: bool = False) -> int:
     """bf16 copies (bytes) of the weights autocast casts: every matmul weight, the LM head included. Expert
     weights are views (unbind), never cached: cached_only leaves them out."""
     experts = cfg.n_layers * cfg.n_experts * 3 * cfg.dim * cfg.hidden_dim if cfg.is_moe else 0
-    weights = cfg.n_layers * _block_matmul(cfg) + cfg.vocab_size * cfg.dim
+    weights = cfg.n_layers * block_matmul_weights(cfg) + cfg.vocab_size * cfg.dim
     return 2 * (weights - experts if cached_only else weights)
 
 
@@ -216,7 +160,7 @@ def activation_moments(cfg: ModelConfig, tokens: int, precision: str, checkpoint
                 "last block's backward": copies + blocks + head - N * w.full * cfg.vocab_size
                 + N * block_backward_bytes(cfg, w)}
     inputs = N * L * w.full * cfg.dim  # each block's input, all the checkpoint keeps
-    block_copy = 2 * _block_matmul(cfg) if cast else 0
+    block_copy = 2 * block_matmul_weights(cfg) if cast else 0
     cached = autocast_weights(cfg, cached_only=True) if cast else 0
     return {"forward end": cached + inputs + head + logits,
             "backward start": head_copy + inputs + head + N * head_backward_bytes(cfg, w),
@@ -276,7 +220,7 @@ def fsdp_gathered_bytes(cfg: ModelConfig, precision: str) -> int:
     about 10% between runs and ranks."""
     compute = 2 if precision == "bf16" else 4
     root = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
-    block = _block_matmul(cfg) + 2 * cfg.dim
+    block = block_matmul_weights(cfg) + 2 * cfg.dim
     return compute * (root + 2 * block) + 2 * 4 * block
 
 
@@ -307,7 +251,7 @@ def transition_memory(old: ModelConfig, new: ModelConfig, tc: TrainConfig,
     if inserted:  # trainability's second evaluation, one inserted block at a time: all of them stepped (a
         # float64 copy), the earlier ones' gradients of the weights still waiting (all but o_proj and down_proj,
         # which were zero), and one block's activations
-        block = 2 * new.dim + _block_matmul(new)
+        block = 2 * new.dim + block_matmul_weights(new)
         waiting = block - new.dim * new.n_heads * new.head_dim - max(1, new.n_experts) * new.dim * new.hidden_dim
         grads += 8 * inserted * block + 8 * (inserted - 1) * waiting + n_grad * per_block
     # objective_gradients keeps its forward output, so the float64 logits live through backward as well
@@ -343,7 +287,7 @@ def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool,
 
 def clone_divergence_bytes(cfg: ModelConfig) -> int:
     """What measure_clone_divergence holds at its peak: folded and re-laid-out copies of the block weights."""
-    return int(CLONE_COPIES * 4 * cfg.n_layers * (2 * cfg.dim + _block_matmul(cfg)))
+    return int(CLONE_COPIES * 4 * cfg.n_layers * (2 * cfg.dim + block_matmul_weights(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -361,6 +305,8 @@ class PhasePlan:
     memory: Memory
     checkpoint_bytes: int
     seconds: float | None  # at the plan's device throughput; None when unknown
+    mfu: float | None = None  # the utilisation `seconds` assumes on a GPU (training.roofline, or stated)
+    mfu_source: str | None = None  # roofline (from the shapes) | measured (gpu_check.sh, recorded) | stated | assumed
 
     @property
     def peak_bytes(self) -> int:
@@ -384,6 +330,7 @@ class Plan:
     disk_bytes: int  # the most the checkpoints directory holds at once
     train_tokens: int | None = None
     parallel: str = "ddp"  # RunConfig.parallel: fsdp divides weights, gradients and AdamW by world_size
+    compiled: bool = False  # RunConfig.compile: the roofline's MFU is for a compiled step
 
     @property
     def peak_bytes(self) -> int:
@@ -433,11 +380,22 @@ class Plan:
         lines.append(f"{'peak':<{name_w}}{'':>57}{_gib(self.peak_bytes):>8}  {worst.label}, {worst.memory.where}")
         return "\n".join(lines + [""] + self.assumptions())
 
+    def mfu_text(self) -> str:
+        """Each phase's MFU and where it comes from, e.g. "dense 14%, moe 14%, grown 26% (roofline ...)"."""
+        figures = ", ".join(f"{p.name} {100 * p.mfu:.0f}%" for p in self.phases if p.mfu)
+        sources = {p.mfu_source for p in self.phases if p.mfu}
+        why = {"roofline": "derived from the shapes: each matmul against the GPU's ridge point, elementwise bytes "
+                           "at its bandwidth, per-kernel overhead; training/roofline.py",
+               "measured": "measured by bench/gpu_check.sh, recorded in training/roofline.py",
+               "stated": "as stated", "assumed": f"assumed {DEFAULT_MFU:g}: no bandwidth figure for this GPU"}
+        mode = "compiled" if self.compiled else "eager"
+        return f"{figures} ({mode}; {'; '.join(why[x] for x in sorted(sources))})"
+
     def assumptions(self) -> list[str]:
         """What the figures assume, one line each."""
-        if self.device == "cuda" and self.device_flops:
-            speed = (f"time at MFU {self.mfu:g} of the {self.gpu_name}'s {self.peak_device_flops / 1e12:g} TFLOP/s "
-                     f"dense {self.precision} peak (datasheet, no sparsity)"
+        if self.device == "cuda" and self.peak_device_flops:
+            speed = (f"time at MFU {self.mfu_text()} of the {self.gpu_name}'s {self.peak_device_flops / 1e12:g} "
+                     f"TFLOP/s dense {self.precision} peak (datasheet, no sparsity)"
                      + (f" x {self.world_size} GPUs" if self.world_size > 1 else ""))
         elif self.device == "cuda":
             speed = f"time unknown: no peak FLOP/s for {self.gpu_name!r} at {self.precision} (give mfu and a known GPU)"
@@ -500,10 +458,9 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
         raise ValueError(f"device_type={device_type!r} must be cuda or cpu")
     tc, precision = s.train, resolve_precision(s.run.precision, device_type)
     gpu = (gpu_name or REFERENCE_GPU) if device_type == "cuda" else None
-    mfu = (DEFAULT_MFU if mfu is None else mfu) if device_type == "cuda" else None
     peak = peak_flops(gpu, precision) if gpu else None
     if device_type == "cuda":
-        device_flops = peak * mfu if peak else None
+        device_flops = peak * mfu if peak and mfu else None
     else:
         import torch  # the threads this process would train with
 
@@ -523,16 +480,30 @@ def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = 
                 memory.transition_peak += memory.transition["old model's shards"]
         clones = stage.measure_clones is not None and cfg.dim != configs[i - 1].dim
         memory.eval_peak = eval_memory(cfg, tc, precision, clones, world_size, s.run.parallel)
-        seconds = flops / (device_flops * world_size) if device_flops else None
+        phase_mfu, source = _phase_mfu(cfg, s, gpu, precision, mfu, f"{stage.name}") if peak else (None, None)
+        rate = peak * phase_mfu if phase_mfu else device_flops
+        seconds = flops / (rate * world_size) if rate else None
         phases.append(PhasePlan(stage.name, stage.label, cfg, parameter_count(cfg), parameter_count(cfg, active=True),
                                 steps, tokens, flops, tokens / train_tokens if train_tokens else None, memory,
-                                checkpoint_size(cfg), seconds))
+                                checkpoint_size(cfg), seconds, phase_mfu, source))
     disk = peak_checkpoint_bytes([p.checkpoint_bytes for p in phases], tc.keep_checkpoints)
     return Plan(phases, device_type, gpu, precision, world_size, tc.batch_size, tc.grad_accum_steps, tc.seq_len,
-                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens, s.run.parallel)
+                tc.activation_checkpointing, mfu, device_flops, peak, disk, train_tokens, s.run.parallel,
+                s.run.compile)
 
 
 # ------------------------------------------------------------------------------------------ fitting
+def _phase_mfu(cfg: ModelConfig, s: Settings, gpu: str, precision: str, stated: float | None,
+               phase: str) -> tuple[float, str]:
+    """(MFU, where it comes from) for one phase on a GPU: stated by the caller, measured and recorded,
+    derived from the shapes (training.roofline), or DEFAULT_MFU where the GPU's bandwidth is unknown."""
+    if stated is not None:
+        return stated, "stated"
+    key = f"{phase}/{cfg.dim}x{cfg.n_layers}/e{cfg.n_experts}/{'compiled' if s.run.compile else 'eager'}"
+    est = expected_mfu(cfg, s.train, gpu, precision, compiled=s.run.compile, key=key)
+    return (est.mfu, est.source) if est else (DEFAULT_MFU, "assumed")
+
+
 def _with_train(s: Settings, **changes) -> Settings:
     return replace(s, train=replace(s.train, **changes))
 
