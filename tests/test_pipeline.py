@@ -121,7 +121,7 @@ def _pure_clone_pipeline(monkeypatch):
     def clones(model, s, calibration):
         return scale_bilaterally(model, s.growth.scale_factor, s.growth.extra_layers, 0.0, s.run.seed)
 
-    def passes(old, new, tokens):
+    def passes(old, new, tokens, **used):
         return type("Report", (), {"passed": True, "results": {}})()
 
     monkeypatch.setattr(stages, "PIPELINE", PIPELINE[:-1] + (replace(last, grow=clones, check=passes),))
@@ -159,3 +159,19 @@ def test_pure_clones_are_warned_about_and_halt_when_asked(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "✗ HALTED: cloned units have not diverged" in out and "--resume --grown_lr=" in out
     assert list_checkpoints(str(tmp_path / "halt" / "checkpoints"))[-1].meta["step"] == 30  # the steps are kept
+
+
+@pytest.mark.slow
+def test_a_stages_checks_step_at_that_stages_first_lr_and_the_record_says_so(tmp_path):
+    """The checks take the run's settings: micro's grown stage steps at grown_lr / warmup_steps = 3e-4 / 5, and the
+    objective's coefficients are the run's (here changed from the defaults)."""
+    s = build_settings("micro", parse_overrides(["--dense_steps=4", "--moe_steps=4", "--grown_steps=4",
+                                                 "--eval_interval=4", "--checkpoint_interval=4", "--z_coef=0.002"]))
+    assert run_pipeline(RunRequest(s, str(tmp_path)), Runtime(torch.device("cpu"))).status == "finished"
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    used = {r["stage"]: r["checks_used"] for r in records if r["kind"] == "transition"}
+    assert used["grown"]["lr"] == pytest.approx(s.train.grown_lr / s.train.warmup_steps) == pytest.approx(6e-5)
+    assert used["moe"]["lr"] == pytest.approx(s.train.moe_lr / s.train.warmup_steps)
+    assert used["grown"]["z_coef"] == 0.002 and used["grown"]["balance_coef"] == s.train.balance_coef
+    grown = [r for r in records if r["kind"] == "transition" and r["stage"] == "grown"][0]
+    assert "6e-05" in json.dumps(grown["checks"]["trainability"]) or "6.0e-05" in json.dumps(grown["checks"]["trainability"])

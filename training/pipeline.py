@@ -237,7 +237,7 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
             if stage.grow is not None:
                 grown = transition(stage, model, data, s, rt)
                 if not grown.passed:
-                    log.write(**transition_record(stage, grown, state, loss_before, None))
+                    log.write(**transition_record(stage, grown, state, loss_before, None, s))
                     why = f"transition {i} failed the {', '.join(grown.failed)} check(s); see the summary above."
                     halt(why, out_dir, resume_hint(out_dir, grown.failed, s), log, rt)
                     return "halted", why
@@ -245,7 +245,7 @@ def _train_stages(req: RunRequest, rt: Runtime, data: Data, run: PhaseRun, log: 
             state.begin(stage.name)
             loss_after = evaluate_at_start(model, stage, state, data, log, rt)
             if stage.grow is not None:
-                log.write(**transition_record(stage, grown, state, loss_before, loss_after))
+                log.write(**transition_record(stage, grown, state, loss_before, loss_after, s))
                 say(f"Eval loss before transition {i}: {loss_before:.6f}; grown model: {loss_after:.6f} "
                     f"(difference {loss_after - loss_before:+.1e})")
         phase = stage_phase(stage, s, last=i == len(stages.PIPELINE) - 1)

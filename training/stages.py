@@ -24,7 +24,7 @@ class Stage:
     title: str  # phase header
     label: str  # short name in the summary and the plots
     grow: Callable[[nn.Module, Settings, torch.Tensor], nn.Module] | None = None  # previous model -> this one
-    check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration_tokens) -> report
+    check: Callable[..., GrowthReport] | None = None  # check(old, new, calibration, train_config=, lr=) -> report
     describe: Callable[[Settings], str] | None = None  # the transition's title
     config: Callable[[ModelConfig, Settings], ModelConfig] | None = None  # previous config -> this one's (sizes)
     transition: str = ""  # the transition's short name on the loss plot

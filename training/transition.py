@@ -14,6 +14,7 @@ from training.parallel.runtime import Runtime
 from training.settings import Settings
 from training.parallel.sharding import full_model, is_sharded, sharded_from
 from training.stages import Stage, stage_index
+from transfer.checks.trainability import first_step_lr
 
 
 @dataclass
@@ -35,7 +36,7 @@ def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runt
     passed, failed, results = True, [], None
     if rt.is_master:
         print(f"\n{BAR}\nTRANSITION {stage_index(stage.name)}: {stage.describe(s)}\n{BAR}")
-        report = stage.check(raw, new, calib)
+        report = stage.check(raw, new, calib, train_config=s.train, lr=check_lr(stage, s))
         passed, failed, results = report.passed, [k for k, r in report.results.items() if not r.passed], report.results
     passed = rt.broadcast_flag(passed)
     if sharded:
@@ -44,10 +45,18 @@ def transition(stage: Stage, model: nn.Module, data: Data, s: Settings, rt: Runt
     return TransitionResult(new, passed, failed, results, stage.describe(s))
 
 
-def transition_record(stage: Stage, result: "TransitionResult", state: TrainingState, loss_before: float | None,
-                      loss_after: float | None) -> dict:
-    """The metrics record of a transition: every check's verdict, and the eval loss on either side."""
+def check_lr(stage: Stage, s: Settings) -> float:
+    """The learning rate of the grown model's first step, where the trainability check steps: the stage's peak lr
+    through warm-up step 1 (training.loop.lr_at), as the run will train it."""
+    return first_step_lr(getattr(s.train, f"{stage.name}_lr"), s.train)
+
+
+def transition_record(stage: Stage, result: TransitionResult, state: TrainingState, loss_before: float | None,
+                      loss_after: float | None, s: Settings) -> dict:
+    """The metrics record of a transition: every check's verdict, the step and objective the checks used (the
+    run's), and the eval loss on either side."""
     checks = {k: r.to_record() for k, r in result.results.items()} if result.results else {}
+    used = dict(lr=check_lr(stage, s), balance_coef=s.train.balance_coef, z_coef=s.train.z_coef)
     return dict(kind="transition", index=stage_index(stage.name), stage=stage.name, title=result.title,
                 global_step=state.global_step, time=time.time(), **state.progress(None), passed=result.passed,
-                loss_before=loss_before, loss_after=loss_after, checks=checks)
+                loss_before=loss_before, loss_after=loss_after, checks=checks, checks_used=used)

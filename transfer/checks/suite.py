@@ -13,20 +13,22 @@ from transfer.checks.results import GrowthReport
 from transfer.checks.rope import RopeLimits, judge_rope, measure_rope
 from transfer.checks.router import RouterLimits, judge_router, measure_router
 from transfer.checks.symmetry import SymmetryLimits, symmetry_result
-from transfer.checks.trainability import (TrainabilityLimits, TrainabilityStats, first_step_lr, judge_trainability,
+from transfer.checks.trainability import (DEFAULT_STEP_LR, TrainabilityLimits, TrainabilityStats, judge_trainability,
                                           mark_inherited, measure_trainability)
 
 GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to reach every expert, cheap
 
 
+
 def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
                           verbose: bool = True, train_config: TrainConfig | None = None,
-                          layout: list[tuple[int, bool]] | None = None) -> GrowthReport:
+                          layout: list[tuple[int, bool]] | None = None, lr: float | None = None) -> GrowthReport:
     """All five checks (rope, router, symmetry, functional, trainability) on shared float64 copies; prints the
-    VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients and the trainability
-    check's step (phase 3's first: grown_lr / warmup_steps); layout which old block each new block copies
-    (default: the project's, layer_sources). A pair that is no grown pair gets one result, "pair"."""
+    VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients; lr the trainability
+    check's step, the grown model's first learning rate (the pipeline passes its stage's lr / warmup_steps; default
+    DEFAULT_STEP_LR); layout which old block each new block copies (default: the project's, layer_sources). A pair
+    that is no grown pair gets one result, "pair"."""
     require_tokens(tokens, min_len=16, why="RoPE breaks are invisible on short sequences")
     rejected = rejected_pair("Grown pair", old_model, new_model)
     if rejected:
@@ -37,7 +39,7 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
     batch = pair.tokens[:GRADIENT_SEQUENCES]
     gradients = objective_gradients(pair.new, batch, tc, block_io=True)
-    trainability = _trainability(pair, batch, tc, first_step_lr(tc.grown_lr, tc), gradients)
+    trainability = _trainability(pair, batch, tc, DEFAULT_STEP_LR if lr is None else lr, gradients)
     results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference),
                                           trainability.later_grads)
     results["functional"] = judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance))
@@ -47,9 +49,9 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
 
 def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                     verbose: bool = True, train_config: TrainConfig | None = None,
-                    layout: list[tuple[int, bool]] | None = None) -> GrowthReport:
+                    layout: list[tuple[int, bool]] | None = None, lr: float | None = None) -> GrowthReport:
     """Dense -> MoE: functional equivalence, routing health and trainability (RoPE and symmetry have nothing to
-    compare); the trainability check steps at phase 2's first learning rate, moe_lr / warmup_steps."""
+    compare); the trainability check steps at lr, the MoE's first learning rate (default DEFAULT_STEP_LR)."""
     require_tokens(tokens, min_len=2)
     rejected = rejected_pair("Grown pair", dense_model, moe_model)
     if rejected:
@@ -58,7 +60,7 @@ def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor
     pair = ModelPair(dense_model, moe_model, tokens, torch.float64, layout)
     results = {"functional": judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
-    stats = _trainability(pair, pair.tokens[:GRADIENT_SEQUENCES], tc, first_step_lr(tc.moe_lr, tc))
+    stats = _trainability(pair, pair.tokens[:GRADIENT_SEQUENCES], tc, DEFAULT_STEP_LR if lr is None else lr)
     results["trainability"] = judge_trainability(stats, TrainabilityLimits())
     return _report(results, verbose, upcycling=True)
 

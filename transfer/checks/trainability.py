@@ -84,6 +84,11 @@ class TrainabilityStats:
     later_grads: dict[str, Tensor] = field(default_factory=dict)  # gradient at the step a parameter waited for
 
 
+# The step where the caller names no learning rate: a warm-up's first step is peak / warmup_steps, 6e-6 at
+# TrainConfig's defaults for the grown stage (3e-4 / 50); the pipeline always passes its stage's own.
+DEFAULT_STEP_LR = 6e-6
+
+
 def first_step_lr(phase_lr: float, tc: TrainConfig) -> float:
     """The learning rate of a phase's first step: warm-up step 1 of training.loop.lr_at, phase_lr / warmup_steps."""
     return phase_lr / tc.warmup_steps if tc.warmup_steps > 1 else phase_lr
@@ -93,7 +98,7 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
                          layout: list[tuple[int, bool]] | None = None,
                          first: ObjectiveGradients | None = None, ownership: Ownership | None = None) -> TrainabilityStats:
     """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
-    first step (lr default: phase 3's first, first_step_lr(tc.grown_lr)) until `steps` evaluations or until every
+    first step (lr default: DEFAULT_STEP_LR) until `steps` evaluations or until every
     reached unit has had gradient. Later evaluations differentiate only the parameters still waiting, and
     never modify `model` (functional_call).
 
@@ -103,7 +108,7 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     experts give their router an LM gradient of ~1e-18 in float64) and an Adam step from it is ~1e-10 of the
     learning rate. Per unit, not per weight: single weights of a live unit can be arbitrarily small by chance
     (at dim 512 a few per million fall below the line), a unit's RMS cannot."""
-    lr = first_step_lr(tc.grown_lr, tc) if lr is None else lr
+    lr = DEFAULT_STEP_LR if lr is None else lr
     g = first if first is not None and first.block_inputs is not None else objective_gradients(model, tokens, tc, block_io=True)
     first, values, cfg = g, {n: p.detach() for n, p in model.named_parameters()}, model.config
     squares = sum(gr.pow(2).sum() for gr in g.grads.values())
@@ -393,7 +398,7 @@ def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max
                        dtype: torch.dtype = torch.float64) -> CheckResult:
     """Every weight of new_model that the first max_sequences rows of tokens reach receives gradient from the
     pipeline's objective (train_config's balance and z coefficients) within `steps` evaluations, AdamW's first
-    step between them (lr, default the first warm-up step of train_config.grown_lr). Dead weights are listed by
+    step between them (lr, default DEFAULT_STEP_LR). Dead weights are listed by
     block, module and unit."""
     require_tokens(tokens)
     if steps < 1:
