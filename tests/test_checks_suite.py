@@ -10,6 +10,7 @@ import transfer.checks.trainability as trainability
 from config import TrainConfig
 from test_verify_growth_mechanics import make_model, moe_pair, rebuild, source, story_tokens
 from transfer.checks import FIX_ROPE, FIX_ROUTER, detailed_growth_check, upcycling_check
+from transfer.checks.trainability import first_step_lr
 from transfer.simple_growth import dense_to_moe, scale_bilaterally
 
 
@@ -61,8 +62,9 @@ def test_changed_norm_eps_is_diagnosed_as_the_root_cause():
 def test_train_config_sets_the_objective_and_step():
     old = source("moe")
     tc = replace(TrainConfig(), grown_lr=1e-4, moe_lr=5e-4)
-    rep = detailed_growth_check(old, scale_bilaterally(old, 2, 1), story_tokens(), verbose=False, train_config=tc)
+    rep = detailed_growth_check(old, scale_bilaterally(old, 2, 1), story_tokens(), verbose=False, train_config=tc,
+                                lr=first_step_lr(tc.grown_lr, tc))  # what training.transition passes
     assert rep.results["trainability"].metrics["lr"] == pytest.approx(1e-4 / tc.warmup_steps)  # phase 3's first step
     up = upcycling_check(source("dense"), dense_to_moe(source("dense"), 4, 2), story_tokens(), verbose=False,
-                         train_config=tc)
+                         train_config=tc, lr=first_step_lr(tc.moe_lr, tc))
     assert up.results["trainability"].metrics["lr"] == pytest.approx(5e-4 / tc.warmup_steps)

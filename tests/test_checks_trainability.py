@@ -22,8 +22,8 @@ from test_verify_growth_mechanics import dead_expert_router, make_model, source,
 from transfer.checks import FIX_TRAINABILITY, detailed_growth_check
 from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import copy_model
-from transfer.checks.trainability import (DeadUnits, ParameterGradient, TrainabilityLimits, TrainabilityStats,
-                                          check_trainability, judge_trainability, measure_trainability)
+from transfer.checks.trainability import (DEFAULT_STEP_LR, DeadUnits, ParameterGradient, TrainabilityLimits, TrainabilityStats,
+                                          check_trainability, first_step_lr, judge_trainability, measure_trainability)
 from transfer.simple_growth import dense_to_moe, scale_bilaterally
 
 INSERTED = "block 1 (inserted identity copy of old block 0)"  # layout of 2 old blocks + 2 inserted
@@ -305,8 +305,9 @@ def test_steps_must_be_positive(tokens):
 def test_learning_rate_and_coefficients_come_from_train_config(tokens):
     new = scale_bilaterally(source("moe"), 2, 1)
     tc = replace(TrainConfig(), grown_lr=1e-4)
-    res = check_trainability(new, tokens, train_config=tc)
+    res = check_trainability(new, tokens, train_config=tc, lr=first_step_lr(tc.grown_lr, tc))  # as the stage passes it
     assert res.passed and res.metrics["lr"] == pytest.approx(1e-4 / tc.warmup_steps)  # warm-up step 1 of phase 3
+    assert check_trainability(new, tokens, train_config=tc).metrics["lr"] == DEFAULT_STEP_LR  # no lookup of grown_lr
     assert check_trainability(new, tokens, lr=2e-3).metrics["lr"] == 2e-3
 
 
