@@ -22,8 +22,9 @@ from test_verify_growth_mechanics import dead_expert_router, make_model, source,
 from transfer.checks import FIX_TRAINABILITY, detailed_growth_check
 from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import copy_model
-from transfer.checks.trainability import (DEFAULT_STEP_LR, DeadUnits, ParameterGradient, TrainabilityLimits, TrainabilityStats,
-                                          check_trainability, first_step_lr, judge_trainability, measure_trainability)
+from transfer.checks.trainability import (DEFAULT_STEP_LR, DeadUnits, ParameterGradient, TrainabilityLimits,
+                                          TrainabilityStats, check_trainability, first_step_lr, judge_trainability,
+                                          measure_trainability)
 from transfer.simple_growth import dense_to_moe, scale_bilaterally
 
 INSERTED = "block 1 (inserted identity copy of old block 0)"  # layout of 2 old blocks + 2 inserted
