@@ -35,6 +35,7 @@ import numpy as np
 import data.text as text
 from common.files import check_free_space, existing_ancestor, guarded_write, sha256_file
 from common.formats import human
+from common.processes import process_alive
 from data.source import describe_files
 from data.text import DataError, check_files, load_corpus
 
@@ -356,7 +357,7 @@ def _remove_stale(out_dir: str, log: Callable[[str], None]) -> None:
     base = os.path.abspath(out_dir)
     for path in glob.glob(glob.escape(base) + ".tmp-*") + glob.glob(glob.escape(base) + ".old-*"):
         pid = path.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue  # a live preparation's: leave it alone
         if path.startswith(base + ".old-") and not os.path.exists(base):
             os.replace(path, base)
@@ -364,16 +365,6 @@ def _remove_stale(out_dir: str, log: Callable[[str], None]) -> None:
         else:
             shutil.rmtree(path, ignore_errors=True)
             log(f"note: removed {path}, left by a preparation that was killed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------------------- the stories

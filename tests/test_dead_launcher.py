@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import free_port
 from training.run_state.checkpoint import latest_checkpoint
-from training.parallel.runtime import process_alive
+from common.processes import process_alive
 
 pytestmark = pytest.mark.slow
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from common.processes import process_alive
 from config import ConfigError
 
 
@@ -136,23 +137,6 @@ def teardown_runtime(rt: Runtime) -> None:
         rt.watch.leave()
     if (rt.distributed or rt.sharded) and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether pid is a running process (a zombie, exited but not yet reaped by its parent, is not)."""
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 @dataclass

@@ -33,6 +33,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from common.files import guarded_write
+from common.processes import proc_stat, process_alive
 
 LOCK_NAME = "run.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # the file system cannot flock
@@ -95,14 +96,8 @@ def _boot_id() -> str | None:
     return _read_first_line("/proc/sys/kernel/random/boot_id")
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields from the state on (field 3 is index 0); None off Linux or if pid is gone."""
-    line = _read_first_line(f"/proc/{pid}/stat")
-    return line[line.rfind(")") + 2:].split() if line else None  # the command name may hold spaces and ')'
-
-
 def _start_ticks(pid: int) -> int | None:
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields else None  # field 22: start time in clock ticks since boot
 
 
@@ -110,15 +105,9 @@ def holder_alive(h: Holder) -> bool:
     """Whether the holder (on this host) still runs: its PID exists, is no zombie, and is not a reuse."""
     if h.boot_id and _boot_id() and h.boot_id != _boot_id():
         return False
-    try:
-        os.kill(h.pid, 0)
-    except ProcessLookupError:
+    if not process_alive(h.pid):  # a zombie's descriptors (and flock) are gone too
         return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    fields = _proc_stat(h.pid)
-    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped: its descriptors (and flock) are gone
-        return False
+    fields = proc_stat(h.pid)
     return not (h.pid_start_ticks and fields and int(fields[19]) != h.pid_start_ticks)
 
 
