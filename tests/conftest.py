@@ -13,8 +13,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers already fill
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch.set_num_threads(1)
 
+from common.processes import process_alive
 from config import ModelConfig
 from data.synthetic import byte_token_batch, generate_stories
+from tests.helpers import command_line, parents
 
 TEXT = " ".join(generate_stories(200, seed=0))
 
@@ -57,26 +59,13 @@ def _become_subreaper() -> bool:
 
 def descendants(pid: int) -> dict[int, str]:
     """pid -> command line of every live (not zombie) process below pid, from /proc."""
-    parent, state, cmd = {}, {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        state[int(entry)], parent[int(entry)] = fields[0], int(fields[1])
-    found, frontier = {}, [pid]
+    tree, found, frontier = parents(), {}, [pid]
     while frontier:
         p = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in found:
-                found[child] = cmd.get(child, "")
-                frontier.append(child)
-    return {p: c for p, c in found.items() if state.get(p) not in ("Z", "X")}
+        for child in (c for c, parent in tree.items() if parent == p and c not in found):
+            found[child] = command_line(child)
+            frontier.append(child)
+    return {p: c for p, c in found.items() if process_alive(p)}
 
 
 def leftover_processes(grace: float = float(os.environ.get("TESTS_LEFTOVER_GRACE_S", "15"))) -> dict[int, str]:

@@ -5,6 +5,7 @@ import socket
 
 import torch
 
+from common.processes import proc_stat
 from config import config_to_dict
 from data import save_tokenizer
 from data.source import SOURCE_FILE
@@ -44,3 +45,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        fields = proc_stat(int(entry)) if entry.isdigit() else None
+        if fields:
+            found[int(entry)] = int(fields[1])
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid."""
+    return sorted(child for child, parent in parents().items() if parent == pid)
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, words joined by spaces ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import children, free_port
 from training.run_state.checkpoint import latest_checkpoint
 from common.processes import process_alive
 
@@ -32,15 +32,7 @@ def torchrun_line(out_dir, *extra: str) -> list[str]:
 
 
 def workers_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if entry.isdigit() and int(f.read().rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return sorted(found, key=rank_of)
+    return sorted(children(pid), key=rank_of)
 
 
 def rank_of(pid: int) -> int:

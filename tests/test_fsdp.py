@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import children, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
@@ -399,19 +399,6 @@ def test_a_sharded_run_resumes_on_one_process_and_back_on_two(fsdp_run, broken_r
 
 def latest_step(run_dir, name: str) -> int:
     return json.load(open(os.path.join(run_dir, "checkpoints", name, "meta.json")))["global_step"]
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is pid (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry))
-    return found
 
 
 def newest_step(run_dir) -> int:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common.safe_load import UnsafeFile, code_in_pickle, code_in_torch_file, load_torch_data, load_weights
+from tests.helpers import command_line
 from training.run_state.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,13 +250,6 @@ def test_the_session_check_names_and_ends_a_process_a_test_left_running(tmp_path
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "still running at the end" in proc.stdout and "sleep 97" in proc.stdout, proc.stdout
-    still = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == "sleep 97"]
+    still = [p for p in os.listdir("/proc") if p.isdigit() and command_line(int(p)) == "sleep 97"]
     assert not still
 
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
