@@ -273,3 +273,35 @@ def test_a_qwen2_moe_with_a_live_shared_expert_is_refused():
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2_moe", **(TINY | MOE)))
     with pytest.raises(UnsupportedModel, match="shared expert that is not zero"):
         from_hf(hf)
+
+
+# ------------------------------------------------------------------------------------------------- the checks
+def check_tokens() -> torch.Tensor:
+    return batch(5, n=4, T=64)  # longer than the windows; the RoPE check wants 16 or more
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_checks_pass_correct_growths_of_every_family(name):
+    from transfer.checks import detailed_growth_check, upcycling_check
+
+    src, tokens = from_hf(hf_model(name)), check_tokens()
+    moe = src
+    if not src.config.is_moe:
+        moe = dense_to_moe(src, 4, 2, seed=1, calibration_tokens=tokens)
+        assert upcycling_check(src, moe, tokens, verbose=False).passed
+    grown = scale_bilaterally(moe, 2, 2, noise_std=0.3, seed=1, calibration_tokens=tokens)
+    report = detailed_growth_check(moe, grown, tokens, verbose=False)
+    assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("name, wrong_rule", [("qwen2", _divide_biases), ("qwen3", _reset_qk_norms),
+                                              ("mistral_window", _drop_window), ("llama_gqa_llama3", _unscaled_rope)])
+def test_the_checks_fail_each_growth_rule_done_wrong(name, wrong_rule):
+    from transfer.checks import detailed_growth_check
+
+    src = from_hf(hf_model(name))
+    grown = scale_bilaterally(src, 2, 2, noise_std=0.3, seed=1)
+    with torch.no_grad():
+        wrong_rule(grown, 2)
+    report = detailed_growth_check(src, grown, check_tokens(), verbose=False)
+    assert not report.passed and not report.results["functional"].passed
