@@ -305,3 +305,21 @@ def test_the_checks_fail_each_growth_rule_done_wrong(name, wrong_rule):
         wrong_rule(grown, 2)
     report = detailed_growth_check(src, grown, check_tokens(), verbose=False)
     assert not report.passed and not report.results["functional"].passed
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral_window"])
+def test_verify_growth_judges_and_names_a_family_pair_written_by_transformers(tmp_path, capsys, name):
+    import verify_growth
+
+    hf = hf_model(name)
+    small = str(tmp_path / "small")
+    hf.save_pretrained(small, safe_serialization=True)
+    src = from_hf(small)
+    grown = scale_bilaterally(dense_to_moe(src, 4, 2, seed=1), 2, 2, seed=1)
+    export_hf(grown, str(tmp_path / "big"), family=hf_family(small))
+    capsys.readouterr()
+    code = verify_growth.main([small, str(tmp_path / "big")])
+    out = capsys.readouterr().out
+    names = {"qwen3": ("Qwen3", "Qwen3-MoE"), "mistral_window": ("Mistral", "Mixtral")}[name]
+    assert code == 0, out
+    assert f"transformers {names[0]} directory" in out and f"transformers {names[1]} directory" in out, out
