@@ -323,3 +323,38 @@ def test_verify_growth_judges_and_names_a_family_pair_written_by_transformers(tm
     names = {"qwen3": ("Qwen3", "Qwen3-MoE"), "mistral_window": ("Mistral", "Mixtral")}[name]
     assert code == 0, out
     assert f"transformers {names[0]} directory" in out and f"transformers {names[1]} directory" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3", "mistral_window"])
+def test_init_from_hf_trains_a_family_and_export_hf_writes_its_moe_form(tmp_path, name, capsys):
+    """The pipeline from a Qwen3 (q/k norms, head_dim 12) or a Mistral (window 5, shorter than the micro preset's
+    64-token sequences): all checks pass, and export_hf.py writes the family's MoE form, which transformers runs."""
+    import export_hf as export_cli
+    import train_tinystories
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from data import generate_stories, train_tokenizer
+    from training.run_state.checkpoint import find_checkpoint
+
+    tokenizer = train_tokenizer(generate_stories(300), 300)
+    model_type, extra = CASES[name]
+    fields = copy.deepcopy(TINY | extra) | dict(vocab_size=len(tokenizer), max_position_embeddings=64)
+    src = tmp_path / "src"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    run = tmp_path / "run"
+    assert train_tinystories.main(["--preset", "micro", "--out-dir", str(run), "--init-from-hf", str(src),
+                                   "--dense_steps=3", "--moe_steps=3", "--grown_steps=3", "--eval_interval=3",
+                                   "--checkpoint_interval=3"]) == 0
+    assert "2 transitions verified. ✓ ALL CHECKS PASSED" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    assert export_cli.main(["--checkpoint", str(run), "--out", str(out)]) == 0
+    expected = {"qwen3": "Qwen3MoeForCausalLM", "mistral_window": "MixtralForCausalLM"}[name]
+    assert expected in capsys.readouterr().out
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ours = find_checkpoint(str(run))[0].load_model().eval()
+    tokens = batch(6, T=64) % len(tokenizer)
+    assert type(hf).__name__ == expected and rel_diff(ours_logits(ours, tokens), hf_logits(hf, tokens)) <= 1e-5
