@@ -110,7 +110,8 @@ def _plain(t: torch.Tensor) -> tuple:
 
 def _zero_shared_expert(p: str, d: int) -> dict[str, tuple]:
     """Qwen2-MoE's shared expert, which the project's MoE lacks: written empty (intermediate size 0) with a zero gate;
-    read only where its output is exactly zero (its down_proj zero), else UnsupportedModel."""
+    read only empty (a config with another size is refused before the weights are read; a nonzero down_proj,
+    which an empty one cannot have, would be UnsupportedModel)."""
     def must_be_zero(v: torch.Tensor) -> None:
         if v.any():
             raise UnsupportedModel(f"{p}mlp.shared_expert: a Qwen2-MoE shared expert that is not zero (the project's "
@@ -268,6 +269,9 @@ def _moe_fields(c) -> tuple[int, int, int, list[str]]:
     if c.model_type not in ("qwen2_moe", "qwen3_moe"):
         return 0, 2, c.intermediate_size, []
     problems = []
+    if getattr(c, "shared_expert_intermediate_size", 0):
+        problems.append(f"a shared expert (shared_expert_intermediate_size={c.shared_expert_intermediate_size}; the "
+                        "project's MoE has none)")
     if not getattr(c, "norm_topk_prob", False):
         problems.append("norm_topk_prob=false (top-k weights not renormalised: the project routes softmax -> top-k "
                         "-> renormalise)")
