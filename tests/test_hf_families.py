@@ -351,3 +351,15 @@ def test_init_from_hf_trains_a_family_and_export_hf_writes_its_moe_form(tmp_path
     ours = find_checkpoint(str(run))[0].load_model().eval()
     tokens = batch(6, T=64) % len(tokenizer)
     assert type(hf).__name__ == expected and rel_diff(ours_logits(ours, tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_special_token_ids_of_the_source_are_written_when_given(tmp_path):
+    src = hf_model("llama_gqa_llama3")
+    ids = dict(bos_token_id=1, eos_token_id=[2, 3], pad_token_id=None)
+    export_hf(from_hf(src), str(tmp_path), family="llama", special_tokens=ids)
+    import json
+
+    written = json.load(open(tmp_path / "config.json"))
+    assert (written["bos_token_id"], written["eos_token_id"], written.get("pad_token_id")) == (1, [2, 3], None)
+    with pytest.raises(ValueError, match="special_tokens names"):
+        to_hf(from_hf(src), special_tokens={"unk_token_id": 0})
