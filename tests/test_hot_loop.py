@@ -9,13 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import traceback
 from datetime import timedelta
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.host_reads import micro_phase
+from bench.host_reads import reads_per_step as bench_reads_per_step
 from config import ConfigError, RunConfig, TrainConfig
 from models import build_model
 from models.moe import EXPERT_IMPLS, grouped_mm_runs, set_expert_impl
@@ -26,50 +26,6 @@ from training.parallel.runtime import DEFAULT_TIMEOUT, CollectiveTimeout, Runtim
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
-# Operators that make a CUDA host wait for the GPU: a scalar read (.item(), bool(), float(), int()) and the ops whose
-# output size depends on the data. .tolist(), .numpy() and .cpu() are counted where Python calls them.
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-            "aten.bincount", "aten.repeat_interleave.Tensor")
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the reads of tensor data by the host (what would be host-device syncs on a GPU), each with the first
-    frame of the project's own code that asked for it ("training/loop.py:train_phase")."""
-
-    def __init__(self):
-        super().__init__()
-        self.where: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(SYNC_OPS):
-            self._record()
-        return func(*args, **(kwargs or {}))
-
-    def _record(self) -> None:
-        for frame in reversed(traceback.extract_stack()[:-2]):
-            path = os.path.relpath(frame.filename, ROOT)
-            if not path.startswith(("..", ".venv")) and "site-packages" not in path:
-                self.where.append(f"{path}:{frame.name}")
-                return
-        self.where.append("torch")
-
-    def __enter__(self):
-        self._patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
-        for name, real in self._patched.items():
-            setattr(torch.Tensor, name, self._counting(real))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name in self._patched:
-            delattr(torch.Tensor, name)  # the C methods of torch._C.TensorBase show through again
-        return super().__exit__(*exc)
-
-    def _counting(self, real):
-        def call(t, *args, **kwargs):
-            self._record()
-            return real(t, *args, **kwargs)
-        return call
-
 
 class _Log:
     def __init__(self):
@@ -79,33 +35,10 @@ class _Log:
         self.records.append(r)
 
 
-def _phase_reads(rt, n_experts: int, steps: int, impl: str = "auto", accum: int = 1) -> list[str]:
-    """Host reads of a whole phase of `steps` steps that logs, evaluates and saves only at its last step."""
-    from data.tokens import StepBatches
-    from training.loop import Phase, PhaseRun, train_phase
-
-    torch.manual_seed(0)
-    model = build_model(tiny_config(n_experts=n_experts, top_k=2))
-    set_expert_impl(model, impl) if n_experts else None
-    tokens = tokens_for(16, 65).flatten().numpy().astype("uint16")
-    batches = StepBatches(tokens, 2, 16, seed=0, rank=rt.rank, world_size=rt.world_size, accum=accum)
-    val = [(tokens_for(2, 17)[:, :-1], tokens_for(2, 17)[:, 1:])]
-    tc = TrainConfig(warmup_steps=1, log_interval=steps, eval_interval=steps, checkpoint_interval=steps, grad_clip=1.0)
-    run = PhaseRun(rt, tc, batches, val, _Log(), save=lambda *a: None)
-    with HostReads() as reads:
-        train_phase(model, Phase("moe" if n_experts else "dense", "", steps, 1e-3), run)
-    return reads.where
-
-
 def reads_per_step(rt, n_experts: int, impl: str = "auto", accum: int = 1) -> tuple[float, list[str]]:
-    """(host reads per step, where the extra ones of the longer phase came from): a phase of 6 steps against one of
-    3, both reading only at their last step, so their difference is what 3 ordinary steps read."""
-    short, long = (_phase_reads(rt, n_experts, steps, impl, accum) for steps in (3, 6))
-    extra = list(long)
-    for w in short:
-        if w in extra:
-            extra.remove(w)
-    return (len(long) - len(short)) / 3, extra
+    """(host reads per ordinary step of the micro preset's model, where they come from): bench/host_reads.py."""
+    r = bench_reads_per_step(rt, n_experts, impl, accum)
+    return r["per_step"], r["where"]
 
 
 CASES = [(0, "auto", "fp32"), (4, "grouped_mm", "bf16")]  # an MoE step with the sync-free expert path: bf16 on CPU
@@ -119,7 +52,7 @@ def test_a_training_step_reads_nothing_from_the_device_between_logs(n_experts, i
     per_step, extra = reads_per_step(rt, n_experts, impl, accum=2)
     print(f"{n_experts} experts, {precision}: {per_step} host reads per step {extra}")
     assert per_step == 0, extra
-    last = _phase_reads(rt, n_experts, 3, impl)  # the last step's: the halt check, the logged loss, the eval
+    last = micro_phase(rt, n_experts, 3, 3, impl, reads=True)[0]  # the halt check, the logged loss, the eval
     assert last[:2] == ["training/parallel/runtime.py:any", "training/loop.py:train_phase"] and len(last) <= 12
 
 
@@ -137,14 +70,14 @@ def test_the_count_bites_on_a_step_that_reads_its_loss(monkeypatch, single_threa
 
     monkeypatch.setattr(loop, "accumulate_gradients", reading)
     per_step, extra = reads_per_step(Runtime(torch.device("cpu")), 0)
-    assert per_step == 1 and extra == ["tests/test_hot_loop.py:reading"] * 3
+    assert per_step == 1 and extra == ["tests/test_hot_loop.py:reading"]
 
 
 def test_the_expert_loop_path_pays_its_own_read_and_is_counted(single_thread):
     """The fp32 eager expert loop (the CPU default) splits the tokens by a host list of counts: one read per MoE layer
     per forward, counted and named, so the zero above is not blindness to the model's reads."""
     per_step, extra = reads_per_step(Runtime(torch.device("cpu")), 4, "loop")
-    assert per_step == 2 and set(extra) == {"models/moe.py:_loop_experts"}  # 2 layers
+    assert per_step == 2 and extra == ["models/moe.py:_loop_experts"]  # the micro preset's 2 layers
 
 
 # --------------------------------------------------------------------------------- DDP: no unused parameters

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import time
@@ -201,7 +202,9 @@ def wrap_for_training(model: nn.Module, run: PhaseRun) -> nn.Module:
         # that gets no token has zero rows in its tensors' gradient, never none (tests/test_hot_loop.py measures it
         # for every expert path with a collapsed router). So DDP need not search the graph for unused ones each
         # step. The RoPE tables are constant buffers, identical on every rank: not broadcast every forward.
-        wrapped = DDP(wrapped, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}  # its older name
+        wrapped = DDP(wrapped, device_ids=ids, find_unused_parameters=False, **sync)
     return wrapped
 
 
