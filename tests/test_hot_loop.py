@@ -235,6 +235,10 @@ def torchrun_worker(out: str) -> None:
 
     rt = setup_runtime("cpu", "fp32", timeout=timedelta(seconds=5))
     result = {"vote": reads_per_step(rt, 0)}
+    if grouped_mm_runs(torch.device("cpu"), torch.bfloat16):  # DDP over an MoE: no unused-parameter search's reads
+        rt.precision = "bf16"
+        result["moe"] = reads_per_step(rt, 4, "grouped_mm")
+        rt.precision = "fp32"
     real = loop._stop_if_requested
 
     def old_stop_check(model, opt, run, state, start_step, vote):  # the code before issue 20
@@ -267,10 +271,11 @@ def test_two_processes_read_only_the_stop_vote_per_step_and_a_late_rank_0_is_a_n
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.load(open(f"{out}.{r}")) for r in (0, 1)]
     for r in ranks:
-        per_step, where = r["vote"]
-        assert per_step == 1 and set(where) == {"training/parallel/runtime.py:finish"}  # a CPU tensor: no device
+        for case in ("vote", "moe") if "moe" in r else ("vote",):  # before issue 20 the MoE read 23 (DDP's search)
+            per_step, where = r[case]
+            assert per_step == 1 and where == ["training/parallel/runtime.py:finish"], case  # a CPU tensor
         per_step, where = r["old"]
-        assert per_step == 1 and set(where) == {"training/parallel/runtime.py:any"}  # the default group's tensor
+        assert per_step == 1 and where == ["training/parallel/runtime.py:any"]  # the default group's: on the GPU
     assert "rank 1 waited 5 s" in ranks[1]["timeout"] and "--collective_timeout=" in ranks[1]["timeout"]
 
 
