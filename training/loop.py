@@ -324,7 +324,10 @@ class Divergence:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch on device. To CUDA without blocking the host: from pinned memory (StepBatches pins its batches
-    on CUDA runs; others are pinned here), ordered on the stream before the kernels that read it. Elsewhere as is."""
+    on CUDA runs; others are pinned here), ordered on the stream before the kernels that read it. Elsewhere as is.
+    No prefetch on a side stream: with no host reads the host runs ahead of the GPU, so the next batch's copy is
+    queued while the GPU still computes; a side stream would overlap only B x T int64 (tens of KB), and drawing a
+    batch ahead would put StepBatches' saved position past the steps trained."""
     if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
