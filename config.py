@@ -246,6 +246,9 @@ class RunConfig:
     # fsdp (PyTorch's FSDP2) shards them over the processes, 1/world each, at the cost of gathering each block's
     # weights in forward and backward. Either resumes the other's checkpoints, on any number of processes.
     parallel: str = "ddp"  # ddp (a replica per process) | fsdp (weights, gradients, AdamW sharded; config.py says why)
+    # Under torchrun the other ranks wait in a collective while rank 0 prepares data, checks a transition or saves;
+    # 0 derives the wait's limit from the run's sizes (training/parallel/runtime.py collective_timeout).
+    collective_timeout: float = 0.0  # seconds a collective may wait for the other ranks (0: derived from the run)
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -255,6 +258,8 @@ class RunConfig:
             p.append(f"parallel={self.parallel!r} must be one of {', '.join(PARALLEL)}")
         if self.precision not in PRECISIONS:
             p.append(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if not self.collective_timeout >= 0:
+            p.append(f"collective_timeout={self.collective_timeout} must be >= 0 seconds (0: derived from the run)")
         _raise_if(p, "RunConfig")
 
 

@@ -32,10 +32,11 @@ from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
 from training.run_state.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
 from training.messages import resume_command
-from training.pipeline import run_pipeline
+from training.pipeline import collective_timeout_for, run_pipeline
 from training.plan import run_plan
 from training.run_state.lock import RunLock, RunLocked, acquire, refuse_if_held
-from training.parallel.runtime import StopSignals, resolve_device, setup_runtime, teardown_runtime
+from training.parallel.runtime import (CollectiveTimeout, StopSignals, resolve_device, setup_runtime,
+                                       teardown_runtime)
 from training.settings import (RunRequest, build_settings, default_preset, load_saved_settings, make_parser,
                                parse_command_line, with_hf_model)
 
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     new_dir = not os.path.exists(req.out_dir)
-    rt = setup_runtime(req.settings.run.device, req.settings.run.precision)
+    rt = setup_runtime(req.settings.run.device, req.settings.run.precision, collective_timeout_for(req))
     # Signals are caught for the whole run, its error paths included: the launcher's SIGTERM to a rank that is
     # reporting a dead peer must not kill it before it has said so.
     with StopSignals(at_once=f"The last complete checkpoint is intact. {resume_line(req.out_dir)}") as stop:
@@ -188,6 +189,9 @@ def run_to_exit_code(req: RunRequest, rt, stop: StopSignals, new_dir: bool) -> i
         return 2
     except WriteFailed as e:
         print(f"error: {e}\n{resume_line(req.out_dir)}", file=sys.stderr)
+        return 1
+    except CollectiveTimeout as e:
+        print(f"error: {e}. {resume_line(req.out_dir)}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
         if rt.is_master:

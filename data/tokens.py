@@ -127,13 +127,14 @@ class TokenBatches:
     """Random (x, y) windows of a token array; deterministic per (seed, rank, step), so resume is exact."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, pin_memory: bool = False) -> None:
         if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
             raise DataError(f"TokenBatches: need batch_size >= 1, seq_len >= 1 and 0 <= rank < world_size; got "
                             f"batch_size={batch_size}, seq_len={seq_len}, rank={rank}, world_size={world_size}")
         _check_length(tokens, seq_len)
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pin_memory = pin_memory  # batches in page-locked memory: a CUDA run copies them without blocking
         self.step = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,7 @@ class TokenBatches:
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # (B, T + 1)
         self.step += 1
-        return _split_xy(windows)
+        return _split_xy(windows, self.pin_memory)
 
     def state_dict(self) -> dict:
         return dict(step=self.step, seed=self.seed, rank=self.rank, world_size=self.world_size,
@@ -180,10 +181,14 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     return batches
 
 
-def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T + 1) -> contiguous x = windows[:, :-1], y = windows[:, 1:]."""
+def _split_xy(windows: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) -> contiguous x = windows[:, :-1], y = windows[:, 1:] (pinned: copied straight into pinned memory,
+    no more copies than unpinned)."""
     t = torch.from_numpy(windows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    if not pin_memory:
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    x, y = (torch.empty((t.shape[0], t.shape[1] - 1), dtype=t.dtype, pin_memory=True) for _ in range(2))
+    return x.copy_(t[:, :-1]), y.copy_(t[:, 1:])
 
 
 class StepBatches:
@@ -195,10 +200,12 @@ class StepBatches:
     when W divides S*k (the same objective, the same losses to rounding), else equal parts of one micro-batch (the same
     cross-entropy; an MoE's balance loss is then taken over each part). next() gives this process's micro-batches in
     turn, micro_batches of them per step; state_dict() is TokenBatches' (world_size is S), so resume is exact.
+    pin_memory (a CUDA run): batches in page-locked memory, so the loop's copy to the GPU does not block the host.
     """
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
-                 accum: int = 1, streams: int | None = None) -> None:
+                 accum: int = 1, streams: int | None = None, pin_memory: bool = False) -> None:
+        self.pin_memory = pin_memory
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
         self.rank, self.world_size, self.accum = rank, world_size, accum
         self.step = 0  # draws each stream has made: accum per optimizer step, as TokenBatches counts them
@@ -214,7 +221,8 @@ class StepBatches:
                             f"which {W} processes cannot split into whole micro-batches or equal parts of one; "
                             f"resume on {', '.join(map(str, fits))} processes")
         self.streams = streams
-        self._streams = [TokenBatches(self.tokens, B, self.seq_len, self.seed, i, streams) for i in range(streams)]
+        self._streams = [TokenBatches(self.tokens, B, self.seq_len, self.seed, i, streams, self.pin_memory)
+                         for i in range(streams)]
         lo, hi = self.rank * share, (self.rank + 1) * share
         self._pieces = [(m // k, m % k, max(lo, m * B) - m * B, min(hi, (m + 1) * B) - m * B)
                         for m in range(lo // B, (hi - 1) // B + 1)]

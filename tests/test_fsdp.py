@@ -26,6 +26,18 @@ STEPS = 20  # the equality test's optimizer steps
 # Measured: at most 1.2e-7 relative on the loss (DDP: bit for bit). Broken versions, within 5 steps: clipping by a
 # rank's local norm 5e-4, no gradient reduction 1e-2.
 EQUAL_REL = 1e-5
+# bf16: FSDP2's MixedPrecisionPolicy against DDP under the same bf16 autocast. They differ by design, not only by
+# summation order: the policy casts every parameter to bf16 for compute (the embedding, so the residual stream, and
+# the norms' weights too), where autocast casts only each matmul's inputs and keeps the residual stream and the norms
+# in fp32; both reduce gradients in fp32, but under the policy each rank's weight gradients are computed in bf16
+# (rounded to 2^-9 relative) before their fp32 reduce-scatter. Measured (2 CPU processes, dense / MoE): the first
+# step's losses agree to 1e-6 / 3e-6 and its gradients to 4.0e-3 / 3.8e-3 relative (L2 over all parameters, about
+# two bf16 roundings); the losses part by at most 9.6e-5 / 1.3e-4 in 5 steps and 4.1e-4 / 1.4e-3 in 20 (Adam
+# compounds the rounding; an MoE also flips near-tied routes). Tolerances: ~4x the worst. The broken version (no
+# gradient reduction) measured 7.1e-3 / 5.9e-3 in 5 steps and 5.1e-1 / 5.5e-1 on the gradients.
+BF16_LOSS_REL = 5e-3  # 20 steps
+BF16_EARLY_REL = 5e-4  # the first 5 steps, where the broken version is compared
+BF16_GRAD_REL = 2e-2  # the first step's gradients (~10 bf16 roundings)
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
@@ -435,6 +447,120 @@ def test_sigkill_of_a_sharded_run_at_random_moments_then_resume_continues_exactl
     assert broken_resume != losses(fsdp_run[0])
 
 
-if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node=2 -m tests.test_fsdp equality OUT
+# ------------------------------------------------------------------------------------------ bf16
+def compute_dtypes(model) -> list:
+    """Records the dtype block 0's q_proj weight has when its forward runs (FSDP2 swaps in the unsharded copy)."""
+    seen = []
+    model.blocks[0].attention.q_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    return seen
+
+
+def first_gradients(rt, n_experts: int) -> dict | None:
+    """The first step's gradients (the global batch's, reduced) of the tiny model in rt's mode and precision, whole on
+    rank 0 (None elsewhere); the step's loss too. Every rank calls it."""
+    from config import TrainConfig
+    from data.tokens import StepBatches
+    from models import build_model
+    from training.loop import PhaseRun, accumulate_gradients, wrap_for_training
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_experts))
+    batches = StepBatches(_tokens(), 4, 32, seed=1, rank=rt.rank, world_size=rt.world_size, streams=2)
+    run = PhaseRun(rt, TrainConfig(batch_size=4, seq_len=32), batches, [], _Log())
+    net = wrap_for_training(model, run)
+    loss = rt.mean(accumulate_gradients(net, run, batches.micro_batches)[0]).item()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in
+             model.named_parameters()}
+    return {"loss": loss, "grads": grads} if rt.is_master else None
+
+
+def relative_gradient_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all parameters' gradients together."""
+    diff = sum(float((a[n].double() - b[n].double()).square().sum()) for n in b)
+    return (diff / sum(float(g.double().square().sum()) for g in b.values())) ** 0.5
+
+
+def bf16_worker(out: str) -> None:
+    """precision=bf16 on 2 processes: FSDP (its MixedPrecisionPolicy) and DDP (autocast), dense and MoE: 20 steps'
+    losses, the first step's gradients and the dtype block 0 computes with; then FSDP with no gradient reduction."""
+    import training.loop as loop
+    from training.parallel.runtime import setup_runtime, teardown_runtime
+
+    rt, results = setup_runtime("cpu", "bf16"), {}
+    real_train_phase = loop.train_phase
+
+    def probed(model, *args, **kwargs):  # the dtype seen inside the training forward, whatever wraps the model
+        results[key]["compute_dtype"] = compute_dtypes(model)
+        return real_train_phase(model, *args, **kwargs)
+
+    loop.train_phase = probed
+    grads = {}
+    for parallel in ("fsdp", "ddp", "no reduction"):
+        if parallel == "no reduction":
+            _break_gradient_reduction()
+        rt.use_parallel("ddp" if parallel == "ddp" else "fsdp")
+        for n_experts in (0, 4):
+            key = f"{parallel} {n_experts}"
+            results[key] = {}
+            results[key].update(train_steps(rt, n_experts, STEPS if parallel != "no reduction" else 5))
+            results[key]["compute_dtype"] = sorted({str(d) for d in results[key]["compute_dtype"]})
+            grads[key] = first_gradients(rt, n_experts)
+    if rt.is_master:
+        for key in results:
+            results[key]["first_loss"] = grads[key]["loss"]
+            results[key]["gradient difference"] = relative_gradient_difference(
+                grads[key]["grads"], grads[f"ddp {key.rsplit(' ', 1)[1]}"]["grads"])
+        json.dump(results, open(out, "w"))
+    teardown_runtime(rt)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_model_sharded_for_a_bf16_run_computes_with_bf16_weights(precision, dtype):
+    """sharded_from (the pipeline's start and every transition) applies the run's mixed-precision policy: bf16 copies
+    of the fp32 master weights inside the forward under precision=bf16, the fp32 weights themselves otherwise."""
+    from models import build_model
+    from training.parallel.runtime import Runtime, teardown_runtime
+    from training.parallel.sharding import resharded, sharded_from
+
+    rt = Runtime(torch.device("cpu"), precision=precision)
+    rt.use_parallel("fsdp")
+    try:
+        model = sharded_from(build_model(tiny_config(4)), rt)
+        seen = compute_dtypes(model)
+        with rt.autocast():
+            model(torch.zeros(1, 8, dtype=torch.long))
+        masters = {p.dtype for p in resharded(model).parameters()}  # the root stays gathered after a forward
+        assert seen == [dtype] and masters == {torch.float32}
+    finally:
+        teardown_runtime(rt)
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_computes_with_bf16_weights_and_trains_as_ddp_under_autocast_does(tmp_path):
+    """precision=bf16 + parallel=fsdp uses the mixed-precision policy (block 0's weights are bf16 inside its forward;
+    DDP's stay fp32, autocast casting at each matmul), and its losses and first gradients match DDP's within what
+    that difference allows (BF16_LOSS_REL, BF16_GRAD_REL); without gradient reduction they do not."""
+    out = tmp_path / "bf16.json"
+    proc = torchrun(["-m", "tests.test_fsdp", "bf16", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.load(open(out))
+    for n in (0, 4):
+        fsdp, ddp = got[f"fsdp {n}"], got[f"ddp {n}"]
+        assert fsdp["compute_dtype"] == ["torch.bfloat16"] and ddp["compute_dtype"] == ["torch.float32"]
+        assert ddp["losses"][-1] < ddp["losses"][0] - 0.1  # it learns
+        worst = max(relative_differences(fsdp["losses"], ddp["losses"]))
+        early = max(relative_differences(fsdp["losses"][:5], ddp["losses"][:5]))
+        broken = got[f"no reduction {n}"]
+        broken_early = max(relative_differences(broken["losses"], ddp["losses"][:5]))
+        print(f"{n} experts, FSDP bf16 vs DDP bf16: losses {early:.1e} (5 steps) {worst:.1e} ({STEPS} steps) relative "
+              f"at worst, first step's gradients {fsdp['gradient difference']:.1e}; without gradient reduction "
+              f"{broken_early:.1e} (5 steps), gradients {broken['gradient difference']:.1e}")
+        assert worst < BF16_LOSS_REL and early < BF16_EARLY_REL and fsdp["gradient difference"] < BF16_GRAD_REL
+        assert broken_early > 5 * BF16_EARLY_REL and broken["gradient difference"] > 5 * BF16_GRAD_REL
+
+
+if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node=2 -m tests.test_fsdp equality|bf16 OUT
     if sys.argv[1] == "equality":
         equality_worker(sys.argv[2])
+    elif sys.argv[1] == "bf16":
+        bf16_worker(sys.argv[2])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import time
@@ -161,16 +162,17 @@ def evaluate(model: nn.Module, batches: list, rt: Runtime) -> float:
 def evaluate_details(model: nn.Module, batches: list, rt: Runtime) -> tuple[float, dict | None]:
     """(mean cross-entropy, routing over the batches or None for a dense model): routing holds, per MoE layer,
     each expert's fraction of the top-k assignments, the load entropy (1 = balanced) and the dead experts."""
-    total, counts = 0.0, None
+    total, counts = 0.0, None  # summed on the device, read once
     for x, y in batches:
         with rt.autocast():
-            out = model(x.to(rt.device), return_details=True)
-        total += F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), y.to(rt.device).flatten()).item()
+            out = model(to_device(x, rt.device), return_details=True)
+        loss = F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), to_device(y, rt.device).flatten())
+        total += loss.double()  # as the float64 host sum of each batch's loss was: the same digits
         if out.router_logits:
             top_k = _config(model).top_k
-            layer_counts = torch.stack([expert_load(logits, top_k) for logits in out.router_logits]).cpu()
+            layer_counts = torch.stack([expert_load(logits, top_k) for logits in out.router_logits])
             counts = layer_counts if counts is None else counts + layer_counts
-    return total / len(batches), None if counts is None else routing_record(counts)
+    return float(total) / len(batches), None if counts is None else routing_record(counts.cpu())
 
 
 def routing_record(counts: torch.Tensor) -> dict:
@@ -196,8 +198,13 @@ def wrap_for_training(model: nn.Module, run: PhaseRun) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [run.rt.device.index] if run.rt.device.type == "cuda" else None
-        # Experts that get no token in a step have no gradient: DDP must be told to expect that.
-        wrapped = DDP(wrapped, device_ids=ids, find_unused_parameters=model.config.is_moe)
+        # Every parameter gets a gradient every step, MoE included: the experts are stacked tensors, so an expert
+        # that gets no token has zero rows in its tensors' gradient, never none (tests/test_hot_loop.py measures it
+        # for every expert path with a collapsed router). So DDP need not search the graph for unused ones each
+        # step. The RoPE tables are constant buffers, identical on every rank: not broadcast every forward.
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}  # its older name
+        wrapped = DDP(wrapped, device_ids=ids, find_unused_parameters=False, **sync)
     return wrapped
 
 
@@ -223,18 +230,21 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
     sequences = getattr(run.batches, "sequences_per_step", tc.batch_size * tc.grad_accum_steps * rt.world_size)
     tokens_per_step = sequences * tc.seq_len
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
-    nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+    divergence = Divergence(rt.device)
+    stop_vote = rt.stop_vote()
     start_step = state.step
     t_last, last_logged = time.perf_counter(), start_step
     bar = tqdm(range(start_step, phase.steps), initial=start_step, total=phase.steps, desc=phase.name,
                disable=not rt.is_master or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    # No step reads the device (no .item(), no flag) except where it logs, evaluates or saves: the host queues
+    # step after step and the GPU never waits for it. tests/test_hot_loop.py counts the reads.
     for step in bar:
-        _stop_if_requested(model, opt, run, state, start_step)
+        _stop_if_requested(model, opt, run, state, start_step, stop_vote)
         lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, total, balance = accumulate_gradients(net, run, k)
-        nonfinite |= ~torch.isfinite(total)
+        divergence.record(total, step + 1)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
@@ -245,10 +255,11 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
         done = step + 1 == phase.steps
         due = [(step + 1) % n == 0 or done for n in (tc.log_interval, tc.eval_interval, tc.checkpoint_interval)]
         halt_reason = None
-        if any(due) and rt.any(nonfinite):  # before anything after the divergence is logged or saved; every rank
-            value = total.item()
-            what = value if not math.isfinite(value) else "non-finite on another process"
-            raise TrainingDiverged(f"loss became {what} at {phase.name} step {step + 1}")
+        # The divergence flag is read only at a step that logs, evaluates or saves, before any of that (every rank
+        # alike): a NaN is found up to that many steps late, never logged nor saved. The message names the step
+        # that found it and the first non-finite step (this rank's, with its value).
+        if any(due) and rt.any(divergence.flag):
+            raise TrainingDiverged(divergence.describe(phase.name, step + 1))
         if due[0]:
             now = time.perf_counter()
             steps, seconds = step + 1 - last_logged, now - t_last
@@ -277,8 +288,49 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
             run.save(model, opt, state)
         if halt_reason:
             raise TrainingHalted(halt_reason)
+    stop_vote.finish()
     bar.close()
     return state
+
+
+class Divergence:
+    """Whether the objective has been NaN or inf, the first such step and its value, all kept on the device and
+    updated without a host read (a few scalar ops a step); read only when the loop checks it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.first_value = torch.zeros((), device=device)
+
+    def record(self, total: torch.Tensor, step: int) -> None:
+        new = (self.first_step == 0) & ~torch.isfinite(total)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_value = torch.where(new, total.to(self.first_value.dtype), self.first_value)
+
+    @property
+    def flag(self) -> torch.Tensor:
+        return self.first_step > 0
+
+    def describe(self, phase: str, found_at: int) -> str:
+        """The halt's message (two host reads, once)."""
+        first = int(self.first_step.item())
+        if not first:
+            return f"loss became non-finite on another process at {phase} step {found_at}"
+        value = self.first_value.item()
+        if first == found_at:
+            return f"loss became {value} at {phase} step {found_at}"
+        return (f"loss became {value} at {phase} step {found_at} (non-finite since step {first}; checked at steps "
+                "that log, evaluate or save)")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on device. To CUDA without blocking the host: from pinned memory (StepBatches pins its batches
+    on CUDA runs; others are pinned here), ordered on the stream before the kernels that read it. Elsewhere as is.
+    No prefetch on a side stream: with no host reads the host runs ahead of the GPU, so the next batch's copy is
+    queued while the GPU still computes; a side stream would overlap only B x T int64 (tens of KB), and drawing a
+    batch ahead would put StepBatches' saved position past the steps trained."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
@@ -296,7 +348,7 @@ def accumulate_gradients(net: nn.Module, run: PhaseRun, k: int
         last = micro == k - 1
         with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
             with rt.autocast():
-                loss, total = lm_loss(net, x.to(rt.device), y.to(rt.device), tc, stats)
+                loss, total = lm_loss(net, to_device(x, rt.device), to_device(y, rt.device), tc, stats)
             (total / k).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         total_sum = total.detach() if total_sum is None else total_sum + total.detach()
@@ -342,12 +394,14 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int) -> None:
-    """On SIGINT/SIGTERM, save the completed steps and raise TrainingInterrupted (every rank at the same step)."""
+def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int,
+                       vote) -> None:
+    """On SIGINT/SIGTERM, save the completed steps and raise TrainingInterrupted (every rank at the same step: under
+    torchrun one step after the signal, when the vote posted then comes back; runtime.StopVote)."""
     signal_name = run.stop_requested()
     if run.rt.distributed:  # every rank takes part, signalled or not, and all stop at the same step if any was
-        anyone = run.rt.any(torch.tensor(signal_name is not None, device=run.rt.device))
-        signal_name = signal_name or ("SIGTERM" if anyone else None)
+        anyone = vote.post(signal_name is not None)
+        signal_name = (signal_name or "SIGTERM") if anyone else None
     if signal_name:  # stop between steps: the checkpoint holds exactly the completed steps
         path = run.save(model, opt, state) if state.step > start_step else None
         raise TrainingInterrupted(signal_name, path)

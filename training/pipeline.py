@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -29,11 +30,12 @@ from training.reporting.html_report import write_report
 from training.loop import (Phase, PhaseRun, TrainingDiverged, TrainingHalted, TrainingInterrupted, TrainingState,
                            evaluate_details, train_phase)
 from training.messages import halt, resume_command, resume_hint, summary
-from training.costs import peak_flops
+from training.costs import parameter_count, peak_flops
 from training.plan import check_memory
 from training.reporting.metrics import MetricsLog, phase_header
 from training.run_data import Data, load_data, load_prepared
-from training.parallel.runtime import Runtime, resolve_precision
+from training.parallel.runtime import Runtime, collective_timeout, resolve_precision
+from training.run_state.disk import checkpoint_bytes
 from training.settings import RunRequest, Settings, build_settings, save_settings
 from training.parallel.sharding import full_model, gather_optimizer, is_sharded, sharded_from
 from training.stages import Stage, stage_index
@@ -196,6 +198,26 @@ def open_metrics(req: RunRequest, rt: Runtime, ckpt: Checkpoint | None) -> Metri
         sinks.append(TensorBoardSink(os.path.join(req.out_dir, "tensorboard"), purge_step=None if resume_global_step is None else resume_global_step + 1))
     return MetricsLog(os.path.join(req.out_dir, "metrics.jsonl"), resume_global_step, rt.is_master, sinks,
                       ckpt.phase if ckpt else None)
+
+
+HUB_TEXT_BYTES, HUB_STORY_BYTES = 1.9e9, 900  # TinyStories' training text: 1.9 GB, ~900 bytes a story (2.12M)
+
+
+def collective_timeout_for(req: RunRequest) -> timedelta:
+    """The run's process-group timeout: RunConfig.collective_timeout, or (0) training.parallel.runtime's bound from
+    the text rank 0 may tokenize (none for a prepared dataset), the largest stage's model, its checks' calibration
+    rows (8 x seq_len, run_data.Data.calibration) and its checkpoint."""
+    s = req.settings
+    if s.run.collective_timeout:
+        return timedelta(seconds=s.run.collective_timeout)
+    if req.dataset:
+        text = 0
+    elif req.data_files:
+        text = sum(os.path.getsize(f) for f in req.data_files if os.path.exists(f))
+    else:
+        text = min(HUB_TEXT_BYTES, (s.data.max_stories or HUB_TEXT_BYTES) * HUB_STORY_BYTES)
+    largest = max(stages.stage_configs(s), key=parameter_count)
+    return collective_timeout(int(text), parameter_count(largest), 8 * s.train.seq_len, checkpoint_bytes(largest))
 
 
 def peak_flops_of(rt: Runtime) -> float | None:

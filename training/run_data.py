@@ -60,7 +60,7 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {len(tokenizer):,})")
     tc = s.train
     batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
-                          tc.grad_accum_steps)
+                          tc.grad_accum_steps, pin_memory=rt.device.type == "cuda")
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
     return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
                 len(val_tokens))
@@ -90,7 +90,7 @@ def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: boo
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {prepared.vocab_size:,})")
     tc = s.train
     batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
-                          tc.grad_accum_steps)
+                          tc.grad_accum_steps, pin_memory=rt.device.type == "cuda")
     val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
     tokenizer = prepared.tokenizer if rt.is_master else None  # rank 0 alone samples: the others skip its import
     return Data(batches, val, tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(), len(val_tokens))

@@ -37,6 +37,10 @@ class Runtime:
     precision: str = "auto"  # RunConfig.precision; resolved for the device by .autocast_dtype
     parallel: str = "ddp"  # RunConfig.parallel: ddp (replicas) | fsdp (sharded); set for a run by use_parallel
     watch: "PeerWatch | None" = field(default=None, repr=False)  # under torchrun: the launcher and the other ranks
+    # A gloo group beside the default one (NCCL on GPU) for host-side agreement: a flag reduced on it is a CPU
+    # tensor, so reading it never waits for the GPU's queued work (the default group's would: a host sync).
+    control: object | None = field(default=None, repr=False)
+    timeout: timedelta = field(default_factory=lambda: DEFAULT_TIMEOUT)  # both groups' collective timeout
 
     @property
     def is_master(self) -> bool:
@@ -93,12 +97,71 @@ class Runtime:
         return bool(t.item())
 
     def broadcast_flag(self, flag: bool) -> bool:
-        """Rank 0's value of flag on every rank (e.g. whether a check passed)."""
+        """Rank 0's value of flag on every rank (e.g. whether a check passed). The other ranks wait here while rank 0
+        prepares data or runs the checks: on the control group, so a wait past the timeout is CollectiveTimeout."""
         if not self.distributed:
             return flag
-        t = torch.tensor([1 if flag else 0], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.broadcast(t, src=0)
+        t = torch.tensor([1 if flag else 0])
+        try:
+            dist.broadcast(t, src=0, group=self.control)
+        except RuntimeError as e:
+            raise self.timed_out(e) from e
         return bool(t.item())
+
+    def timed_out(self, e: BaseException) -> BaseException:
+        """e as CollectiveTimeout when it is a collective's timeout (naming the timeout and the fix), else e."""
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            return e
+        return CollectiveTimeout(
+            f"rank {self.rank} waited {self.timeout.total_seconds():.0f} s, the process-group timeout, for the other "
+            f"ranks (rank 0 preparing data, checking a transition or saving; training/parallel/runtime.py "
+            f"collective_timeout says how it is derived); if rank 0 was still working, resume with "
+            f"--collective_timeout=SECONDS above that")
+
+    def stop_vote(self) -> "StopVote":
+        """A fresh StopVote over this run's processes (the loop takes one per phase)."""
+        if not self.distributed:
+            return StopVote(None)
+        return StopVote(self.control or dist.group.WORLD, self.timed_out)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than the process group's timeout (message: how long, and the setting to raise)."""
+
+
+class StopVote:
+    """Whether any rank was signalled, agreed by every rank at the same step without a host-device sync.
+
+    Each step, post() starts an all-reduce (MAX) of this rank's flag on the CPU control group without waiting for
+    it, and returns the result of the previous step's vote, which has had a whole step to complete. So all ranks
+    stop at the same step, one step after the signal was seen, and no GPU work is waited for (the old per-step
+    all-reduce of a device tensor and its .item() drained the GPU's queue every step). finish() collects the last
+    vote, so that every rank has taken part in the same number of collectives when the phase ends.
+    """
+
+    def __init__(self, group, timed_out=lambda e: e) -> None:
+        self.group, self.timed_out, self._pending = group, timed_out, None  # (work, tensor) of the vote in flight
+
+    def post(self, signalled: bool) -> bool:
+        if self.group is None:
+            return signalled
+        if self.finish():
+            return True  # the same result on every rank: all stop now, and no vote is left in flight
+        flag = torch.tensor([1 if signalled else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return False
+
+    def finish(self) -> bool:
+        """Wait for the vote in flight; whether anyone was signalled when it was posted."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise self.timed_out(e) from e
+        return bool(flag.item())  # a CPU tensor: no device sync
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,8 +176,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """Pick the device; under torchrun (RANK/WORLD_SIZE set) join the process group."""
+DEFAULT_TIMEOUT = timedelta(minutes=10)  # torch's NCCL default (gloo's is 30 min): collective_timeout's floor
+PREPARE_BYTES_PER_S = 0.25e6  # rank 0 training a tokenizer and tokenizing text: 7x slower than 1.83 MB/s measured
+CHECK_S_PER_PARAM_TOKEN = 1e-9  # the five float64 checks: 20x the 5e-11 s measured on 2 CPU threads
+SAVE_BYTES_PER_S = 20e6  # a checkpoint written to a slow network filesystem
+
+
+def collective_timeout(text_bytes: int, parameters: int, check_tokens: int, checkpoint_bytes: int) -> timedelta:
+    """How long one collective may wait: twice the longest work that rank 0 does alone while the others wait in
+    one, each bounded generously from the run's sizes, and never less than torch's 10 minutes:
+
+        prepare = text_bytes / PREPARE_BYTES_PER_S           (tokenizer and token cache from text; 0 when prepared)
+        checks  = CHECK_S_PER_PARAM_TOKEN x parameters x check_tokens   (the largest grown model, its calibration)
+        save    = checkpoint_bytes / SAVE_BYTES_PER_S        (weights and AdamW state, written by rank 0)
+        timeout = max(10 min, 2 x max(prepare, checks, save))
+
+    Measured: bench/tokenize_rate.py (1.83 MB/s a worker), bench/verify_cost.py (all five checks 15.4 s at 151M
+    parameters on 8 x 256 tokens, 2 CPU threads). The full 1.9 GB TinyStories from text gives 4.2 hours; a prepared
+    dataset (prepare_data.py) and the micro or cpu preset, the 10-minute floor. A longer timeout costs nothing
+    when a rank dies (PeerWatch stops the others within seconds); only a true hang waits it out."""
+    longest = max(text_bytes / PREPARE_BYTES_PER_S, CHECK_S_PER_PARAM_TOKEN * parameters * check_tokens,
+                  checkpoint_bytes / SAVE_BYTES_PER_S)
+    return max(DEFAULT_TIMEOUT, timedelta(seconds=round(2 * longest)))
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) -> Runtime:
+    """Pick the device; under torchrun (RANK/WORLD_SIZE set) join the process group (timeout: collective_timeout)
+    and the gloo control group beside it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
@@ -124,12 +212,13 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    watch = None
+    watch = control = None
     if world_size > 1 and not dist.is_initialized():
         launcher = os.getppid()  # before anything can reparent this process
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=timeout)
         watch = PeerWatch.join(rank, world_size, launcher)
-    return Runtime(dev, rank, world_size, local_rank, precision, watch=watch)
+    return Runtime(dev, rank, world_size, local_rank, precision, watch=watch, control=control, timeout=timeout)
 
 
 def teardown_runtime(rt: Runtime) -> None:
@@ -157,7 +246,7 @@ class PeerWatch:
     signal already takes (every rank stops at the same step, saves, exits 143, the lock is released). Another rank's
     death is found at once on this host (its pid) and within `silence` seconds on another (its heartbeat in the
     launcher's store stops); on_peer_death is then called with a line naming it, since no collective with it can
-    complete: without this the survivors would wait out the process group's timeout (30 minutes by default).
+    complete: without this the survivors would wait out the process group's timeout (collective_timeout).
     """
 
     me: Peer
