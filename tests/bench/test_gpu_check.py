@@ -14,10 +14,10 @@ import torch
 
 import bench.phase_throughput as pt
 from models import build_model
+from tests.helpers import ROOT
 from training.stages import PIPELINE, stage_configs
 from training.settings import build_settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 PARTS = ["env", "cuda_tests", "micro_run", "phases_eager", "phases_compiled", "fsdp", "vs_hf", "memory"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)

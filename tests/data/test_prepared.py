@@ -18,8 +18,8 @@ from data.text import EOT, DataError, load_corpus
 from data.tokenizer import load_tokenizer
 from data.tokens import _encode
 from common.files import WriteFailed
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORIES = generate_stories(240, seed=3)
 TRICKY = ['Café, naïve "quotes" — 😀\nnew paragraph', "two  spaces\tand a tab", "ends with dots..."]
 SMALL = dict(val_fraction=0.1, seed=1, workers=1, tokenizer_sample_bytes=20_000, log=lambda _: None)

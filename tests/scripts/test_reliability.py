@@ -11,9 +11,9 @@ import pytest
 
 import export_hf
 import train_tinystories
+from tests.helpers import ROOT
 from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--preset", "micro", "--dense_steps=40", "--moe_steps=20", "--grown_steps=20", "--checkpoint_interval=4",
          "--eval_interval=10", "--log_interval=2"]
 # Long enough (about 10 s of training) for kills to land mid-phase, mid-transition and mid-checkpoint.

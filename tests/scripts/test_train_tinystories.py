@@ -9,10 +9,9 @@ import pytest
 
 import train_tinystories
 from data.synthetic import generate_stories
-from tests.helpers import free_port
+from tests.helpers import ROOT, free_port
 from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

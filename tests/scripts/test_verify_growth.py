@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import verify_growth
-from conftest import TEXT
-from hf_pairs import build, from_state, hyperclone, llama_config, llama_pro, save, upcycle
-from test_verify_growth_mechanics import make_model
+from tests.conftest import TEXT
+from tests.growth_pairs import make_model
+from tests.helpers import ROOT
+from tests.hf_pairs import build, from_state, hyperclone, llama_config, llama_pro, save, upcycle
 from training.run_state.checkpoint import save_checkpoint
 from transfer.simple_growth import dense_to_moe, scale_bilaterally
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _broken_expert(small):

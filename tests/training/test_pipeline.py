@@ -10,6 +10,7 @@ import torch
 import training.pipeline as pipeline
 import training.stages as stages
 from config import TrainConfig
+from tests.helpers import ROOT
 from training.run_state.checkpoint import list_checkpoints
 from training.loop import TrainingState
 from training.pipeline import run_pipeline, stage_phase
@@ -19,7 +20,6 @@ from training.parallel.runtime import Runtime
 from training.settings import build_settings, parse_overrides
 from transfer import detailed_growth_check, grown_config, scale_bilaterally
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

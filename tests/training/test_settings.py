@@ -9,10 +9,10 @@ import bench.growth_vs_scratch
 import test_growth_checks
 import train_tinystories
 from config import PRESETS, ConfigError
+from tests.helpers import ROOT
 from training.settings import (NOT_SETTINGS, SECTIONS, Settings, build_settings, find_setting, make_parser,
                                parse_command_line, parse_overrides, settings_table)
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 
 
 def test_presets_build_valid_settings_and_overrides_win():

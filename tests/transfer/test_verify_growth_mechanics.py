@@ -1,5 +1,6 @@
 """Tests of the growth checks through their facade (transfer/verify_growth_mechanics.py); each check's module
-has its own file too (tests/test_checks_*.py).
+has its own file too (tests/transfer/checks/test_checks_*.py). The models and broken growths several files share
+are built in tests/growth_pairs.py.
 
 A check is only as good as the broken growths it rejects, and it must never cry wolf:
 
@@ -14,7 +15,7 @@ A check is only as good as the broken growths it rejects, and it must never cry 
 Tiny models (vocab 300, dim 32, 2 layers) on byte-encoded children's-story text, CPU, float32 models
 (the checks work on float64 copies).
 
-    .venv/bin/python -m pytest tests/test_verify_growth_mechanics.py -q
+    .venv/bin/python -m pytest tests/transfer/test_verify_growth_mechanics.py -q
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from config import ModelConfig
-from models import build_model
 from models.model import rope_tables
+from tests.growth_pairs import (dead_expert_router, gen, make_model, moe_pair, permute_qk_pairs, rebuild, source,
+                                 story_tokens, zero_routers)
 from transfer.simple_growth import dense_to_moe, hyperclone_weight, layer_sources, scale_bilaterally
 from transfer.verify_growth_mechanics import (
     FIX_COLLAPSE,
@@ -51,70 +52,10 @@ SYMMETRY_FIX = "raise noise_std"
 FUNCTIONAL_FIX = "GROWTH_VERIFICATION.md section 4"
 TOL = 1e-5  # the checks' default tolerance
 
-STORY = (
-    "Once upon a time, there was a little cat named Lily. Lily lived near a big park with tall trees. "
-    "One sunny day, Lily found a red ball under a bush. She was very happy and showed the ball to her "
-    "friend Tom. Tom and Lily played with the ball all day long. At night, Lily went home, ate her warm "
-    "soup and slept in her soft bed. The next morning a small bird came to the window and sang a sweet "
-    "song. Lily smiled and waved at the bird. \"Do not be afraid,\" said Tom to the little duck by the "
-    "pond. They gave the duck some bread, and the duck was happy. Sharing is good, said Mom."
-)
-
-BASE = dict(vocab_size=300, dim=32, n_layers=2, n_heads=4, max_seq_len=128)
 NOISY = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def story_tokens(batch: int = 4, seq_len: int = 64) -> torch.Tensor:
-    data = list(STORY.encode("ascii"))
-    assert len(data) >= batch * seq_len
-    return torch.tensor(data[: batch * seq_len], dtype=torch.long).view(batch, seq_len)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny model built without disturbing the global RNG, with RMSNorm weights away from 1 (as after
-    training: all-ones norms would hide any layout bug in them)."""
-    cfg = ModelConfig(**{**BASE, **overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-    g = gen(1000 + seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-SOURCES = {
-    "dense": {},
-    "dense_untied": dict(tie_embeddings=False),
-    "gqa": dict(n_kv_heads=2),
-    "mqa": dict(n_kv_heads=1),
-    "moe": dict(n_experts=4, top_k=2),
-    "moe_gqa_untied_top1": dict(n_experts=4, top_k=1, n_kv_heads=2, tie_embeddings=False),
-    "wide_dense": dict(dim=64, n_heads=4),
-}
-
-
-def source(kind: str, seed: int = 0) -> torch.nn.Module:
-    if kind == "upcycled":  # dense -> MoE (identical experts, small random router)
-        return dense_to_moe(make_model(seed), n_experts=8, top_k=2, seed=seed)
-    return make_model(seed, **SOURCES[kind])
-
-
-def rebuild(cfg: ModelConfig, state: dict) -> torch.nn.Module:
-    """A model for `cfg` (a wrong config, for mutations) holding `state` (shapes must match)."""
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 def weight_key(name: str) -> str:
     parts = name.split(".")
     return parts[-2] if parts[-1] == "weight" else parts[-1]
@@ -225,19 +166,6 @@ def kv_heads_kept(old, s, extra, seed=0):
             state[f"blocks.{j}.attention.{proj}.weight"] = hyperclone_weight(
                 w, s, widen_out=False, widen_in=True, noise_std=0.3, generator=g)
     return rebuild(cfg, state)
-
-
-def permute_qk_pairs(model):
-    """Rows of q and k permuted within each head from rotate-half pairs (i, i + hd/2) to interleaved pairs
-    (2i, 2i + 1): the classic Meta <-> Hugging Face conversion slip, applied during growth."""
-    hd = model.config.head_dim
-    perm = torch.arange(hd).view(2, hd // 2).t().reshape(-1)
-    with torch.no_grad():
-        for b in model.blocks:
-            for lin in (b.attention.q_proj, b.attention.k_proj):
-                w = lin.weight
-                lin.weight.copy_(w.view(-1, hd, w.shape[-1])[:, perm].reshape(w.shape))
-    return model
 
 
 # ================================================================== 1. no false alarms on correct growth
@@ -410,11 +338,6 @@ def test_mqa_growth_keeping_single_kv_head_is_not_a_false_alarm(tokens):
 
 
 # ======================================================================= 2. mutations: router check
-def moe_pair(extra=2, s=2):
-    old = source("moe")  # native MoE: 4 distinct experts, so routing matters for the function
-    return old, scale_bilaterally(old, s, extra)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("s", [2, 3])
 def test_router_not_divided_by_scale_factor_fails_router(tokens, s):
@@ -472,13 +395,6 @@ def test_router_noise_that_does_not_cancel_fails_router(tokens):
     assert_caught(old, good, bad, tokens, "router", (ROUTER_FIX,))
 
 
-def zero_routers(model):
-    with torch.no_grad():
-        for b in model.blocks:
-            b.ffn.router.weight.zero_()
-    return model
-
-
 def test_zero_router_after_upcycling_fails_router_and_symmetry(tokens):
     old = source("dense")
     good = dense_to_moe(old, n_experts=8, top_k=2)
@@ -515,19 +431,6 @@ def test_router_collapse_inherited_from_old_model_is_not_blamed_on_growth(tokens
     assert res.fix != FIX_ROUTER, res.message  # the growth did nothing wrong to the router
     assert "old model" in res.message, res.message
     assert rep.results["functional"].passed and rep.results["rope"].passed
-
-
-def dead_expert_router(model):
-    """Top-1 routers whose experts 5..7 never win (rows +a, -a, +c, -c, d, 0, 0, 0: the max of the first
-    four logits is > 0): 3 of 8 experts dead while the load entropy of the other five stays ~0.55-0.6."""
-    g = gen(3)
-    with torch.no_grad():
-        for b in model.blocks:
-            w = b.ffn.router.weight
-            a, c, d = (torch.randn(w.shape[1], generator=g) for _ in range(3))
-            w.zero_()
-            w[0], w[1], w[2], w[3], w[4] = a, -a, c, -c, d
-    return model
 
 
 def test_dead_expert_collapse_inherited_from_old_model_is_not_blamed_on_growth(tokens):

@@ -14,13 +14,12 @@ import time
 
 import pytest
 
-from tests.helpers import children, free_port
+from tests.helpers import ROOT, children, free_port
 from training.run_state.checkpoint import latest_checkpoint
 from common.processes import process_alive
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
 RUN = ["--preset", "micro", "--dense_steps=400", "--moe_steps=10", "--grown_steps=10", "--checkpoint_interval=50",
        "--eval_interval=50", "--log_interval=10"]

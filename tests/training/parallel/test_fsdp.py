@@ -16,9 +16,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers import children, free_port
+from tests.helpers import ROOT, children, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
 STEPS = 20  # the equality test's optimizer steps
 # fp32 reduction-order noise: FSDP sums the gradient norm's squares shard by shard (and all-reduces), one process
@@ -242,7 +241,7 @@ def test_two_fsdp_processes_train_as_one_process_does_on_the_same_global_batch(t
     from training.plan import step_memory
 
     out = tmp_path / "losses.json"
-    proc = torchrun(["-m", "tests.test_fsdp", "equality", str(out)])
+    proc = torchrun(["-m", "tests.training.parallel.test_fsdp", "equality", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.load(open(out))
     for n in (0, 4):
@@ -435,6 +434,6 @@ def test_sigkill_of_a_sharded_run_at_random_moments_then_resume_continues_exactl
     assert broken_resume != losses(fsdp_run[0])
 
 
-if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node=2 -m tests.test_fsdp equality OUT
+if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node=2 -m tests.training.parallel.test_fsdp equality OUT
     if sys.argv[1] == "equality":
         equality_worker(sys.argv[2])

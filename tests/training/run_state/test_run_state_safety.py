@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from common.safe_load import UnsafeFile, code_in_pickle, code_in_torch_file, load_torch_data, load_weights
-from tests.helpers import command_line
+from tests.helpers import ROOT, command_line
 from training.run_state.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "run_46be59e")  # micro, 8/4/4 steps, stopped after dense step 4
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))

@@ -14,9 +14,9 @@ from dataclasses import asdict, replace
 import pytest
 
 from common.files import WriteFailed
+from tests.helpers import ROOT
 from training.run_state.lock import LOCK_NAME, Holder, RunLocked, _start_ticks, acquire
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a contender: waits until start_at, tries the lock, says what happened, holds it hold_s seconds if it won;
 # with fork=1 it leaves a child that keeps the lock's descriptor open (a worker outliving its run)
 CONTENDER = """

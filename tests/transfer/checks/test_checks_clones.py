@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from relabel import interleave_order, permute_residual, relabel_experts, relabel_heads, relabel_neurons
-from test_verify_growth_mechanics import source, story_tokens
+from tests.growth_pairs import source, story_tokens
+from tests.relabel import interleave_order, permute_residual, relabel_experts, relabel_heads, relabel_neurons
 from transfer.checks.clones import group_copies, positional, residual_groups, residual_map, unit_signatures
 from transfer.checks.divergence import measure_clone_divergence
 from transfer.checks.rope import FIX_RELABEL

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from config import TrainConfig
-from conftest import tokens_for
-from test_verify_growth_mechanics import source
+from tests.conftest import tokens_for
+from tests.growth_pairs import source
 from training.loop import lm_loss, make_optimizer
 from transfer.checks.divergence import (KINDS, RAW_KINDS, DivergenceLimits, judge_clone_divergence,
                                         measure_clone_divergence)

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test_verify_growth_mechanics import permute_qk_pairs, rebuild, source, story_tokens
+from tests.growth_pairs import permute_qk_pairs, rebuild, source, story_tokens
 from transfer.checks.functional import (STAGE_FIX, FunctionalLimits, FunctionalStats, check_functional_equivalence,
                                         judge_functional)
 from transfer.checks.results import FIX_FUNCTIONAL, FIX_NORM

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import TrainConfig
-from test_verify_growth_mechanics import make_model, story_tokens
+from tests.growth_pairs import make_model, story_tokens
 from training.loop import lm_loss
 from transfer.checks.objective import objective, objective_gradients
 from transfer.simple_growth import dense_to_moe, scale_bilaterally

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_verify_growth_mechanics import source, story_tokens
+from tests.growth_pairs import source, story_tokens
 from transfer.checks.ownership import FIX_OWNERSHIP, measure_ownership, own_tensors
 from transfer.simple_growth import dense_to_moe, scale_bilaterally
 from transfer.verify_growth_mechanics import check_trainability, detailed_growth_check, upcycling_check

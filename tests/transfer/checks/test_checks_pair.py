@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test_verify_growth_mechanics import make_model, rebuild, source, story_tokens
+from tests.growth_pairs import make_model, rebuild, source, story_tokens
 from transfer.checks.pair import ModelPair, config_changes, pair_problem, rejected_pair, relative_drift
 from transfer.checks.results import FIX_PAIR
 from transfer.simple_growth import scale_bilaterally

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_verify_growth_mechanics import permute_qk_pairs, rebuild, source, story_tokens, zero_routers
+from tests.growth_pairs import permute_qk_pairs, rebuild, source, story_tokens, zero_routers
 from transfer.checks import detailed_growth_check, upcycling_check
 from transfer.checks.divergence import DivergenceLimits, judge_clone_divergence
 from transfer.checks.results import FIX_FUNCTIONAL, FIX_NORM, FIX_ROUTER, CheckResult, GrowthReport, norm_fix

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import torch
 
-from test_verify_growth_mechanics import permute_qk_pairs, rebuild, source, story_tokens
+from tests.growth_pairs import permute_qk_pairs, rebuild, source, story_tokens
 from transfer.checks.results import FIX_NORM, FIX_ROPE
 from transfer.checks.rope import BlockAttention, RopeLimits, RopeStats, check_rope_integrity, judge_rope
 from transfer.simple_growth import scale_bilaterally

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from test_verify_growth_mechanics import moe_pair, rebuild, source, story_tokens
+from tests.growth_pairs import moe_pair, rebuild, source, story_tokens
 from transfer.checks.results import (FIX_COLLAPSE, FIX_INSERTED_COLLAPSE, FIX_NORM, FIX_RETRAIN_BALANCE,
                                      FIX_ROUTER)
 from transfer.checks.router import (BlockBalance, BlockRouting, RouterLimits, RouterStats, check_router_integrity,

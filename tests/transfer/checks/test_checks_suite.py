@@ -8,7 +8,7 @@ import pytest
 import transfer.checks.suite as suite
 import transfer.checks.trainability as trainability
 from config import TrainConfig
-from test_verify_growth_mechanics import make_model, moe_pair, rebuild, source, story_tokens
+from tests.growth_pairs import make_model, moe_pair, rebuild, source, story_tokens
 from transfer.checks import FIX_ROPE, FIX_ROUTER, detailed_growth_check, upcycling_check
 from transfer.checks.trainability import first_step_lr
 from transfer.simple_growth import dense_to_moe, scale_bilaterally

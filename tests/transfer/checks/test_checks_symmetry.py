@@ -3,7 +3,7 @@ pair's model, leaves no gradient or requires_grad change behind for the checks a
 import torch
 
 from config import TrainConfig
-from test_verify_growth_mechanics import source, story_tokens
+from tests.growth_pairs import source, story_tokens
 from transfer.checks.functional import judge_functional, measure_functional
 from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import ModelPair

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from config import TrainConfig
-from test_verify_growth_mechanics import dead_expert_router, make_model, source, story_tokens
+from tests.growth_pairs import dead_expert_router, make_model, source, story_tokens
 from transfer.checks import FIX_TRAINABILITY, detailed_growth_check
 from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import copy_model
