@@ -142,7 +142,7 @@ def test_gpu_check_dry_run_prints_every_part_within_600_s_and_writes_nothing(tmp
     assert [line.split()[1] for line in text.splitlines() if line.startswith("== ")] == PARTS
     limits = [int(line.split("limit ")[1].rstrip("s)")) for line in text.splitlines() if line.startswith("== ")]
     assert sum(limits) + 3 * len(limits) <= 480  # well inside the device tool's 600 s per command
-    for expected in ("-m pytest -m cuda tests/test_cuda.py", f"--junitxml={out}/cuda_tests.xml",
+    for expected in ("-m pytest -m cuda tests/training/parallel/test_cuda.py", f"--junitxml={out}/cuda_tests.xml",
                      "train_tinystories.py --preset micro --device=cuda --compile=true --precision=bf16",
                      "bench/phase_throughput.py --preset cuda --device=cuda --compile=false --precision=bf16 "
                      "--steps 200 --warmup 5 --out $WORK/phases_eager.json",

@@ -1,4 +1,4 @@
-"""CUDA-only tests (`python -m pytest -m cuda tests/test_cuda.py`; bench/gpu_check.sh runs them): bf16 autocast,
+"""CUDA-only tests (`python -m pytest -m cuda tests/training/parallel/test_cuda.py`; bench/gpu_check.sh runs them): bf16 autocast,
 fused attention kernels, fused AdamW, torch.compile, activation checkpointing's memory, the plan's memory
 estimate, float64 gradient accumulation and the growth checks, all on the GPU. Skipped where torch sees no
 CUDA device, with that reason."""

@@ -6,7 +6,7 @@ data_source.json: every section shows the records' numbers, text from the files 
 degrades to one line, broken files do not crash. Then headless Chromium renders the page: the screenshot is
 not blank and every image is an inline PNG (skipped only where no Chromium binary is installed).
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_html_report.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/training/reporting/test_html_report.py
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The missing-package message and the record -> scalars mapping run everywhere; writing event files and reading
 them back with tensorboard's EventAccumulator needs the optional tensorboard package (skipped without it).
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_tensorboard.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/training/reporting/test_tensorboard.py
 """
 from __future__ import annotations
 

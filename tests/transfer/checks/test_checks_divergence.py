@@ -2,7 +2,7 @@
 0.3 and 0), through a few training steps (noisy clones move apart, pure clones stay exactly together), on
 wrapped and bf16 models; the judge on synthetic histories.
 
-    python -m pytest tests/test_checks_divergence.py -q
+    python -m pytest tests/transfer/checks/test_checks_divergence.py -q
 """
 from __future__ import annotations
 

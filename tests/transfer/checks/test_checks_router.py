@@ -84,7 +84,7 @@ def test_consistent_relabelling_of_distinct_experts_passes():
     assert list(r.metrics["expert_relabelling"].values()) == [perm.tolist()] * 2  # new expert e is old perm[e]
     assert not check_router_integrity(old, relabel(good, perm, experts=False), t).passed  # rows alone: not the same
     assert check_router_integrity(old, relabel(good, perm, router=False), t).passed  # experts alone: same routing,
-    # a different function, which the functional check catches (tests/test_verify_growth_mechanics.py)
+    # a different function, which the functional check catches (tests/transfer/test_verify_growth_mechanics.py)
 
 
 def test_relabelling_identical_experts_by_router_rows_changes_nothing():
