@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common.formats import si as _si
 from config import TrainConfig
 from models import load_balancing_loss, router_z_loss
 from models.moe import expert_load, load_entropy
@@ -333,13 +334,6 @@ def _train_line(step: int, r: dict) -> str:
     seen = f"{_si(r['tokens'])} tokens"
     parts.append(seen + (f" ({r['epochs']:.2f} epochs)" if r["epochs"] is not None else ""))
     return " | ".join(parts)
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int) -> None:
