@@ -20,6 +20,7 @@ import torch
 
 from common.files import write_atomic
 from config import PRESETS, ConfigError, DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from data.tokenizer import vocab_size_problem
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "growth": GrowthConfig, "model": ModelConfig, "train": TrainConfig,
                              "data": DataConfig}
@@ -270,10 +271,8 @@ def check_consistency(s: Settings) -> None:
         p.append(f"seq_len={s.train.seq_len} exceeds max_seq_len={s.model.max_seq_len}")
     if s.model.n_experts:
         p.append(f"n_experts={s.model.n_experts} in the model: phase 1 is dense; set the MoE with --n_experts (growth)")
-    if s.model.vocab_size < 257:
-        p.append(f"vocab_size={s.model.vocab_size} must be >= 257 (byte-level BPE: 256 bytes + end of text)")
-    if s.model.vocab_size > 65536:
-        p.append(f"vocab_size={s.model.vocab_size} must be <= 65536 (tokens are cached as uint16)")
+    if problem := vocab_size_problem(s.model.vocab_size):
+        p.append(problem)
     if p:
         raise ConfigError("; ".join(p))
 
