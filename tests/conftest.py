@@ -35,6 +35,22 @@ def tokens() -> torch.Tensor:
     return tokens_for()
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """Never reach for the hub: the offline fallback (generated stories) is deterministic. Files that need it say
+    pytestmark = pytest.mark.usefixtures("offline")."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token BPE tokenizer trained on generated stories (tests share it; none changes it)."""
+    from data import train_tokenizer
+
+    return train_tokenizer(generate_stories(300), 300)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine can be 20x slower."""

@@ -21,20 +21,10 @@ from training.scoring import Score, score_stories, story_stream, windows
 from training.settings import build_settings, place
 from transfer import dense_to_moe, scale_bilaterally
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "offline")
 
 STORIES = ["Tom saw a big dog.", "Léa vit un chat 😀 près de l'école.\nThe end."]
 EXTRA_BYTES = 1 + 3 + 1 + 1  # beyond one byte per character: é (2 bytes), 😀 (4), è (2), é (2)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(generate_stories(300), 300)
 
 
 @pytest.fixture(scope="module")

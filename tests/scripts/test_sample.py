@@ -6,18 +6,13 @@ import torch
 from torch import nn
 
 import sample
-from data import generate_stories, train_tokenizer
+from data import generate_stories
 from models import build_model, generate
 from tests.conftest import tiny_config
 from tests.helpers import make_run
 from transfer import dense_to_moe, scale_bilaterally
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(generate_stories(300), 300)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from data.synthetic import generate_stories
 from tests.helpers import ROOT, free_port
 from training.run_state.checkpoint import latest_checkpoint, list_checkpoints
 
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Never reach for the hub in tests: the offline fallback (generated stories) is deterministic."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def run(out_dir, *args) -> int:

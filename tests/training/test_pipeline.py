@@ -20,12 +20,7 @@ from training.parallel.runtime import Runtime
 from training.settings import build_settings, parse_overrides
 from transfer import detailed_growth_check, grown_config, scale_bilaterally
 
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def test_stage_phases_read_their_settings_by_name_and_only_the_last_decays():
