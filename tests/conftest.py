@@ -52,6 +52,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
+def model():
+    """A tiny dense model (tiny_config, max_seq_len 32) at seed 0, in eval mode; a file may define its own."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config(max_seq_len=32)).eval()
+
+
+@pytest.fixture(scope="module")
 def single_thread():
     """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine can be 20x slower."""
     n = torch.get_num_threads()
