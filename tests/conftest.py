@@ -43,6 +43,13 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture
+def no_hub_switches(monkeypatch):
+    """Neither offline switch set, whatever the environment says: the tests of the hub path stand in for the hub."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A 300-token BPE tokenizer trained on generated stories (tests share it; none changes it)."""

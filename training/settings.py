@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 
-from common.files import existing_ancestor, write_atomic
+from common.files import existing_ancestor, read_json, write_atomic
 from config import PRESETS, ConfigError, DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from data import DataError, check_files
 from data.prepared import open_prepared, resume_prepared
@@ -290,11 +290,8 @@ def save_settings(settings: Settings, out_dir: str) -> None:
 
 
 def load_saved_settings(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, "settings.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The run's settings.json (None before the run wrote it)."""
+    return read_json(os.path.join(out_dir, "settings.json"))
 
 
 def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:

@@ -37,12 +37,6 @@ def tok():
     return train_tokenizer(generate_stories(400, seed=1), vocab_size=400)
 
 
-@pytest.fixture
-def no_hub_switches(monkeypatch):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 # ---------------------------------------------------------------- local files
 
 def test_txt_official_layout(tmp_path):

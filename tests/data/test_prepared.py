@@ -59,12 +59,6 @@ def txt_dataset(tmp_path_factory):
     return prepared.prepare_dataset(str(tmp / "ds"), files, VOCAB, **SMALL), files
 
 
-@pytest.fixture
-def no_hub_switches(monkeypatch):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 # ------------------------------------------------------------------------------------------ the sources
 
 def test_txt_tokens_equal_tokenizing_what_a_run_reads(txt_dataset):
