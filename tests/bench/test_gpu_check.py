@@ -194,6 +194,7 @@ def test_gpu_check_records_each_part_goes_on_past_failures_and_brings_back_four_
     assert "GPU CHECK SUMMARY" in proc.stdout and json.loads((out / "summary.json").read_text())["parts"] == parts
 
 
+@pytest.mark.slow  # runs bench/gpu_check.sh, whose pytest part waits out its 20 s limit
 def test_a_pytest_part_stopped_by_its_limit_still_writes_its_junit_xml(tmp_path):
     """SIGINT, not SIGTERM: pytest finishes its session and writes the XML of the tests that ran."""
     tests = tmp_path / "test_slow_part.py"

@@ -2,8 +2,8 @@
 objects under their names, and `detailed_growth_check(old, new, tokens)` as its docstring shows it prints the
 VERIFICATION SUMMARY (all five passed; one failed with its fix; nothing when verbose=False).
 
-Each check is tested in its own file against broken and correct growths (tests/transfer/checks/test_checks_*.py:
-the no-false-alarm grid and the contracts in test_checks_suite.py, each check's mutations in its file).
+Each check is tested beside its module against broken and correct growths (tests/transfer/checks/: the no-false-alarm
+grid and the contracts in test_checks_suite_grid.py, each check's broken growths in test_checks_<check>_mutations.py).
 
     .venv/bin/python -m pytest tests/transfer/test_verify_growth_mechanics.py -q
 """

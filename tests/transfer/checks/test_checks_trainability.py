@@ -5,7 +5,7 @@ head, a dead expert) preserve the function and pass RoPE, router, symmetry and f
 must catch each, naming block, module and units. The project's own identity blocks (o_proj and down_proj zero:
 dead for one step, alive after) must pass, idle units must be reported apart, and the judge is tested without
 models. The no-false-alarm grid over scale factors, depths, sources and seeds runs every check, trainability
-included, in test_checks_suite.py.
+included, in test_checks_suite_grid.py.
 
     python -m pytest tests/transfer/checks/test_checks_trainability.py -q
 """
