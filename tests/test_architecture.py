@@ -200,7 +200,8 @@ def test_the_checker_sees_a_cycle_an_upward_import_and_a_private_name(tmp_path, 
 def test_the_checker_sees_a_test_module_importing_another(tmp_path, monkeypatch):
     """Each way of naming another test module is found: dotted, bare (prepend mode), relative, inside a function;
     a builder module and an entry script that merely starts with test_ are not."""
-    files = {"tests.a.test_one": "X = 1\n", "tests.a.test_clean": "from tests.helpers import ROOT\nimport test_growth_checks\n",
+    files = {"tests.a.test_one": "X = 1\n",
+             "tests.a.test_clean": "from tests.helpers import ROOT\nimport test_growth_checks\n",
              "tests.b.test_dotted": "from tests.a.test_one import X\n", "tests.b.test_bare": "from test_one import X\n",
              "tests.a.test_relative": "from .test_one import X\n", "tests.c.test_growth_checks": "",
              "tests.b.test_lazy": "def f():\n    from tests.a import test_one\n"}

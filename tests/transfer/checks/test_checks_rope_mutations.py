@@ -1,6 +1,7 @@
 """The RoPE check against realistic broken growths (head_dim changed instead of heads, theta changed, rescaled tables,
 rotary pairs permuted, GQA kv heads kept or interleaved, a shrunk max_seq_len): each fails RoPE with its fix while its
-unbroken counterpart passes all five; MQA keeping its single kv head is no false alarm. The judge: test_checks_rope.py."""
+unbroken counterpart passes all five; MQA keeping its single kv head is no false alarm.
+The judge: test_checks_rope.py."""
 import copy
 from dataclasses import replace
 
