@@ -208,6 +208,21 @@ class TrainConfig:
         _raise_if(p, "TrainConfig")
 
 
+MIN_OFFLINE_STORIES = 2  # one to train on and one held out for validation
+
+
+def data_problems(val_fraction: float, max_stories: int | None, offline_stories: int) -> list[str]:
+    """What is wrong with the data arguments every reader shares (DataConfig, load_corpus, prepare_dataset)."""
+    p = []
+    if not 0 < val_fraction < 1:
+        p.append(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    if max_stories is not None and max_stories < 0:
+        p.append(f"max_stories={max_stories} must be >= 0 (0 = all)")
+    if offline_stories < MIN_OFFLINE_STORIES:
+        p.append(f"offline_stories={offline_stories} must be >= {MIN_OFFLINE_STORIES} (one to train on, one held out)")
+    return p
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it is tokenised (the tokenizer's vocab is ModelConfig.vocab_size)."""
@@ -217,14 +232,7 @@ class DataConfig:
     offline_stories: int = 20000  # generated stories when neither the hub nor files are available
 
     def __post_init__(self) -> None:
-        p: list[str] = []
-        if not 0 < self.val_fraction < 1:
-            p.append(f"val_fraction={self.val_fraction} must be between 0 and 1")
-        if self.max_stories < 0:
-            p.append(f"max_stories={self.max_stories} must be >= 0 (0 = all)")
-        if self.offline_stories < 10:
-            p.append(f"offline_stories={self.offline_stories} must be >= 10")
-        _raise_if(p, "DataConfig")
+        _raise_if(data_problems(self.val_fraction, self.max_stories, self.offline_stories), "DataConfig")
 
 
 @dataclass

@@ -20,7 +20,8 @@ from config import ConfigError
 from data.text import DataError, check_files
 from training.run_state.checkpoint import CheckpointError
 from training.parallel.runtime import resolve_device
-from training.scoring import file_stories, load_for_inference, score_stories, validation_stories
+from training.inference import file_stories, load_for_inference, validation_stories
+from training.scoring import score_stories
 from training.settings import OneLineParser
 
 

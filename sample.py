@@ -24,7 +24,8 @@ from config import ConfigError
 from models import generate
 from training.run_state.checkpoint import CheckpointError
 from training.parallel.runtime import resolve_device
-from training.scoring import autocast, load_for_inference
+from training.inference import load_for_inference
+from training.scoring import autocast
 from training.settings import OneLineParser
 
 SEPARATOR = "-" * 15

@@ -15,37 +15,31 @@ stopped by SIGINT/SIGTERM after saving.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
-from dataclasses import replace
 
 import torch
 
 from config import ConfigError
-from data import DataError, check_files
-from data.prepared import resume_prepared
-from data.source import load_source, resume_source
+from data import DataError
 from training.run_state.checkpoint import CheckpointError, latest_checkpoint
-from common.files import NotEnoughSpace, WriteFailed, existing_ancestor
+from common.files import NotEnoughSpace, WriteFailed
 from training.run_state.disk import remove_stale_temporaries
 from training.loop import TrainingInterrupted
-from training.messages import resume_command
+from training.messages import resume_line
 from training.pipeline import collective_timeout_for, run_pipeline
 from training.plan import run_plan
-from training.run_state.lock import RunLock, RunLocked, acquire, refuse_if_held
-from training.parallel.runtime import (CollectiveTimeout, StopSignals, resolve_device, setup_runtime,
-                                       teardown_runtime)
-from training.settings import (RunRequest, build_settings, default_preset, load_saved_settings, make_parser,
-                               parse_command_line, with_hf_model)
+from training.run_state.lock import RunLock, RunLocked, acquire
+from training.parallel.runtime import CollectiveTimeout, StopSignals, setup_runtime, teardown_runtime
+from training.settings import RunRequest, make_parser, parse_command_line, resolve_request
 
 EXIT = {"finished": 0, "already_finished": 0, "halted": 1}
 
 
 def parse(argv: list[str]) -> tuple[RunRequest, bool]:
-    """The validated request and whether only its plan is asked for; ConfigError / DataError for any bad input
-    (before any work)."""
+    """The request (checked below, in training.settings.resolve_request) and whether only its plan is asked for;
+    ConfigError / DataError for any bad input (before any work)."""
     p = make_parser(__doc__.split("\n")[0],
                     epilog="Settings follow; e.g. --noise-std=0.2, --noise_std 0.2 or --growth.noise_std=0.2")
     p.add_argument("--preset", help="micro | cpu | cuda (default: cuda if available, else cpu)")
@@ -59,67 +53,10 @@ def parse(argv: list[str]) -> tuple[RunRequest, bool]:
     p.add_argument("--init-from-hf", metavar="PATH", help="start phase 1 from a Llama-architecture transformers "
                    "checkpoint on disk (its weights and tokenizer) instead of a fresh model")
     args, overrides = parse_command_line(p, argv)
-    preset = args.preset or default_preset()
-    out_dir = args.out_dir or os.path.join("runs", preset)
-    saved = load_saved_settings(out_dir) if args.resume else None
-    if args.resume and saved is None:
-        raise ConfigError(f"--resume: {out_dir} holds no run (no settings.json); drop --resume to start one")
-    if not args.plan:
-        refuse_if_held(out_dir)  # a running run's directory: name it, whatever it holds so far
-    if not args.resume and not args.plan and latest_checkpoint(out_dir, log=lambda _: None) is not None:
-        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
-    if settings_asks_tensorboard(overrides, saved) and importlib.util.find_spec("tensorboard") is None:
-        from training.reporting.tensorboard import MISSING
-
-        raise ConfigError(MISSING)
-    if args.dataset and args.data_files:
-        raise ConfigError("--dataset and --data-files both given: pass one (a prepared dataset holds its own text)")
-    settings = build_settings(None if saved else preset, overrides, saved)
-    if args.init_from_hf and not args.resume:
-        settings = with_hf_model(settings, args.init_from_hf, overrides)
-    resolve_device(settings.run.device)  # ConfigError before any work
-    data_files, origin, dataset = args.data_files, "auto", None
-    if args.resume:  # the run's own data, wherever --data-files / --dataset now finds it
-        recorded = load_source(out_dir)
-        data_files, origin = resume_source(recorded, args.data_files)
-        if origin == "prepared":
-            dataset = resume_prepared(recorded, args.dataset)
-        elif args.dataset:
-            raise DataError(f"this run did not train on a prepared dataset ({origin}); drop --dataset to resume it")
-    elif args.dataset:
-        from data.prepared import open_prepared
-
-        dataset = args.dataset
-        settings = with_prepared_vocab(settings, open_prepared(dataset), overrides)
-    elif data_files is not None:
-        check_files(data_files)
-    req = RunRequest(settings, out_dir, data_files, args.resume, args.init_from_hf, origin,
-                     None if args.resume else preset, dataset)
-    if not args.plan:
-        _check_writable(out_dir)
+    req = resolve_request(overrides, preset=args.preset, out_dir=args.out_dir, resume=args.resume,
+                          data_files=args.data_files, dataset=args.dataset, init_from_hf=args.init_from_hf,
+                          plan_only=args.plan)
     return req, args.plan
-
-
-def settings_asks_tensorboard(overrides, saved: dict | None) -> bool:
-    asked = overrides.get("run", {}).get("tensorboard")
-    return bool(asked if asked is not None else (saved or {}).get("run", {}).get("tensorboard"))
-
-
-def with_prepared_vocab(settings, prepared, overrides):
-    """The model's vocabulary is the prepared tokenizer's; a different --vocab_size given is refused."""
-    asked = overrides.get("model", {}).get("vocab_size")
-    if asked is not None and asked != prepared.vocab_size:
-        raise ConfigError(f"--vocab_size={asked} but {prepared.path} was prepared with a {prepared.vocab_size}-token "
-                          f"tokenizer: drop --vocab_size, or prepare the data again with --vocab_size {asked}")
-    return replace(settings, model=replace(settings.model, vocab_size=prepared.vocab_size))
-
-
-def _check_writable(out_dir: str) -> None:
-    """Refuse an out-dir that cannot be created or written, without writing anything."""
-    existing = existing_ancestor(os.path.abspath(out_dir))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is not a directory" if not os.path.isdir(existing) else "is not writable"
-        raise ConfigError(f"cannot write to --out-dir {out_dir}: {existing} {why}; choose a writable directory")
 
 
 def take_run(req: RunRequest, rt) -> RunLock | None:
@@ -140,13 +77,6 @@ def take_run(req: RunRequest, rt) -> RunLock | None:
     if not rt.broadcast_flag(error is None):
         raise ConfigError(str(error) if error else "rank 0 could not take the run directory; see its message")
     return lock
-
-
-def resume_line(out_dir: str) -> str:
-    """The command that continues the run, or what to do when nothing was saved yet."""
-    if load_saved_settings(out_dir) is None:
-        return "Nothing was saved yet: run the same command again to start over."
-    return f"Resume with:\n  {resume_command(out_dir)}"
 
 
 def main(argv: list[str]) -> int:

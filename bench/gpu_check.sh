@@ -14,8 +14,9 @@
 #
 # Parts, in order, each under `timeout` (seconds; set the named variable to change a limit):
 #   1 env             LIMIT_ENV=15        env.json: torch, CUDA, GPU, git commit; nvidia_smi.txt
-#   2 cuda_tests      LIMIT_TESTS=90      pytest -m cuda tests/test_cuda.py -> cuda_tests.xml (grouped-matmul MoE
-#                                         against the loop without a sync, fullgraph bf16 compile of the MoE, ...)
+#   2 cuda_tests      LIMIT_TESTS=90      pytest -m cuda tests/training/parallel/test_cuda.py -> cuda_tests.xml
+#                                         (grouped-matmul MoE against the loop without a sync, fullgraph bf16
+#                                         compile of the MoE, ...)
 #   3 micro_run       LIMIT_MICRO=60      micro pipeline, compile, bf16, generated stories -> micro_run.jsonl
 #   4 phases_eager    LIMIT_EAGER=70      cuda preset at its real size, eager, PHASE_STEPS (200) steps a phase:
 #                                         speed, MFU, peak memory against the plan -> phases_eager.json
@@ -109,7 +110,7 @@ EOF
 
 part_cuda_tests() {
     # shellcheck disable=SC2086  # CUDA_TESTS: test files (a test points it elsewhere to check the SIGINT stop)
-    run "$PY" -m pytest -m cuda ${CUDA_TESTS:-tests/test_cuda.py} -rs -p no:cacheprovider --junitxml="$DIR/cuda_tests.xml"
+    run "$PY" -m pytest -m cuda ${CUDA_TESTS:-tests/training/parallel/test_cuda.py} -rs -p no:cacheprovider --junitxml="$DIR/cuda_tests.xml"
 }
 
 # pipeline NAME ARGS...: a micro pipeline run in scratch space; its metrics.jsonl is kept as NAME.jsonl.

@@ -8,7 +8,7 @@ from 1) is read with from_hf and compared with transformers in fp32 ("read"); ex
 and loaded back by AutoModelForCausalLM ("export"); grown in float64 (dense: upcycled to 4 experts top-2, then
 width x2 and +2 identity blocks; MoE: width x2 and +2 blocks) and compared with the source ("grow f64"); the grown
 model exported as the family's MoE form and run by transformers in fp32 against the source in transformers
-("grown hf"). Figures, not assertions: tests/test_hf_families.py holds the limits.
+("grown hf"). Figures, not assertions: tests/transfer/test_hf_families.py holds the limits.
 """
 from __future__ import annotations
 

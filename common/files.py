@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import tempfile
 import os
 import re
@@ -232,6 +233,14 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: str) -> object | None:
+    """The JSON document in path; None where there is no such file (a run that has not written it yet)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

@@ -12,3 +12,24 @@ def human(n: int | None) -> str:
             break
         size /= 1024
     return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def si(x: float | None, missing: str = "—") -> str:
+    """Counts in SI units to 3 significant digits (tokens, parameters, FLOPs): 950, 1.23k, 45.6M, 7.89G, ..."""
+    if x is None:
+        return missing
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def duration(seconds: float | None, missing: str = "—") -> str:
+    """Seconds as people read them: 45 s, 12 min 3 s, 2 h 5 min."""
+    if seconds is None:
+        return missing
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    h, rest = divmod(s, 3600)
+    return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"

@@ -36,6 +36,7 @@ import data.text as text
 from common.files import check_free_space, existing_ancestor, guarded_write, sha256_file
 from common.formats import human
 from common.processes import process_alive
+from config import data_problems
 from data.source import describe_files
 from data.text import DataError, check_files, load_corpus
 
@@ -50,7 +51,6 @@ TOKENIZER_SAMPLE_BYTES = 100_000_000
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _CHUNK_STORIES = 1024  # stories per worker task: ~1 MB of TinyStories text, ~0.5 s of one core
 _PROGRESS_SECONDS = 10.0
-_MAX_VOCAB = 1 << 16  # ids must fit uint16
 _ORIGINS = ("auto", "files", "hub", "generated")
 
 
@@ -226,18 +226,10 @@ def _check_args(out_dir: str, data_files: list[str] | None, origin: str, vocab_s
                 max_stories: int | None, offline_stories: int, workers: int, sample_bytes: int,
                 tokenizer_from: str | None) -> None:
     """DataError naming every bad argument (value vs limit, and the fix), before any work."""
-    from data.tokenizer import MIN_VOCAB_SIZE
+    from data.tokenizer import vocab_size_problem  # tokenizers loads only when a dataset is prepared
 
-    problems = []
-    if not MIN_VOCAB_SIZE <= vocab_size <= _MAX_VOCAB:
-        problems.append(f"vocab_size={vocab_size} must be in {MIN_VOCAB_SIZE}..{_MAX_VOCAB} (256 bytes + eos, and "
-                        "ids must fit uint16)")
-    if not 0 < val_fraction < 1:
-        problems.append(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    if max_stories is not None and max_stories < 1:
-        problems.append(f"max_stories={max_stories} must be >= 1 (or 0 for all)")
-    if offline_stories < 2:
-        problems.append(f"offline_stories={offline_stories} must be >= 2")
+    problems = [p for p in [vocab_size_problem(vocab_size)] if p]
+    problems += data_problems(val_fraction, max_stories, offline_stories)
     if workers < 1:
         problems.append(f"workers={workers} must be >= 1")
     if sample_bytes < 1:
@@ -389,42 +381,23 @@ def _read_stories(origin: str, data_files: list[str] | None, files_record: list[
 def _hub_stories(name: str, timeout: float, val_fraction: float, seed: int, max_stories: int | None
                  ) -> tuple[list[str], list[str], dict]:
     """The whole dataset through its cached download (not streamed: a second preparation reads the cache)."""
-    switches = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    offline = any(os.environ.get(v, "").strip().lower() in text.TRUE_WORDS for v in switches)
+    offline = text.offline_switch() is not None  # then load_dataset reads the local cache only
     reason = None if offline else text.hub_unavailable_reason(timeout)
     if reason is not None:  # fail in seconds: an unreachable hub can hang load_dataset for minutes
         raise DataError(f"cannot read {name}: the Hugging Face hub is unreachable ({reason}); set "
                         "HF_DATASETS_OFFLINE=1 to use a download already cached here, pass --data-files, or "
                         "--generated for offline stories")
-    import datasets
-
     try:
-        splits = datasets.load_dataset(name)
+        train, val, train_ds = text.hub_stories(name, val_fraction, seed, max_stories, streaming=False)
+    except DataError:
+        raise
     except Exception as e:  # a remote service and its cache fail in many ways: one line, never a traceback
         where = "not in the local cache (offline)" if offline else "loading failed"
         raise DataError(f"cannot read {name}: {where}: {text.one_line(e)}; prepare where the hub is reachable, "
                         "or pass --data-files") from None
-    if "train" not in splits or "text" not in splits["train"].column_names:
-        raise DataError(f"{name}: no 'train' split with a 'text' field (splits: {', '.join(splits)}); "
-                        "use a dataset of stories in a 'text' field")
-    train_ds = splits["train"]
-    train = _hub_texts(train_ds, max_stories)
-    if "validation" in splits:
-        val = _hub_texts(splits["validation"], None)
-    else:
-        train, val = text.split_stories(train, val_fraction, seed)
-    if not train or not val:
-        raise DataError(f"{name}: an empty {'train' if not train else 'validation'} split; use a dataset with stories")
     record = {"origin": "hub", "dataset": name, "revision": _hub_revision(train_ds),
               "fingerprint": getattr(train_ds, "_fingerprint", None)}
     return train, val, record
-
-
-def _hub_texts(ds, limit: int | None) -> list[str]:
-    """Stripped non-empty texts of the first limit rows (all for None), through Arrow: iterating a datasets
-    column row by row is ~40x slower (13 s per 200k stories, measured)."""
-    rows = ds.with_format("arrow")[: len(ds) if limit is None else min(limit, len(ds))]
-    return text.clean_texts(rows["text"].to_pylist())
 
 
 def _hub_revision(ds) -> str | None:

@@ -10,10 +10,9 @@ hub. Different data is refused before any work, naming what differs.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from common.files import sha256_file
+from common.files import read_json, sha256_file
 from data.text import DataError, check_files
 
 SOURCE_FILE = "data_source.json"
@@ -31,11 +30,8 @@ def source_record(origin: str, data_files: list[str] | None, hub_dataset: str = 
 
 
 def load_source(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, SOURCE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The run's data_source.json (None before the run wrote it)."""
+    return read_json(os.path.join(out_dir, SOURCE_FILE))
 
 
 def resume_source(recorded: dict | None, data_files: list[str] | None) -> tuple[list[str] | None, str]:

@@ -21,6 +21,18 @@ from common.files import guarded_write
 N_BYTES = 256  # the byte-level alphabet: every byte has a token, so no text is out of vocabulary
 SPECIAL_TOKENS = [EOT]
 MIN_VOCAB_SIZE = N_BYTES + len(SPECIAL_TOKENS)
+MAX_VOCAB_SIZE = 1 << 16  # token ids are stored as uint16 (the token cache, prepared datasets)
+
+
+def vocab_size_problem(vocab_size: int) -> str | None:
+    """Why a run or a prepared dataset cannot use this vocabulary size (None if it can)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        return (f"vocab_size={vocab_size} must be in {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE}: use vocab_size >= "
+                f"{MIN_VOCAB_SIZE} (byte-level BPE: {N_BYTES} bytes + end of text)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        return (f"vocab_size={vocab_size} must be in {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE}: use vocab_size <= "
+                f"{MAX_VOCAB_SIZE} (token ids are stored as uint16)")
+    return None
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> "transformers.PreTrainedTokenizerFast":

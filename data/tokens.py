@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from data.text import DataError
+from data.tokenizer import MAX_VOCAB_SIZE
 from common.files import WriteFailed, guarded_write, remove_quietly, write_atomic
 
 CACHE_FORMAT = 1  # bump when the cached layout changes, so old caches are not read
 _ENCODE_CHUNK = 4096  # stories per batch call to the fast tokenizer
-_MAX_UINT16_VOCAB = 1 << 16
 
 
 def tokenize_to_cache(stories: list[str], tokenizer, cache_dir: str) -> np.ndarray:
@@ -60,9 +60,9 @@ def cache_bytes(stories: list[str], tokenizer=None, sample: int = 256) -> int:
 
 def _check_tokenizer(tokenizer) -> int:
     """The eos id; DataError if the tokenizer has none or its ids do not fit uint16."""
-    if len(tokenizer) > _MAX_UINT16_VOCAB:
+    if len(tokenizer) > MAX_VOCAB_SIZE:
         raise DataError(f"vocabulary of {len(tokenizer):,} tokens does not fit the uint16 token cache "
-                        f"(ids 0..65535); use vocab_size <= {_MAX_UINT16_VOCAB}")
+                        f"(ids 0..{MAX_VOCAB_SIZE - 1}); use vocab_size <= {MAX_VOCAB_SIZE}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token to end each story; set eos_token (train_tokenizer does)")
     return tokenizer.eos_token_id

@@ -35,6 +35,38 @@ def tokens() -> torch.Tensor:
     return tokens_for()
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """Never reach for the hub: the offline fallback (generated stories) is deterministic. Files that need it say
+    pytestmark = pytest.mark.usefixtures("offline")."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def no_hub_switches(monkeypatch):
+    """Neither offline switch set, whatever the environment says: the tests of the hub path stand in for the hub."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token BPE tokenizer trained on generated stories (tests share it; none changes it)."""
+    from data import train_tokenizer
+
+    return train_tokenizer(generate_stories(300), 300)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny dense model (tiny_config, max_seq_len 32) at seed 0, in eval mode; a file may define its own."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config(max_seq_len=32)).eval()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine can be 20x slower."""

@@ -12,6 +12,8 @@ from data.source import SOURCE_FILE
 from training.run_state.checkpoint import save_checkpoint
 from transfer import dense_to_moe
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 def make_run(out_dir, models: dict, tokenizer, settings: dict | None = None, source: dict | None = None) -> str:
     """A run directory as training leaves one: a checkpoint per {phase: model}, the tokenizer, and optionally

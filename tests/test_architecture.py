@@ -1,9 +1,12 @@
 """The import graph keeps the layers pointing one way: config <- common <- models <- data / transfer <- training <-
-entry scripts. Read from the source (imports inside functions count), so a lazy import cannot hide a cycle."""
+entry scripts; and no test module imports another (shared builders live in tests/helpers.py, growth_pairs.py,
+conftest.py). Read from the source (imports inside functions count), so a lazy import cannot hide a cycle."""
 import ast
 import functools
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("common", "models", "data", "transfer", "training")
@@ -35,6 +38,20 @@ def project_modules() -> dict[str, str]:
 
 
 MODULES = project_modules()
+
+
+def find_test_modules() -> dict[str, str]:
+    """module name -> file of every test module (tests/**/test_*.py), e.g. tests.data.test_data."""
+    found = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for f in files:
+            if f.startswith("test_") and f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3]
+                found[rel.replace(os.sep, ".")] = os.path.join(folder, f)
+    return found
+
+
+TEST_MODULES = find_test_modules()
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,6 +138,46 @@ def test_no_module_takes_another_modules_private_names():
     assert not private + attribute_use, private + attribute_use
 
 
+def imported_names(path: str) -> set[str]:
+    """Every module an import in the file may name: `import a.b`, `from a import b` (a, a.b), relative ones too."""
+    names = set()
+    for node in ast.walk(tree_of(path)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+            names.update(f"{base}.{a.name}" if node.module else f"{base}{a.name}" for a in node.names)
+    return names
+
+
+def imports_between_tests() -> list[str]:
+    """'A imports B' for every test module A that imports another test module B."""
+    by_basename = {name.rpartition(".")[2]: name for name in TEST_MODULES}
+    taken = []
+    for module, path in TEST_MODULES.items():
+        package = module.rpartition(".")[0]
+        for name in imported_names(path):
+            dots = len(name) - len(name.lstrip("."))
+            if dots:  # relative: resolve against the test module's package
+                parts = package.split(".")
+                name = ".".join(parts[: len(parts) - dots + 1] + [name.lstrip(".")])
+            if name in TEST_MODULES:
+                target = name
+            elif name in by_basename and not os.path.exists(os.path.join(ROOT, f"{name}.py")):
+                target = by_basename[name]  # a bare name, as prepend mode imports; not an entry script's name
+            else:
+                continue
+            if target != module:
+                taken.append(f"{module} imports {target}")
+    return taken
+
+
+def test_no_test_module_imports_another():
+    taken = imports_between_tests()
+    assert not taken, f"{taken}: move what they share to tests/helpers.py, tests/growth_pairs.py or conftest.py"
+
+
 def test_the_checker_sees_a_cycle_an_upward_import_and_a_private_name(tmp_path, monkeypatch):
     """The rules above can fail: on a planted tree they find each kind of violation."""
     fake = {"config": tmp_path / "config.py", "models.a": tmp_path / "a.py", "training.b": tmp_path / "b.py"}
@@ -138,3 +195,22 @@ def test_the_checker_sees_a_cycle_an_upward_import_and_a_private_name(tmp_path, 
         except AssertionError:
             continue
         raise AssertionError(f"{rule.__name__} passed a planted violation")
+
+
+def test_the_checker_sees_a_test_module_importing_another(tmp_path, monkeypatch):
+    """Each way of naming another test module is found: dotted, bare (prepend mode), relative, inside a function;
+    a builder module and an entry script that merely starts with test_ are not."""
+    files = {"tests.a.test_one": "X = 1\n",
+             "tests.a.test_clean": "from tests.helpers import ROOT\nimport test_growth_checks\n",
+             "tests.b.test_dotted": "from tests.a.test_one import X\n", "tests.b.test_bare": "from test_one import X\n",
+             "tests.a.test_relative": "from .test_one import X\n", "tests.c.test_growth_checks": "",
+             "tests.b.test_lazy": "def f():\n    from tests.a import test_one\n"}
+    fake = {}
+    for name, text in files.items():
+        fake[name] = str(tmp_path / f"{name}.py")
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "TEST_MODULES", fake)
+    found = {line.split(" imports ")[0] for line in imports_between_tests()}
+    assert found == {"tests.b.test_dotted", "tests.b.test_bare", "tests.a.test_relative", "tests.b.test_lazy"}, found
+    with pytest.raises(AssertionError, match="test_dotted imports tests.a.test_one"):
+        test_no_test_module_imports_another()

@@ -1,4 +1,6 @@
-"""The docs stay true: README's Python snippets run as written, and the commands the docs name exist."""
+"""The docs stay true: README's Python snippets run as written, the commands the docs name exist, and every test
+path the repository names (docs, pytest.ini, CI, bench scripts, comments) is there."""
+import glob
 import os
 import re
 import subprocess
@@ -44,6 +46,26 @@ def test_readme_commands_name_real_files_and_options():
                 name = opt.replace("-", "_")
                 assert (name in known or f'"--{opt}"' in source or f'"--{opt.replace("_", "-")}"' in source
                         or opt in ("help",)), f"{doc}: {script} --{opt}"
+
+
+def files_naming_tests() -> list[str]:
+    """The docs, pytest.ini, the CI script, bench's shell scripts and every Python file of the repository."""
+    found = [os.path.join(ROOT, ".ci", "run"), os.path.join(ROOT, "pytest.ini")]
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("fixtures", "runs", "results", "__pycache__")]
+        found += [os.path.join(folder, f) for f in files if f.endswith((".md", ".py", ".sh"))]
+    return found
+
+
+def test_every_test_path_named_exists():
+    """A test file moved or renamed leaves no stale `tests/...` path (or glob) in a doc, a script or a comment."""
+    stale = []
+    for path in files_naming_tests():
+        text = open(path, encoding="utf-8").read()
+        for named in set(re.findall(r"(?<![\w/.])tests/[\w/.*-]*\w", text)):
+            if not glob.glob(os.path.join(ROOT, named)):
+                stale.append(f"{os.path.relpath(path, ROOT)}: {named}")
+    assert not stale, stale
 
 
 SCRIPTS = ["train_tinystories.py", "test_growth_checks.py", "export_hf.py", "prepare_data.py", "sample.py",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common.formats import si as _si
 from config import TrainConfig
 from models import load_balancing_loss, router_z_loss
 from models.moe import expert_load, load_entropy
@@ -199,7 +200,7 @@ def wrap_for_training(model: nn.Module, run: PhaseRun) -> nn.Module:
 
         ids = [run.rt.device.index] if run.rt.device.type == "cuda" else None
         # Every parameter gets a gradient every step, MoE included: the experts are stacked tensors, so an expert
-        # that gets no token has zero rows in its tensors' gradient, never none (tests/test_hot_loop.py measures it
+        # that gets no token has zero rows in its tensors' gradient, never none (tests/training/test_hot_loop.py measures it
         # for every expert path with a collapsed router). So DDP need not search the graph for unused ones each
         # step. The RoPE tables are constant buffers, identical on every rank: not broadcast every forward.
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
@@ -237,7 +238,7 @@ def train_phase(model: nn.Module, phase: Phase, run: PhaseRun, state: TrainingSt
     bar = tqdm(range(start_step, phase.steps), initial=start_step, total=phase.steps, desc=phase.name,
                disable=not rt.is_master or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
     # No step reads the device (no .item(), no flag) except where it logs, evaluates or saves: the host queues
-    # step after step and the GPU never waits for it. tests/test_hot_loop.py counts the reads.
+    # step after step and the GPU never waits for it. tests/training/test_hot_loop.py counts the reads.
     for step in bar:
         _stop_if_requested(model, opt, run, state, start_step, stop_vote)
         lr = lr_at(step, phase.steps, phase.lr, tc, phase.decays)
@@ -385,13 +386,6 @@ def _train_line(step: int, r: dict) -> str:
     seen = f"{_si(r['tokens'])} tokens"
     parts.append(seen + (f" ({r['epochs']:.2f} epochs)" if r["epochs"] is not None else ""))
     return " | ".join(parts)
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 def _stop_if_requested(model: nn.Module, opt, run: PhaseRun, state: TrainingState, start_step: int,

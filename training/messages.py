@@ -9,12 +9,19 @@ from training.run_state.checkpoint import latest_checkpoint
 from training.loop import TrainingState
 from training.reporting.metrics import BAR, MetricsLog, plot_losses
 from training.parallel.runtime import Runtime
-from training.settings import Settings
+from training.settings import Settings, load_saved_settings
 
 
 def resume_command(out_dir: str, *settings: str) -> str:
     """The command that continues the run in out_dir, with the settings given (e.g. "--noise_std=0.3")."""
     return " ".join(["python train_tinystories.py --out-dir", out_dir, "--resume", *settings])
+
+
+def resume_line(out_dir: str) -> str:
+    """The command that continues the run, or what to do when nothing was saved yet."""
+    if load_saved_settings(out_dir) is None:
+        return "Nothing was saved yet: run the same command again to start over."
+    return f"Resume with:\n  {resume_command(out_dir)}"
 
 
 def resume_hint(out_dir: str, failed: list[str], s: Settings) -> str:

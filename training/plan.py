@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from common.files import SAFETENSORS_PER_TENSOR
-from common.formats import human
+from common.formats import duration as _duration, human, si as _si
 from config import ConfigError, ModelConfig, TrainConfig
 from training import stages
 from training.run_state.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
@@ -424,13 +424,6 @@ class Plan:
                 "  memory model vs measurement: bench/memory_model.py (bench/results/memory_model.json)"]
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.0f}"
-
-
 def _gib(n: int) -> str:
     g = n / GIB
     return f"{g:.3f}" if g < 1 else f"{g:.2f}" if g < 10 else f"{g:.1f}"
@@ -438,14 +431,6 @@ def _gib(n: int) -> str:
 
 def _epochs(e: float | None) -> str:
     return "-" if e is None else f"{e:.2f}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def make_plan(s: Settings, *, device_type: str = "cuda", gpu_name: str | None = None, world_size: int = 1,

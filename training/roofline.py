@@ -8,7 +8,7 @@ that sit below the ridge point (peak / bandwidth FLOP per byte) are charged for 
 runs at ATTENTION_EFFICIENCY of peak (fused, causal), elementwise work (norms, residuals, RoPE, SwiGLU, the
 MoE's gather and combine, the loss, AdamW) moves its bytes at the bandwidth, and every kernel costs the
 larger of its launch gap (GPU side) and the eager per-op host time (CPU side): KERNELS per block are counted
-on the project's own step (tests/test_roofline.py recounts them). Where bench/gpu_check.sh has measured a
+on the project's own step (tests/training/test_roofline.py recounts them). Where bench/gpu_check.sh has measured a
 phase's MFU on a GPU and the repo records it in MEASURED_MFU, that figure wins; `Estimate.source` says which.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ GEMM_EFFICIENCY, ATTENTION_EFFICIENCY = 0.80, 0.40
 # launch), which bounds a step of many small kernels. Assumptions until gpu_check.sh's eager runs are recorded.
 LAUNCH_GAP_S, HOST_PER_OP_S = 2e-6, 10e-6
 # Non-view aten ops of the eager bf16 training step (forward, backward, clipping, fused AdamW), counted with a
-# TorchDispatchMode on this project's model (tests/test_roofline.py recounts): per block by kind, and the rest.
+# TorchDispatchMode on this project's model (tests/training/test_roofline.py recounts): per block by kind, and the rest.
 KERNELS = {"dense": 124, "moe": 210, "dense_recompute": 49, "moe_recompute": 68, "head_and_optimizer": 60}
 # Under torch.compile Inductor fuses the elementwise chains: assumed a third of eager's kernels and half its
 # elementwise traffic until gpu_check.sh's compiled-vs-eager figures are recorded.

@@ -58,12 +58,17 @@ def load_data(s: Settings, data_files: list[str] | None, out_dir: str, rt: Runti
     train_tokens = tokenize_to_cache(corpus.train, tokenizer, cache)
     val_tokens = tokenize_to_cache(corpus.val, tokenizer, cache)
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {len(tokenizer):,})")
+    batches, val = token_batches(s, train_tokens, val_tokens, rt)
+    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
+                len(val_tokens))
+
+
+def token_batches(s: Settings, train_tokens, val_tokens, rt: Runtime) -> tuple[StepBatches, list]:
+    """This rank's training batches of every step and the eval batches, from the run's token arrays."""
     tc = s.train
     batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
                           tc.grad_accum_steps, pin_memory=rt.device.type == "cuda")
-    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    return Data(batches, val, tokenizer, val[0][0][:8], source_record(corpus.origin, data_files), corpus.source,
-                len(val_tokens))
+    return batches, eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
 
 
 def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: bool) -> Data:
@@ -88,10 +93,7 @@ def load_prepared(s: Settings, path: str, out_dir: str, rt: Runtime, resume: boo
     log(f"Data: {prepared.describe()}")
     train_tokens, val_tokens = prepared.train_tokens, prepared.val_tokens
     log(f"Tokens: {len(train_tokens):,} training / {len(val_tokens):,} validation (vocab {prepared.vocab_size:,})")
-    tc = s.train
-    batches = StepBatches(train_tokens, tc.batch_size, tc.seq_len, s.run.seed, rt.rank, rt.world_size,
-                          tc.grad_accum_steps, pin_memory=rt.device.type == "cuda")
-    val = eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
+    batches, val = token_batches(s, train_tokens, val_tokens, rt)
     tokenizer = prepared.tokenizer if rt.is_master else None  # rank 0 alone samples: the others skip its import
     return Data(batches, val, tokenizer, val[0][0][:8], prepared.source_record(), prepared.describe(), len(val_tokens))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib.util
 import inspect
 import io
 import json
@@ -18,8 +19,15 @@ from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 
-from common.files import write_atomic
+from common.files import existing_ancestor, read_json, write_atomic
 from config import PRESETS, ConfigError, DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from data import DataError, check_files
+from data.prepared import open_prepared, resume_prepared
+from data.source import load_source, resume_source
+from data.tokenizer import vocab_size_problem
+from training.parallel.runtime import resolve_device
+from training.run_state.checkpoint import latest_checkpoint
+from training.run_state.lock import refuse_if_held
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "growth": GrowthConfig, "model": ModelConfig, "train": TrainConfig,
                              "data": DataConfig}
@@ -270,10 +278,8 @@ def check_consistency(s: Settings) -> None:
         p.append(f"seq_len={s.train.seq_len} exceeds max_seq_len={s.model.max_seq_len}")
     if s.model.n_experts:
         p.append(f"n_experts={s.model.n_experts} in the model: phase 1 is dense; set the MoE with --n_experts (growth)")
-    if s.model.vocab_size < 257:
-        p.append(f"vocab_size={s.model.vocab_size} must be >= 257 (byte-level BPE: 256 bytes + end of text)")
-    if s.model.vocab_size > 65536:
-        p.append(f"vocab_size={s.model.vocab_size} must be <= 65536 (tokens are cached as uint16)")
+    if problem := vocab_size_problem(s.model.vocab_size):
+        p.append(problem)
     if p:
         raise ConfigError("; ".join(p))
 
@@ -284,11 +290,8 @@ def save_settings(settings: Settings, out_dir: str) -> None:
 
 
 def load_saved_settings(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, "settings.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The run's settings.json (None before the run wrote it)."""
+    return read_json(os.path.join(out_dir, "settings.json"))
 
 
 def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
@@ -337,3 +340,69 @@ class RunRequest:
     origin: str = "auto"  # the data source a resume must read again (data.source.resume_source)
     preset: str | None = None  # the preset a fresh run started from (the report shows settings that differ)
     dataset: str | None = None  # a prepared dataset directory (data.prepared), instead of data_files or the hub
+
+
+def resolve_request(overrides: Overrides, *, preset: str | None = None, out_dir: str | None = None,
+                    resume: bool = False, data_files: list[str] | None = None, dataset: str | None = None,
+                    init_from_hf: str | None = None, plan_only: bool = False) -> RunRequest:
+    """The run a command line asks for, every rule checked before any work (ConfigError / DataError naming the
+    problem and the fix): a resume needs a run, a fresh run an empty directory nobody holds, the run's own data
+    when resuming, one data source, a usable device, a writable --out-dir."""
+    preset = preset or default_preset()
+    out_dir = out_dir or os.path.join("runs", preset)
+    saved = load_saved_settings(out_dir) if resume else None
+    if resume and saved is None:
+        raise ConfigError(f"--resume: {out_dir} holds no run (no settings.json); drop --resume to start one")
+    if not plan_only:
+        refuse_if_held(out_dir)  # a running run's directory: name it, whatever it holds so far
+    if not resume and not plan_only and latest_checkpoint(out_dir, log=lambda _: None) is not None:
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out-dir")
+    if _asks_tensorboard(overrides, saved) and importlib.util.find_spec("tensorboard") is None:
+        from training.reporting.tensorboard import MISSING
+
+        raise ConfigError(MISSING)
+    if dataset and data_files:
+        raise ConfigError("--dataset and --data-files both given: pass one (a prepared dataset holds its own text)")
+    settings = build_settings(None if saved else preset, overrides, saved)
+    if init_from_hf and not resume:
+        settings = with_hf_model(settings, init_from_hf, overrides)
+    resolve_device(settings.run.device)  # ConfigError before any work
+    origin, prepared_dir = "auto", None
+    if resume:  # the run's own data, wherever --data-files / --dataset now finds it
+        recorded = load_source(out_dir)
+        data_files, origin = resume_source(recorded, data_files)
+        if origin == "prepared":
+            prepared_dir = resume_prepared(recorded, dataset)
+        elif dataset:
+            raise DataError(f"this run did not train on a prepared dataset ({origin}); drop --dataset to resume it")
+    elif dataset:
+        prepared_dir = dataset
+        settings = with_prepared_vocab(settings, open_prepared(dataset), overrides)
+    elif data_files is not None:
+        check_files(data_files)
+    if not plan_only:
+        _check_writable(out_dir)
+    return RunRequest(settings, out_dir, data_files, resume, init_from_hf, origin, None if resume else preset,
+                      prepared_dir)
+
+
+def _asks_tensorboard(overrides: Overrides, saved: dict | None) -> bool:
+    asked = overrides.get("run", {}).get("tensorboard")
+    return bool(asked if asked is not None else (saved or {}).get("run", {}).get("tensorboard"))
+
+
+def with_prepared_vocab(settings: Settings, prepared, overrides: Overrides) -> Settings:
+    """The model's vocabulary is the prepared tokenizer's; a different --vocab_size given is refused."""
+    asked = overrides.get("model", {}).get("vocab_size")
+    if asked is not None and asked != prepared.vocab_size:
+        raise ConfigError(f"--vocab_size={asked} but {prepared.path} was prepared with a {prepared.vocab_size}-token "
+                          f"tokenizer: drop --vocab_size, or prepare the data again with --vocab_size {asked}")
+    return replace(settings, model=replace(settings.model, vocab_size=prepared.vocab_size))
+
+
+def _check_writable(out_dir: str) -> None:
+    """Refuse an out-dir that cannot be created or written, without writing anything."""
+    existing = existing_ancestor(os.path.abspath(out_dir))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ConfigError(f"cannot write to --out-dir {out_dir}: {existing} {why}; choose a writable directory")

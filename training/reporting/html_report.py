@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from common.formats import duration, si
 from common.files import write_atomic
 from training.reporting.metrics import loss_figure, number, read_records, x_axis
 
@@ -103,28 +104,9 @@ def fmt(x) -> str:
     return str(x)
 
 
-def si(x) -> str:
-    """1.2k, 3.4M, 5.6G, ... for tokens and FLOPs."""
-    x = number(x)
-    if x is None:
-        return "—"
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def when(t) -> str:
     t = number(t)
     return "—" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-
-
-def duration(seconds) -> str:
-    s = number(seconds)
-    if s is None:
-        return "—"
-    h, rest = divmod(int(round(s)), 3600)
-    return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"
 
 
 def table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> Html:
@@ -284,12 +266,12 @@ def summary_section(run: RunFiles, stages) -> str:
             ["training / validation tokens", f"{fmt(s.get('train_tokens'))} / {fmt(s.get('val_tokens'))}"],
             ["tokens trained, epochs seen",
              f"{fmt(last.get('tokens'))} tokens, {fmt(number(last.get('epochs')))} epochs"],
-            ["training FLOPs", si(last.get("flops"))],
+            ["training FLOPs", si(number(last.get("flops")))],
             ["device, processes, precision",
              f"{s.get('device', '—')}, {fmt(world)} process{'es' if world != 1 else ''}, {s.get('precision', '—')}"],
             ["preset", s.get("preset") or "—"],
             ["started", when((first or {}).get("time")) + resumed],
-            ["wall time", duration(seconds)],
+            ["wall time", duration(number(seconds))],
             ["outcome", Html(f'<span class="{_status_class(status)}">{esc(line)}</span>')]]
     if not starts:
         rows.insert(0, ["note", "no start record: a run logged before start records were written"])
@@ -361,7 +343,7 @@ def checks_section(run: RunFiles, stages) -> str:
         before, after = number(t.get("loss_before")), number(t.get("loss_after"))
         change = f" ({after - before:+.4f})" if before is not None and after is not None else ""
         parts.append(f"<h3>Transition {esc(index)}: {esc(title)}{esc(attempt)} — {verdict(t.get('passed'))}</h3>"
-                     f'<p class="small">at global step {esc(fmt(t.get("global_step")))}, {esc(si(t.get("tokens")))} '
+                     f'<p class="small">at global step {esc(fmt(t.get("global_step")))}, {esc(si(number(t.get("tokens"))))} '
                      f"tokens; eval loss before {esc(fmt(before))}, after {esc(fmt(after))}{esc(change)}</p>")
         checks = t.get("checks")
         if not isinstance(checks, dict) or not checks:
@@ -403,7 +385,7 @@ def _heatmap(evals: list[dict], loads: list, label: str):
     ax.set_yticks([layer * experts + (experts - 1) / 2 for layer in range(layers)],
                   [f"layer {layer}" for layer in range(layers)])
     ticks = sorted(set(np.linspace(0, len(evals) - 1, min(len(evals), 8)).round().astype(int).tolist()))
-    ax.set_xticks(ticks, [si(evals[i].get(key)) if key == "tokens" else fmt(evals[i].get(key)) for i in ticks])
+    ax.set_xticks(ticks, [si(number(evals[i].get(key))) if key == "tokens" else fmt(evals[i].get(key)) for i in ticks])
     ax.set_xlabel(f"eval at ({xlabel})")
     ax.set_ylabel(f"layer, experts 0-{experts - 1} top to bottom")
     ax.set_title(f"{label}: fraction of top-k assignments per expert (balanced = {1 / experts:.3g})")

@@ -1,0 +1,1 @@
+"""Tests of common/: guarded writes and free-space checks at every write site, the formatters."""

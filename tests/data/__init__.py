@@ -1,0 +1,1 @@
+"""Tests of data/: corpora, tokenizer, token caches and batches, prepared datasets, generated stories."""

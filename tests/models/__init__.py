@@ -1,0 +1,1 @@
+"""Tests of models/: the model, its MoE layer and generation."""

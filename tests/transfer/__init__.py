@@ -1,0 +1,1 @@
+"""Tests of transfer/: the growth operators, the Hugging Face format and the checks' facade."""
