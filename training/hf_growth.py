@@ -309,10 +309,10 @@ def rounding_drift(model: nn.Module, tokens: Tensor, dtype: torch.dtype) -> floa
     checkpoint in dtype cannot help. Rounds `model` in place (call it last)."""
     if dtype == torch.float32:
         return 0.0
-    exact = model(tokens).logits.float()
+    exact = model(tokens).float()
     for p in model.parameters():
         p.copy_(p.to(dtype).float())
-    return relative_drift(model(tokens).logits.float(), exact)
+    return relative_drift(model(tokens).float(), exact)
 
 
 @dataclass
@@ -359,6 +359,7 @@ def grow_checkpoint(request: GrowRequest, log=print) -> int:
         log(plan.describe())
         return 0
     started = time.time()
+    _quiet_transformers()
     try:
         source.model = from_hf(source.path).eval()
         tokens, tokens_note = checks_batch(request.tokens, source.config.vocab_size, source.config.max_seq_len,
@@ -424,6 +425,13 @@ def _write(request: GrowRequest, source: Source, grown: nn.Module, dtype: torch.
     log(f"logits of OUT against SRC (both loaded by transformers): max relative drift {stats.drift:.2e} "
         f"(limit {stats.limit:.2e})")
     return 0
+
+
+def _quiet_transformers() -> None:
+    """No progress bars from save_pretrained / from_pretrained between the command's own lines."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
