@@ -345,6 +345,7 @@ def judge_written(stats: WrittenStats) -> CheckResult:
 # ------------------------------------------------------------------------------------------ the command
 def grow_checkpoint(request: GrowRequest, log=print) -> int:
     """The whole command: 0 written and verified, 1 a check failed (nothing at OUT), 2 bad input (nothing done)."""
+    _quiet_transformers()
     try:
         source, dtype = validate(request)
     except BadInput as e:
@@ -359,7 +360,6 @@ def grow_checkpoint(request: GrowRequest, log=print) -> int:
         log(plan.describe())
         return 0
     started = time.time()
-    _quiet_transformers()
     try:
         source.model = from_hf(source.path).eval()
         tokens, tokens_note = checks_batch(request.tokens, source.config.vocab_size, source.config.max_seq_len,
@@ -428,10 +428,12 @@ def _write(request: GrowRequest, source: Source, grown: nn.Module, dtype: torch.
 
 
 def _quiet_transformers() -> None:
-    """No progress bars from save_pretrained / from_pretrained between the command's own lines."""
+    """No progress bars or warnings from transformers between the command's own lines (a bad input stays one line;
+    what transformers would warn about, the checks and the load-back measure)."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
