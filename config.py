@@ -33,6 +33,15 @@ class ModelConfig:
     n_experts: int = 0  # 0 = dense SwiGLU FFN
     top_k: int = 2  # experts per token (MoE only)
     tie_embeddings: bool = True  # LM head shares the embedding matrix
+    # Features of the transformers families read and written exactly (transfer/hf_format.py); the defaults are the
+    # project's own Llama-style model. Growth keeps each of them (transfer/simple_growth.py says how).
+    explicit_head_dim: int | None = None  # None = dim // n_heads; Qwen3 sets a head_dim that need not be dim / heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2); o_proj and the FFN never have one
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+    sliding_window: int | None = None  # None = full causal attention; W: a token sees itself and W-1 before (Mistral)
+    # None = plain RoPE; Llama 3's scaled frequencies as {"rope_type": "llama3", "factor": 8.0, "low_freq_factor":
+    # 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} (the keys transformers writes)
+    rope_scaling: dict | None = None  # Llama 3's RoPE frequency scaling (config.py lists the keys), None = plain RoPE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,7 +50,7 @@ class ModelConfig:
     # an override of n_heads re-derives them instead of silently keeping the old ones.
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim if self.explicit_head_dim is not None else self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -57,13 +66,18 @@ class ModelConfig:
 
     def validate(self) -> None:
         p: list[str] = []
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
+                     "explicit_head_dim", "sliding_window"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.n_heads >= 1 and self.dim % self.n_heads:
+        if self.explicit_head_dim is not None:
+            if self.explicit_head_dim >= 1 and self.explicit_head_dim % 2:
+                p.append(f"explicit_head_dim={self.explicit_head_dim} must be even for RoPE")
+        elif self.n_heads >= 1 and self.dim % self.n_heads:
             p.append(f"n_heads={self.n_heads} must divide dim={self.dim} (head_dim = dim // n_heads)")
         elif self.n_heads >= 1 and self.head_dim % 2:
             p.append(f"head_dim={self.head_dim} must be even for RoPE: choose n_heads so dim // n_heads is even")
+        p.extend(rope_scaling_problems(self.rope_scaling))
         if self.kv_heads >= 1 and self.n_heads >= 1 and self.n_heads % self.kv_heads:
             p.append(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if not self.rope_theta > 0:
@@ -75,6 +89,32 @@ class ModelConfig:
         if self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts:
             p.append(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
         _raise_if(p, "ModelConfig")
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling_problems(rope_scaling) -> list[str]:
+    """What is wrong with a rope_scaling value (None, or Llama 3's dict with its four numbers), one item each."""
+    if rope_scaling is None:
+        return []
+    if not isinstance(rope_scaling, dict):
+        return [f"rope_scaling={rope_scaling!r} must be none or Llama 3's dict (rope_type llama3 and "
+                f"{', '.join(LLAMA3_ROPE_KEYS)})"]
+    p = []
+    if rope_scaling.get("rope_type") != "llama3":
+        p.append(f"rope_scaling rope_type={rope_scaling.get('rope_type')!r} must be 'llama3' (the one supported)")
+    for key in LLAMA3_ROPE_KEYS:
+        value = rope_scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            p.append(f"rope_scaling {key}={value!r} must be a number > 0")
+    unknown = sorted(set(rope_scaling) - {"rope_type", *LLAMA3_ROPE_KEYS})
+    if unknown:
+        p.append(f"rope_scaling has keys {unknown} that llama3 scaling does not read")
+    low, high = rope_scaling.get("low_freq_factor"), rope_scaling.get("high_freq_factor")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not high > low:
+        p.append(f"rope_scaling high_freq_factor={high} must be > low_freq_factor={low}")
+    return p
 
 
 @dataclass

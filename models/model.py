@@ -6,6 +6,9 @@
 
 Pre-norm blocks: RMSNorm -> causal self-attention (RoPE in Hugging Face Llama's rotate-half convention,
 scaled_dot_product_attention) -> residual; RMSNorm -> SwiGLU or MoE FFN -> residual. Final RMSNorm, LM head.
+The transformers families' features are config switches of the same blocks (config.py): q/k/v biases (Qwen2),
+RMSNorm of queries and keys over head_dim before RoPE (Qwen3), an explicit head_dim, a sliding attention window
+(Mistral) and Llama 3's scaled RoPE frequencies.
 """
 from __future__ import annotations
 
@@ -47,12 +50,40 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (max_seq_len, head_dim) in HF Llama's layout: frequencies repeated over both halves."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (max_seq_len, head_dim) in HF Llama's layout: frequencies repeated over both halves;
+    `scaling` is Llama 3's frequency scaling (config.py's rope_scaling) or None."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: Tensor, scaling: dict) -> Tensor:
+    """Llama 3's scaled inverse frequencies, in transformers' order of float32 operations (bit-equal): wavelengths
+    longer than original/low_freq_factor slow down by `factor`, shorter than original/high_freq_factor stay,
+    and those between are interpolated smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def attention_mask(T: int, sliding_window: int | None, device: torch.device) -> Tensor:
+    """(T, T) bool, True where query i may read key j: j <= i, and j > i - W within a sliding window W
+    (transformers' convention: a token sees itself and the W - 1 tokens before it)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    allowed = j <= i
+    return allowed & (j > i - sliding_window) if sliding_window is not None else allowed
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -65,16 +96,24 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # one (head_dim,) weight shared by every head, as Qwen3's q_norm / k_norm
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, H, T, hd) and keys/values expanded to H heads, RoPE applied to q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)  # RoPE in the projections' dtype (bf16 under autocast)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -85,16 +124,20 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         q, k, v = self.qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        T = x.shape[1]
+        if self.sliding_window is not None and T > self.sliding_window:  # the window cuts: an explicit mask
+            mask = attention_mask(T, self.sliding_window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        else:  # the window holds the whole sequence: plain causal, SDPA's fastest path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
     def attention_probs(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Explicit causal softmax(q k^T / sqrt(hd)), (B, H, T, T): the reference the RoPE check reads."""
+        """Explicit causal (windowed) softmax(q k^T / sqrt(hd)), (B, H, T, T): the reference the RoPE check reads."""
         q, k, _ = self.qkv(x, cos, sin)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        T = x.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        allowed = attention_mask(x.shape[1], self.sliding_window, x.device)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -150,16 +193,19 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         # A training choice, not architecture: growth, checkpoints and export never see it.
         self.activation_checkpointing = False  # recompute each block in backward instead of keeping its activations
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers); norms 1,
+        biases 0."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else 0.02
@@ -200,11 +246,11 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): 6 x matmul weights a token uses + attention.
 
-        Norm weights and the embedding lookup are not matmuls (a tied table counts once, as the LM head); attention
-        scores and weighted values add 12 x layers x seq_len x dim, PaLM's convention (no causal discount).
+        Norm weights, biases and the embedding lookup are not matmuls (a tied table counts once, as the LM head);
+        attention scores and weighted values add 12 x layers x seq_len x dim, PaLM's convention (no causal discount).
         """
         cfg = self.config
-        norms = (2 * cfg.n_layers + 1) * cfg.dim
+        norms = sum(p.numel() for p in self.parameters() if p.dim() == 1)  # norm weights and q/k/v biases
         matmul = self.num_parameters(active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
         return 6 * matmul + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 

@@ -93,7 +93,7 @@ def test_unrepresentable_models_are_refused():
 
     base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     for extra, text in [(dict(attention_bias=True), "biases"),
-                        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling"),
+                        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE type 'linear'"),
                         (dict(hidden_act="gelu"), "activation")]:
         with pytest.raises(UnsupportedModel, match=text):
             from_hf(LlamaForCausalLM(LlamaConfig(**base, **extra)))

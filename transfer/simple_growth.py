@@ -9,6 +9,12 @@ router widen their input only, W.repeat(1, s) / s; the embedding tiles its colum
 RMSNorm weights tile. Heads multiply (new head j + H*c copies head j) and head_dim stays, so RoPE stays
 valid. Noise that sums to zero over the input copies of each output block breaks the symmetry between
 cloned units while cancelling exactly on tiled input. See VERIFICATION_SUMMARY.md for the formulas.
+
+The families' features (config.py): a q/k/v bias tiles like the rows it belongs to (no division: it is added
+after the sum over the input; no noise: there is no input side for it to cancel on); q_norm/k_norm weights act
+over head_dim, which stays, so they stay as they are; explicit head_dim, sliding window and RoPE scaling carry
+over unchanged. An inserted identity block copies its source's biases and q/k norms: with o_proj and down_proj
+zero they cannot reach the residual stream.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ WIDTH_RULES: dict[str, tuple[bool, bool, bool]] = {
     "router": (False, True, False),
     "lm_head": (False, True, False),
 }
+
+HEAD_DIM_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")  # RMSNorm over head_dim (Qwen3)
 
 
 def hyperclone_weight(
@@ -182,6 +190,10 @@ def _widen_state(old_model: nn.Module, s: int, noise_std: float, gen: torch.Gene
         key = parts[-2] if parts[-1] == "weight" else parts[-1]
         if name == "embed.weight":  # [V, D]: a Linear from one-hot to D, widened on its output only
             state[name] = hyperclone_weight(p.t(), s, widen_out=True, widen_in=False).t().contiguous()
+        elif name.endswith(HEAD_DIM_NORMS):  # over head_dim, shared by every head: heads multiply, head_dim stays
+            state[name] = p.detach().clone()
+        elif name.endswith(".bias"):  # q/k/v: tiled like the weight's rows (heads copied), never divided, no noise
+            state[name] = hyperclone_weight(p, s, widen_out=True)
         elif p.dim() == 1:  # RMSNorm weights: RMS of [x, x] equals RMS of x
             state[name] = hyperclone_weight(p, s)
         else:
