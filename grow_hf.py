@@ -18,34 +18,45 @@ line naming it, before any work): an unreadable or unsupported checkpoint, OUT e
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 from config import ConfigError
 from training.hf_growth import DTYPES, Growth, GrowRequest, grow_checkpoint
-from training.settings import make_parser, parse_command_line
+from training.settings import find_setting, make_parser, parse_command_line
 
-SETTINGS = ("n_experts", "top_k", "router_init_std", "scale_factor", "extra_layers", "noise_std")  # growth's; + seed
+OWN_DOCS = {"n_experts": "experts per MoE layer made by upcycling (each a copy of the dense FFN); 0 keeps the FFN",
+            "seed": "seed of the symmetry-breaking noise and the routers' initialisation"}
+SETTINGS = tuple(f.name for f in fields(Growth))  # GrowthConfig's growth fields and the seed
 
 
 def parse(argv: list[str]) -> GrowRequest:
     """The validated command line; ConfigError (one line) for anything it does not take."""
-    p = make_parser(__doc__.split("\n")[0], epilog="Settings: " + ", ".join(f"--{s}" for s in SETTINGS + ("seed",)))
+    p = make_parser(__doc__.split("\n")[0])
     p.add_argument("src", help="the transformers checkpoint directory to grow")
     p.add_argument("out", help="where to write the grown checkpoint (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: the source's)")
     p.add_argument("--tokens", metavar="FILE", help="UTF-8 text for the checks' batch, tokenized with SRC's tokenizer "
                    "(default: the project's generated stories)")
     p.add_argument("--plan", action="store_true", help="print the expected peak memory, disk and time; grow nothing")
+    if "-h" in argv or "--help" in argv:
+        print(p.format_help().rstrip() + "\n\n" + settings_help())
+        raise SystemExit(0)
     args, overrides = parse_command_line(p, argv)
-    given = dict(overrides.pop("growth", {}))
-    run = overrides.pop("run", {})
-    if "seed" in run:
-        given["seed"] = run.pop("seed")
-    stray = [f"--{k}" for section in (run, *overrides.values()) for k in section] + (
-        ["--halt_on_relock"] if "halt_on_relock" in given else [])
+    given = {k: v for section in overrides.values() for k, v in section.items()}  # names are unique in SETTINGS
+    stray = [k for section, values in overrides.items() for k in values
+             if k not in SETTINGS or section not in ("growth", "run")]
     if stray:
-        raise ConfigError(f"{stray[0]} is not a setting of grow_hf.py; it takes "
-                          + ", ".join(f"--{s}" for s in SETTINGS + ("seed",)))
+        raise ConfigError(f"--{stray[0]} is not a setting of grow_hf.py; it takes "
+                          + ", ".join(f"--{s}" for s in SETTINGS))
     return GrowRequest(args.src, args.out, Growth(**given), args.dtype, args.tokens, args.plan)
+
+
+def settings_help() -> str:
+    """This command's settings with its own defaults (no growth) and config.py's line on each."""
+    lines = ["settings (GrowthConfig's fields and the seed; --name=value or --name value):"]
+    for f in fields(Growth):
+        lines.append(f"  --{f.name:<17} {str(f.default):<7} {OWN_DOCS.get(f.name) or find_setting(f.name).doc}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

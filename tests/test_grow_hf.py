@@ -31,27 +31,36 @@ def _with_tokenizer(path: str) -> str:
     return path
 
 
-def _mixtral_config():
-    from transformers import MixtralConfig
+def _family_config(name: str, **overrides):
+    """hf_pairs' tiny Llama shape in another family's config class."""
+    from transformers import AutoConfig
 
     c = llama_config().to_dict()
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
-    return MixtralConfig(**{k: c[k] for k in keep}, rope_theta=10000.0, num_local_experts=4, num_experts_per_tok=2,
-                         sliding_window=None)
+    return AutoConfig.for_model(name, **({k: c[k] for k in keep} | overrides))
 
 
-SOURCES = {  # name: config of a small model of that family (weights moved off init by hf_pairs.build)
-    "llama_gqa_untied": lambda: llama_config(),
-    "llama_mha_tied": lambda: llama_config(num_key_value_heads=4, tie_word_embeddings=True),
-    "mixtral": _mixtral_config,
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+SOURCES = {  # name: (config of a small model of that family, its dense class, its MoE class)
+    "llama_gqa_untied": (lambda: llama_config(), "LlamaForCausalLM", "MixtralForCausalLM"),
+    "llama_mha_tied": (lambda: llama_config(num_key_value_heads=4, tie_word_embeddings=True), "LlamaForCausalLM",
+                       "MixtralForCausalLM"),
+    "llama3_rope": (lambda: llama_config(rope_parameters=LLAMA3_ROPE), "LlamaForCausalLM", "MixtralForCausalLM"),
+    "mistral_sliding_window": (lambda: _family_config("mistral", sliding_window=64), "MistralForCausalLM",
+                               "MixtralForCausalLM"),
+    "qwen2": (lambda: _family_config("qwen2"), "Qwen2ForCausalLM", "Qwen2MoeForCausalLM"),
+    "qwen3_head_dim_16": (lambda: _family_config("qwen3", head_dim=16), "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+    "mixtral": (lambda: _family_config("mixtral", rope_theta=10000.0, num_local_experts=4, num_experts_per_tok=2,
+                                       sliding_window=None), "MixtralForCausalLM", "MixtralForCausalLM"),
 }
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
-    paths = {name: _with_tokenizer(save(build(make()), str(root / name))) for name, make in SOURCES.items()}
+    paths = {name: _with_tokenizer(save(build(make()), str(root / name))) for name, (make, _, _) in SOURCES.items()}
     paths["no_tokenizer"] = save(build(llama_config()), str(root / "no_tokenizer"))
     return paths
 
@@ -76,26 +85,31 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ exit 0, real processes
 GROWTHS = {  # name: (settings, what the config must then say)
-    "upcycle": (["--n_experts=4", "--top_k=2"], dict(num_local_experts=4, num_experts_per_tok=2)),
+    "upcycle": (["--n_experts=4", "--top_k=2"], dict(num_experts_per_tok=2)),
     "x2": (["--scale_factor=2"], dict(hidden_size=64)),
     "plus2": (["--extra_layers=2"], dict(num_hidden_layers=6)),
+    "x2_plus2": (["--scale_factor=2", "--extra_layers=2"], dict(hidden_size=64, num_hidden_layers=6)),
 }
-CASES = [(s, g) for s in ("llama_gqa_untied", "llama_mha_tied") for g in GROWTHS] + [("mixtral", "width_depth")]
+CASES = ([(s, g) for s in ("llama_gqa_untied", "llama_mha_tied") for g in ("upcycle", "x2", "plus2")]
+         + [(s, g) for s in ("llama3_rope", "mistral_sliding_window", "qwen2", "qwen3_head_dim_16")
+            for g in ("upcycle", "x2_plus2")] + [("mixtral", "x2_plus2")])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source,growth", CASES)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Qwen2-MoE's empty shared expert
 def test_exit_0_out_loads_with_the_asked_shape_and_the_source_logits(sources, tmp_path, source, growth):
-    settings, expected = GROWTHS.get(growth, (["--scale_factor=2", "--extra_layers=2"],
-                                              dict(hidden_size=64, num_hidden_layers=6, num_local_experts=4)))
+    settings, expected = GROWTHS[growth]
     out = str(tmp_path / "out")
     proc = run(sources[source], out, *settings)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["architectures"] == ["MixtralForCausalLM" if "num_local_experts" in expected or source == "mixtral"
-                                       else "LlamaForCausalLM"]
+    _, dense, moe = SOURCES[source]
+    assert config["architectures"] == [moe if growth == "upcycle" else dense]
+    if growth == "upcycle":  # Mixtral counts its experts as num_local_experts, the Qwen MoEs as num_experts
+        assert config.get("num_local_experts", config.get("num_experts")) == 4
     assert {k: config[k] for k in expected} == expected
-    tokens = torch.randint(300, (2, 40), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(300, (2, 100), generator=torch.Generator().manual_seed(1))  # beyond the sliding window
     assert relative(logits(out, tokens), logits(sources[source], tokens)) < TOL
     record = json.load(open(os.path.join(out, "grow_hf.json")))
     assert record["written"]["drift"] < TOL and record["dtype"] == "float32"
@@ -280,6 +294,14 @@ def test_tokens_file_is_tokenized_with_the_source_tokenizer(sources, tmp_path, c
     with open(os.path.join(out, "grow_report.html")) as f:
         page = f.read()
     assert str(text) in page and "Written checkpoint" in page and "upcycling: functional" in page
+
+
+def test_the_written_dtype_defaults_to_the_stored_one(tmp_path):
+    src = save(build(llama_config()).to(torch.bfloat16), str(tmp_path / "bf16"))
+    source = hf_growth.read_source(src)
+    assert source.dtype == torch.bfloat16
+    assert hf_growth.output_dtype(GrowRequest(src, "o", Growth()), source) == torch.bfloat16
+    assert hf_growth.output_dtype(GrowRequest(src, "o", Growth(), dtype="fp32"), source) == torch.float32
 
 
 def test_bad_input_is_raised_before_any_model_is_read(sources, tmp_path, monkeypatch):

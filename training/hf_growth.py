@@ -22,6 +22,8 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -37,8 +39,8 @@ from training.reporting.html_report import render_pair_report
 from transfer import dense_to_moe, detailed_growth_check, grown_config, scale_bilaterally, upcycling_check
 from transfer.checks import CheckResult, GrowthReport
 from transfer.checks.pair import relative_drift
-from transfer.hf_format import (UnsupportedModel, from_hf, read_hf_config, refuse_code_in_weights, to_hf,
-                                weight_files)
+from transfer.hf_format import (ARCHITECTURES, UnsupportedModel, from_hf, hf_family, read_hf_config,
+                                refuse_code_in_weights, target_family, to_hf, weight_files)
 from transfer.pair_batch import BATCH, MAX_SEQ, BatchError, checks_batch
 from transfer.pair_mapping import infer_mapping
 
@@ -57,6 +59,7 @@ REPORT_FILE, RECORD_FILE = "grow_report.html", "grow_hf.json"
 # --plan's time: float64 forward-pass equivalents the checks cost (forwards of both models, the objective's
 # gradient, the trainability step's evaluations: measured on small models), and this machine's float64 rate.
 CHECK_PASSES, FLOAT64_RATE, FLOAT32_RATE = 12, 40e9, 80e9
+PROCESS_BYTES, PROCESS_SECONDS = 350 << 20, 5.0  # Python with torch and transformers imported (measured here)
 
 
 class BadInput(ValueError):
@@ -125,6 +128,7 @@ class Source:
     """SRC read: its project model (fp32, exact), its transformers config and the dtype its weights are stored in."""
 
     path: str
+    family: str  # its model_type: the grown model is written as this family's dense or MoE form
     config: ModelConfig
     hf_config: object
     dtype: torch.dtype
@@ -141,12 +145,13 @@ def read_source(path: str) -> Source:
     if not os.path.exists(os.path.join(path, "config.json")):
         raise BadInput(f"{path}: not a transformers checkpoint (no config.json)")
     try:
+        family = hf_family(path)
         cfg = read_hf_config(path)
         refuse_code_in_weights(path)
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (UnsupportedModel, UnsafeFile, OSError, ValueError) as e:
         raise BadInput(f"{path}: {e}") from None
-    return Source(path, cfg, hf_cfg, stored_dtype(path, hf_cfg))
+    return Source(path, family, cfg, hf_cfg, stored_dtype(path, hf_cfg))
 
 
 def stored_dtype(path: str, hf_cfg) -> torch.dtype:
@@ -178,7 +183,18 @@ def output_dtype(request: GrowRequest, source: Source) -> torch.dtype:
     return DTYPES[request.dtype]
 
 
-def validate(request: GrowRequest) -> tuple[Source, torch.dtype]:
+@dataclass
+class Job:
+    """A validated request: the source, the written dtype, the grown model's config and transformers class."""
+
+    request: GrowRequest
+    source: Source
+    dtype: torch.dtype
+    grown: ModelConfig
+    architecture: str
+
+
+def validate(request: GrowRequest) -> Job:
     """Everything checkable before work: BadInput (one line) otherwise."""
     if os.path.lexists(request.out):
         raise BadInput(f"{request.out} exists; choose a new OUT (nothing is overwritten)")
@@ -190,16 +206,20 @@ def validate(request: GrowRequest) -> tuple[Source, torch.dtype]:
         request.growth.validate(source.config)
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    dtype = output_dtype(request, source)
+    dtype, grown = output_dtype(request, source), request.growth.grown(source.config)
+    try:
+        architecture = architecture_name(grown, source.family)
+    except UnsupportedModel as e:
+        raise BadInput(f"{request.src}: {e}") from None
     if request.tokens is not None and not os.path.isfile(request.tokens):
         raise BadInput(f"--tokens {request.tokens}: no such file")
     if not request.plan:
         try:
-            check_free_space(parent, {"grown checkpoint": written_bytes(request.growth.grown(source.config), dtype)},
+            check_free_space(parent, {"grown checkpoint": written_bytes(grown, dtype)},
                              fix="free space or choose another OUT")
         except NotEnoughSpace as e:
             raise BadInput(str(e)) from None
-    return source, dtype
+    return Job(request, source, dtype, grown, architecture)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -231,9 +251,10 @@ def estimate(source: ModelConfig, grown: ModelConfig, dtype: torch.dtype) -> Pla
     logits = 4 * BATCH * tc.seq_len * grown.vocab_size
     load_back = {"fp32 models": 4 * (p_src + p_new), "transformers models (fp32)": 4 * (p_src + p_new),
                  "logits": 4 * logits}
-    peak_terms = terms if checks_peak >= sum(load_back.values()) else load_back
+    peak_terms = {"Python, torch, transformers": PROCESS_BYTES} | (
+        terms if checks_peak >= sum(load_back.values()) else load_back)
     tokens = BATCH * tc.seq_len
-    seconds = (CHECK_PASSES * 2 * parameter_count(grown, active=True) * tokens / FLOAT64_RATE
+    seconds = (PROCESS_SECONDS + CHECK_PASSES * 2 * parameter_count(grown, active=True) * tokens / FLOAT64_RATE
                + 6 * 2 * (p_src + p_new) * tokens / FLOAT32_RATE + 2 * p_new * 4 / 200e6)  # + writing at 200 MB/s
     return Plan(sum(peak_terms.values()), peak_terms, written_bytes(grown, dtype), seconds)
 
@@ -276,14 +297,16 @@ def check_records(reports: dict[str, GrowthReport]) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ 4. write, load back
-def architecture_name(cfg: ModelConfig) -> str:
-    return "MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM"
+def architecture_name(cfg: ModelConfig, family: str) -> str:
+    """The transformers class a model of cfg is written as: the source family's dense or MoE form."""
+    return ARCHITECTURES[target_family(cfg, family)]
 
 
 def save_checkpoint(model: nn.Module, source: Source, dtype: torch.dtype, directory: str) -> None:
     """The transformers checkpoint of `model` in dtype, with SRC's special token ids, tokenizer files and
     generation config."""
-    hf = to_hf(model)
+    with _no_empty_init_warning():  # Qwen2-MoE's shared expert is written empty (hf_format says why)
+        hf = to_hf(model, family=source.family)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(hf.config, name, getattr(source.hf_config, name, None))
     hf.to(dtype).save_pretrained(directory, safe_serialization=True)
@@ -297,8 +320,9 @@ def load_logits(path: str, tokens: Tensor) -> Tensor:
     """fp32 logits of a transformers directory loaded by AutoModelForCausalLM (no remote code)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                 trust_remote_code=False).eval()
+    with _no_empty_init_warning():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                     trust_remote_code=False).eval()
     with torch.no_grad():
         return model(tokens).logits.float()
 
@@ -347,59 +371,55 @@ def grow_checkpoint(request: GrowRequest, log=print) -> int:
     """The whole command: 0 written and verified, 1 a check failed (nothing at OUT), 2 bad input (nothing done)."""
     _quiet_transformers()
     try:
-        source, dtype = validate(request)
+        job = validate(request)
     except BadInput as e:
         print(f"grow_hf: {e}", file=sys.stderr)
         return 2
-    g, grown_cfg = request.growth, request.growth.grown(source.config)
-    plan = estimate(source.config, grown_cfg, dtype)
+    src, g = job.source, request.growth
     if request.plan:
-        log(f"SRC {request.src}: {architecture_name(source.config)}, {parameter_count(source.config):,} parameters, "
-            f"{_dtype_name(source.dtype)}")
-        log(f"grown: {architecture_name(grown_cfg)}, {parameter_count(grown_cfg):,} parameters: {g.describe(source.config)}")
-        log(plan.describe())
+        log(f"SRC {request.src}: {ARCHITECTURES[src.family]}, {parameter_count(src.config):,} parameters, "
+            f"{_dtype_name(src.dtype)}")
+        log(f"grown: {job.architecture}, {parameter_count(job.grown):,} parameters: {g.describe(src.config)}")
+        log(estimate(src.config, job.grown, job.dtype).describe())
         return 0
     started = time.time()
     try:
-        source.model = from_hf(source.path).eval()
-        tokens, tokens_note = checks_batch(request.tokens, source.config.vocab_size, source.config.max_seq_len,
-                                           (source.path,), random_without_tokenizer=True)
-    except (UnsupportedModel, UnsafeFile) as e:
-        print(f"grow_hf: {source.path}: {e}", file=sys.stderr)
-        return 2
-    except BatchError as e:
+        src.model = from_hf(src.path).eval()
+        tokens, tokens_note = checks_batch(request.tokens, src.config.vocab_size, src.config.max_seq_len, (src.path,),
+                                           random_without_tokenizer=True)
+    except (UnsupportedModel, UnsafeFile, BatchError) as e:
         print(f"grow_hf: {e}", file=sys.stderr)
         return 2
-    log(f"SRC {request.src}: {architecture_name(source.config)}, {source.model.num_parameters():,} parameters, "
-        f"stored in {_dtype_name(source.dtype)}")
-    log(f"growing: {g.describe(source.config)}")
-    log(tokens_note)
-    steps = grow(source.model, g, tokens)
+    log(f"SRC {request.src}: {ARCHITECTURES[src.family]}, {src.model.num_parameters():,} parameters, stored in "
+        f"{_dtype_name(src.dtype)}")
+    log(f"growing: {g.describe(src.config)}\n{tokens_note}")
+    steps = grow(src.model, g, tokens)
     grown = steps[-1].new.eval()
-    log(f"grown: {architecture_name(grown.config)}, {grown.num_parameters():,} parameters")
-    reports = check(source.model, steps, tokens)
+    log(f"grown: {job.architecture}, {grown.num_parameters():,} parameters")
+    reports = check(src.model, steps, tokens)
     for step, report in reports.items():
         log(f"\nCHECKS: {step} ({'dense -> MoE' if step == 'upcycling' else 'SRC -> grown, all five'})")
         log(report.summary())
     if not all(r.passed for r in reports.values()):
         log(f"\ngrow_hf: a check failed; nothing was written to {request.out}")
         return 1
-    mapping = infer_mapping(source.model, grown).describe()
-    return _write(request, source, grown, dtype, tokens, tokens_note, reports, mapping, started, log)
+    mapping = infer_mapping(src.model, grown).describe()
+    src.model = steps = None  # the load-back holds transformers models instead
+    return _write(job, grown, tokens, tokens_note, reports, mapping, started, log)
 
 
-def _write(request: GrowRequest, source: Source, grown: nn.Module, dtype: torch.dtype, tokens: Tensor,
-           tokens_note: str, reports: dict[str, GrowthReport], mapping: str, started: float, log) -> int:
+def _write(job: Job, grown: nn.Module, tokens: Tensor, tokens_note: str, reports: dict[str, GrowthReport],
+           mapping: str, started: float, log) -> int:
     """Stage OUT in a temporary sibling, load it back and compare, add the report and record, rename into place."""
+    request, src, dtype = job.request, job.source, _dtype_name(job.dtype)
     out = os.path.abspath(request.out)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        with guarded_write(out, written_bytes(grown.config, dtype)) as write:
+        with guarded_write(out, written_bytes(grown.config, job.dtype)) as write:
             write.temporary(tmp)
-            save_checkpoint(grown, source, dtype, tmp)
-            del source.model
-            stats = WrittenStats(relative_drift(load_logits(tmp, tokens), load_logits(source.path, tokens)),
-                                 rounding_drift(grown, tokens, dtype), _dtype_name(dtype))
+            save_checkpoint(grown, src, job.dtype, tmp)
+            stats = WrittenStats(relative_drift(load_logits(tmp, tokens), load_logits(src.path, tokens)),
+                                 rounding_drift(grown, tokens, job.dtype), dtype)
             written = judge_written(stats)
             log(f"\n{written}")
             if not written.passed:
@@ -407,24 +427,31 @@ def _write(request: GrowRequest, source: Source, grown: nn.Module, dtype: torch.
                 log(f"grow_hf: nothing was written to {request.out}")
                 return 1
             records = check_records(reports) | {"written": written.to_record()}
-            grown_note = f"GROWN\n  {request.growth.describe(source.config)}\n  written as {architecture_name(grown.config)} in {_dtype_name(dtype)}"
-            page = render_pair_report(source.path, out, f"{mapping}\n\n{grown_note}", tokens_note, records, True)
+            grown_note = f"GROWN\n  {request.growth.describe(src.config)}\n  written as {job.architecture} in {dtype}"
+            page = render_pair_report(src.path, out, f"{mapping}\n\n{grown_note}", tokens_note, records, True)
             write_atomic(os.path.join(tmp, REPORT_FILE), page)
-            record = dict(source=os.path.abspath(source.path), out=out, growth=asdict(request.growth),
-                          source_dtype=_dtype_name(source.dtype), dtype=_dtype_name(dtype),
-                          architecture=architecture_name(grown.config), tokens=tokens_note,
-                          parameters=dict(source=parameter_count(source.config), grown=grown.num_parameters()),
+            record = dict(source=os.path.abspath(src.path), out=out, growth=asdict(request.growth),
+                          source_dtype=_dtype_name(src.dtype), dtype=dtype, architecture=job.architecture,
+                          tokens=tokens_note, parameters=dict(source=parameter_count(src.config),
+                                                              grown=grown.num_parameters()),
                           written=asdict(stats), checks=records, seconds=round(time.time() - started, 1))
             write_atomic(os.path.join(tmp, RECORD_FILE), json.dumps(record, indent=1))
             os.replace(tmp, out)
     except WriteFailed as e:
         print(f"grow_hf: {e}", file=sys.stderr)
         return 1
-    log(f"wrote {request.out}: {architecture_name(grown.config)} in {_dtype_name(dtype)}, the report "
-        f"{os.path.join(request.out, REPORT_FILE)} and {os.path.join(request.out, RECORD_FILE)}")
+    log(f"wrote {request.out}: {job.architecture} in {dtype}, the report {os.path.join(request.out, REPORT_FILE)} "
+        f"and {os.path.join(request.out, RECORD_FILE)}")
     log(f"logits of OUT against SRC (both loaded by transformers): max relative drift {stats.drift:.2e} "
         f"(limit {stats.limit:.2e})")
     return 0
+
+
+@contextmanager
+def _no_empty_init_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        yield
 
 
 def _quiet_transformers() -> None:
