@@ -310,3 +310,17 @@ def test_bad_input_is_raised_before_any_model_is_read(sources, tmp_path, monkeyp
         hf_growth.validate(GrowRequest(sources["llama_gqa_untied"], str(tmp_path / "o"), Growth(n_experts=2),
                                        tokens=str(tmp_path / "missing.txt")))
     assert read_hf_config(sources["llama_gqa_untied"]).dim == 32
+
+
+@pytest.mark.slow
+def test_readme_training_snippet_runs_on_a_grown_moe(sources, tmp_path):
+    """README's "Continue training" snippet, as written, in a directory where grow_hf.py wrote hf/grown-moe."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    snippet = next(s for s in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "hf/grown-moe" in s)
+    assert run(sources["llama_gqa_untied"], str(tmp_path / "hf" / "grown-moe"), "--n_experts=4").returncode == 0
+    check = "\nimport torch\nids = torch.randint(300, (2, 16))\nassert model(ids, labels=ids).aux_loss is not None\n"
+    proc = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch import Tensor, nn
 
-from common.files import NotEnoughSpace, WriteFailed, check_free_space, guarded_write, remove_quietly, write_atomic
+from common.files import (NotEnoughSpace, WriteFailed, check_free_space, existing_ancestor, guarded_write,
+                          remove_quietly, write_atomic)
 from common.formats import human
 from common.safe_load import UnsafeFile
 from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig
@@ -199,8 +200,8 @@ def validate(request: GrowRequest) -> Job:
     if os.path.lexists(request.out):
         raise BadInput(f"{request.out} exists; choose a new OUT (nothing is overwritten)")
     parent = os.path.dirname(os.path.abspath(request.out))
-    if not os.path.isdir(parent):
-        raise BadInput(f"{parent}: no such directory to write OUT into; create it first")
+    if not os.access(existing_ancestor(parent), os.W_OK):
+        raise BadInput(f"{existing_ancestor(parent)} is not writable; choose another OUT")
     source = read_source(request.src)
     try:
         request.growth.validate(source.config)
@@ -417,6 +418,7 @@ def _write(job: Job, grown: nn.Module, tokens: Tensor, tokens_note: str, reports
     try:
         with guarded_write(out, written_bytes(grown.config, job.dtype)) as write:
             write.temporary(tmp)
+            os.makedirs(os.path.dirname(out), exist_ok=True)  # OUT's parent, once the checks have passed
             save_checkpoint(grown, src, job.dtype, tmp)
             stats = WrittenStats(relative_drift(load_logits(tmp, tokens), load_logits(src.path, tokens)),
                                  rounding_drift(grown, tokens, job.dtype), dtype)
