@@ -1,7 +1,8 @@
 """Verify a pair grown anywhere: SMALL, and BIG grown from it (wider, deeper, dense -> MoE).
 
-    python verify_growth.py SMALL BIG                      # transformers dirs (Llama, Mixtral) or this project's
-                                                           # checkpoints / run directories, in any combination
+    python verify_growth.py SMALL BIG                      # transformers dirs (Llama, Mistral, Qwen2, Qwen3 and
+                                                           # their MoE forms) or this project's checkpoints / run
+                                                           # directories, in any combination
     python verify_growth.py SMALL BIG --tokens story.txt   # real text for the checks' batch
     python verify_growth.py SMALL BIG --report pair.html   # and the report page for the pair
 
@@ -26,7 +27,7 @@ from common.files import write_atomic
 from training.reporting.html_report import render_pair_report
 from transfer.checks import detailed_growth_check, upcycling_check
 from common.safe_load import UnsafeFile
-from transfer.hf_format import UnsupportedModel, from_hf
+from transfer.hf_format import FAMILY_NAMES, UnsupportedModel, from_hf, hf_family
 from transfer.pair_batch import DEFAULT_TEXT, BatchError, checks_batch
 from transfer.pair_mapping import NotAPair, infer_mapping
 
@@ -46,7 +47,7 @@ def load_any(path: str) -> tuple[torch.nn.Module, str]:
             raise CannotJudge(f"unsupported architecture: {e}") from None
         except UnsafeFile as e:
             raise CannotJudge(str(e)) from None
-        return model.eval(), f"transformers {'Mixtral' if model.config.is_moe else 'Llama'} directory"
+        return model.eval(), f"transformers {FAMILY_NAMES[hf_family(path)]} directory"
     try:
         ckpt, _ = find_checkpoint(path)
         return ckpt.load_model().eval(), f"project checkpoint {os.path.basename(ckpt.path)}"

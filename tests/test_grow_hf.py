@@ -159,7 +159,8 @@ def test_exit_2_gpt2_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["out_exists", "bad_setting", "unknown_setting", "unreadable_weights", "no_config"])
+@pytest.mark.parametrize("case", ["out_exists", "bad_setting", "unknown_setting", "unreadable_weights", "no_config",
+                                  "tokenizer_beyond_embedding"])
 def test_exit_2_bad_input_one_line_nothing_written(sources, tmp_path, case):
     src, out, settings = sources["llama_gqa_untied"], tmp_path / "out", ["--n_experts=4"]
     if case == "out_exists":
@@ -178,6 +179,12 @@ def test_exit_2_bad_input_one_line_nothing_written(sources, tmp_path, case):
         with open(os.path.join(src, "model.safetensors"), "wb") as f:
             f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
         expected = "not a readable safetensors file"
+    elif case == "tokenizer_beyond_embedding":  # a 512-row Llama beside a 600-token tokenizer contradicts itself
+        src = save(build(llama_config(vocab_size=512)), str(tmp_path / "small_vocab"))
+        from data import generate_stories, train_tokenizer
+
+        train_tokenizer(generate_stories(2000), 600).save_pretrained(src)
+        expected = "tokens but the model's embedding only 512 rows"
     else:
         src, expected = str(tmp_path), "not a transformers checkpoint (no config.json)"
     before = sorted(os.listdir(tmp_path))

@@ -156,3 +156,27 @@ def test_init_from_hf_starts_phase_1_from_a_llama_checkpoint(tmp_path, tokenizer
     assert "biases" in capsys.readouterr().err
     assert train_tinystories.main(["--preset", "micro", "--out-dir", str(tmp_path / "r3"), "--init-from-hf", str(src),
                                    "--dim=32"]) == 2
+
+
+@pytest.mark.slow
+def test_init_from_hf_refuses_a_tokenizer_larger_than_the_embedding_before_any_work(tmp_path, tokenizer):
+    """A Llama of 128 embedding rows beside a 300-token tokenizer: one line naming both sizes, exit 2, nothing
+    written (it used to end in IndexError inside the embedding, after tokenizing the data)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    run = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "train_tinystories.py", "--preset", "micro", "--out-dir", str(run),
+                           "--init-from-hf", str(src)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and f"{len(tokenizer)} tokens" in err and "128 rows" in err, err
+    assert not run.exists()

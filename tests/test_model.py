@@ -24,13 +24,64 @@ def test_causal_future_tokens_do_not_change_past_logits(tokens):
     assert not torch.allclose(model(tokens)[:, 40:], model(changed)[:, 40:], atol=1e-3)
 
 
-def test_sdpa_matches_explicit_attention_reference(tokens):
-    model = build_model(tiny_config(n_kv_heads=2)).double()
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 128}
+# The transformers families' features (config.py), each on, and all at once.
+FEATURES = {"plain": {}, "window": dict(sliding_window=5), "qwen2": dict(qkv_bias=True),
+            "qwen3": dict(qk_norm=True, explicit_head_dim=12), "llama3": dict(rope_scaling=LLAMA3),
+            "all": dict(sliding_window=5, qkv_bias=True, qk_norm=True, explicit_head_dim=12, rope_scaling=LLAMA3)}
+
+
+def _moved_off_init(model):
+    """Biases nonzero and norms away from 1, so that a feature left out shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_sdpa_matches_explicit_attention_reference(tokens, features):
+    torch.manual_seed(0)
+    model = _moved_off_init(build_model(tiny_config(n_kv_heads=2, **FEATURES[features]))).double()
     attn, x = model.blocks[0].attention, model.embed(tokens).double()
     cos, sin = model.rope_cos, model.rope_sin
     _, _, v = attn.qkv(x, cos, sin)
     ref = attn.o_proj((attn.attention_probs(x, cos, sin) @ v).transpose(1, 2).flatten(2))
     assert torch.allclose(attn(x, cos, sin), ref, atol=1e-12)
+
+
+def test_sliding_window_limits_what_a_token_sees_to_itself_and_the_window_before():
+    """One layer, window 4 (transformers' convention: key j visible from query i when i - 4 < j <= i)."""
+    model = build_model(tiny_config(n_layers=1, sliding_window=4))
+    tokens = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    changed = tokens.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % 300
+    diff = (model(tokens) - model(changed)).abs().amax(dim=-1)[0]
+    assert diff[:10].max() == 0 and diff[10:14].min() > 0 and diff[14:].max() == 0
+
+
+def test_a_window_as_long_as_the_sequence_is_plain_causal_attention(tokens):
+    plain, windowed = build_model(tiny_config()), build_model(tiny_config(sliding_window=64))
+    windowed.load_state_dict(plain.state_dict())
+    assert torch.equal(plain(tokens), windowed(tokens))  # T = 64 = window: the is_causal path
+
+
+def test_llama3_rope_tables_equal_transformers_frequencies():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.model import rope_tables
+
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_theta=10000.0,
+                     rope_scaling=dict(LLAMA3))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    angles = torch.outer(torch.arange(256, dtype=torch.float32), inv_freq)
+    cos, sin = rope_tables(16, 256, 10000.0, LLAMA3)
+    assert torch.equal(cos, torch.cat([angles, angles], -1).cos()) and torch.equal(sin, torch.cat([angles] * 2, -1).sin())
+    plain, _ = rope_tables(16, 256, 10000.0)
+    assert not torch.equal(cos, plain)
 
 
 def test_rope_is_relative_attention_scores_depend_on_offset_only():
@@ -167,9 +218,9 @@ def _bf16_training_forward(model):
     return fwd
 
 
-def _compile_model(n_experts: int, checkpointing: bool):
+def _compile_model(n_experts: int, checkpointing: bool, **features):
     torch.manual_seed(0)
-    model = build_model(tiny_config(n_experts=n_experts, top_k=2)).train()
+    model = build_model(tiny_config(n_experts=n_experts, top_k=2, **features)).train()
     model.activation_checkpointing = checkpointing
     return model
 
@@ -179,6 +230,17 @@ def _compile_model(n_experts: int, checkpointing: bool):
 def test_bf16_training_forward_has_no_graph_breaks(n_experts, checkpointing, tokens):
     """torch._dynamo.explain over the training forward and its objective (balance and z losses included)."""
     model = _compile_model(n_experts, checkpointing)
+    explained = torch._dynamo.explain(_bf16_training_forward(model))(tokens[:, :-1], tokens[:, 1:])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_the_families_features_add_no_graph_break(n_experts, tokens):
+    """Sliding window shorter than the sequence (the explicit mask), q/k/v biases, q/k norms, explicit head_dim and
+    llama3 RoPE together: still one graph."""
+    model = _compile_model(n_experts, False, **FEATURES["all"])
     explained = torch._dynamo.explain(_bf16_training_forward(model))(tokens[:, :-1], tokens[:, 1:])
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1

@@ -196,3 +196,27 @@ def test_bad_growth_arguments_are_rejected_before_work():
                          (dict(noise_std=-1.0), "noise_std=-1.0"), (dict(scale_factor=2.0), "scale_factor=2.0")]:
         with pytest.raises(ConfigError, match=text):
             scale_bilaterally(old, **kwargs)
+
+
+def test_family_features_grow_by_their_rules():
+    """q/k/v biases tile like their rows (heads copied, never divided, no noise); q/k norms act over head_dim and
+    stay; explicit head_dim, sliding window and llama3 RoPE scaling carry over."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    small = build_model(tiny_config(qkv_bias=True, qk_norm=True, explicit_head_dim=12, sliding_window=7,
+                                    rope_scaling=rope, n_kv_heads=2))
+    with torch.no_grad():
+        for p in small.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    small = small.double()
+    big = scale_bilaterally(small, 3, 1, noise_std=0.3)
+    c = big.config
+    assert (c.head_dim, c.sliding_window, c.rope_scaling, c.n_heads, c.kv_heads) == (12, 7, rope, 12, 6)
+    sa, ba = small.blocks[0].attention, big.blocks[0].attention
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(ba, n).bias, getattr(sa, n).bias.repeat(3)), n
+    assert torch.equal(ba.q_norm.weight, sa.q_norm.weight) and torch.equal(ba.k_norm.weight, sa.k_norm.weight)
+    tokens = tokens_for(2, 32)
+    assert torch.allclose(big(tokens), small(tokens), atol=1e-10, rtol=0)

@@ -108,13 +108,11 @@ def test_exit_2_non_integer_width_factor(pairs, tmp_path, capsys):
 
 
 def test_exit_2_architecture_it_does_not_read(pairs, tmp_path, capsys):
-    from transformers import Qwen2Config
+    from transformers import GPT2Config
 
-    qwen = Qwen2Config(**{k: v for k, v in llama_config().to_dict().items()
-                          if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")})
-    code, out, err = run([pairs["small"], save(build(qwen), str(tmp_path / "qwen"))], capsys)
-    assert code == 2 and "unsupported architecture" in err and "qwen2" in err and err.count("\n") == 1
+    gpt2 = GPT2Config(vocab_size=300, n_embd=32, n_layer=4, n_head=4, n_positions=128)
+    code, out, err = run([pairs["small"], save(build(gpt2), str(tmp_path / "gpt2"))], capsys)
+    assert code == 2 and "unsupported architecture" in err and "'gpt2'" in err and err.count("\n") == 1
 
 
 def test_exit_2_not_a_model_directory(pairs, tmp_path, capsys):

@@ -42,7 +42,7 @@ from transfer.checks import CheckResult, GrowthReport
 from transfer.checks.pair import relative_drift
 from transfer.hf_format import (ARCHITECTURES, UnsupportedModel, from_hf, hf_family, read_hf_config,
                                 refuse_code_in_weights, target_family, to_hf, weight_files)
-from transfer.pair_batch import BATCH, MAX_SEQ, BatchError, checks_batch
+from transfer.pair_batch import BATCH, MAX_SEQ, BatchError, checks_batch, find_tokenizer
 from transfer.pair_mapping import infer_mapping
 
 # Files of a transformers directory that travel with the weights unchanged: the tokenizer's and generation's.
@@ -152,6 +152,10 @@ def read_source(path: str) -> Source:
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (UnsupportedModel, UnsafeFile, OSError, ValueError) as e:
         raise BadInput(f"{path}: {e}") from None
+    tokenizer, tokenizer_file = find_tokenizer(path)
+    if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:  # ids past the embedding's rows
+        raise BadInput(f"{tokenizer_file} has {tokenizer.get_vocab_size():,} tokens but the model's embedding only "
+                       f"{cfg.vocab_size:,} rows (vocab_size); save the tokenizer the model was trained with")
     return Source(path, family, cfg, hf_cfg, stored_dtype(path, hf_cfg))
 
 

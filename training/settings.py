@@ -292,8 +292,11 @@ def load_saved_settings(out_dir: str) -> dict | None:
 
 
 def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
-    """Settings whose phase-1 model is the transformers checkpoint's (ConfigError if it cannot be used)."""
-    from transfer.hf_format import UnsupportedModel, read_hf_config, refuse_code_in_weights
+    """Settings whose phase-1 model is the transformers checkpoint's (ConfigError if it cannot be used: an
+    unreadable or unsupported model, an MoE, or a tokenizer with more tokens than the model's embedding has rows)."""
+    from data.text import DataError
+    from data.tokenizer import load_tokenizer
+    from transfer.hf_format import UnsupportedModel, hf_family, read_hf_config, refuse_code_in_weights
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"--init-from-hf {path}: not a transformers model directory (no config.json)")
@@ -303,12 +306,18 @@ def with_hf_model(s: Settings, path: str, overrides: Overrides) -> Settings:
         clash = " ".join(f"--{k}={v}" for k, v in overrides["model"].items())
         raise ConfigError(f"{clash}: the model comes from --init-from-hf and cannot be changed")
     try:
+        family = hf_family(path)
         cfg = read_hf_config(path)
         refuse_code_in_weights(path)
-    except (UnsupportedModel, OSError, ValueError) as e:
+        tokens = len(load_tokenizer(path))
+    except (UnsupportedModel, DataError, OSError, ValueError) as e:
         raise ConfigError(f"--init-from-hf {path}: {e}") from None
     if cfg.is_moe:
-        raise ConfigError(f"--init-from-hf {path}: a Mixtral (MoE) model; phase 1 needs a dense Llama model")
+        raise ConfigError(f"--init-from-hf {path}: a {family} (MoE) model; phase 1 needs a dense model "
+                          "(llama, mistral, qwen2 or qwen3)")
+    if tokens > cfg.vocab_size:  # ids past the embedding's rows would crash the first forward, after tokenizing
+        raise ConfigError(f"--init-from-hf {path}: its tokenizer has {tokens:,} tokens but the model's embedding "
+                          f"only {cfg.vocab_size:,} rows (vocab_size); save the tokenizer the model was trained with")
     settings = replace(s, model=cfg)
     if settings.train.seq_len > cfg.max_seq_len:
         settings = replace(settings, train=replace(settings.train, seq_len=cfg.max_seq_len))

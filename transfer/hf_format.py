@@ -47,6 +47,8 @@ FAMILIES = tuple(MOE_FAMILY)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+                "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
 _QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
 
@@ -313,7 +315,8 @@ def _supported(c) -> ModelConfig:
     base = DENSE_FAMILY[c.model_type]
     return ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
                        n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-                       ffn_dim=ffn_dim, max_seq_len=c.max_position_embeddings, rope_theta=theta, norm_eps=c.rms_norm_eps,
+                       ffn_dim=ffn_dim, max_seq_len=c.max_position_embeddings, rope_theta=theta,
+                       norm_eps=c.rms_norm_eps,
                        n_experts=n_experts, top_k=top_k, tie_embeddings=bool(c.tie_word_embeddings),
                        explicit_head_dim=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
                        qkv_bias=base == "qwen2" and bool(getattr(c, "qkv_bias", True)), qk_norm=base == "qwen3",

@@ -56,6 +56,11 @@ class GrowthMapping:
         lines = ["MAPPING (inferred from the configs and weights)",
                  f"  width x{self.scale}: dim {s.dim} -> {b.dim}, heads {s.n_heads}/{s.kv_heads} -> {b.n_heads}/{b.kv_heads} "
                  f"(q/kv), head_dim {s.head_dim} -> {b.head_dim}, FFN {s.hidden_dim} -> {b.hidden_dim}"]
+        features = attention_features(s)
+        if features != attention_features(b):
+            lines.append(f"  attention features differ: SMALL {features}, BIG {attention_features(b)}")
+        elif features != "plain":
+            lines.append(f"  attention (both): {features}")
         if self.layout_note:
             lines.append(f"  copies laid out: {self.layout_note}")
         lines.append(f"  FFN: {self.expert_note}")
@@ -67,6 +72,18 @@ class GrowthMapping:
             after = f", after SMALL block {blk.after}" if blk.inserted else ""
             lines.append(f"    BIG block {blk.big}: {kind}, {src}{after}{ident}")
         return "\n".join(lines)
+
+
+def attention_features(cfg) -> str:
+    """The transformers families' attention features a config has, in words ("plain" for none)."""
+    parts = [name for name, on in (("q/k/v biases", cfg.qkv_bias), ("q/k norms", cfg.qk_norm)) if on]
+    if cfg.explicit_head_dim is not None:
+        parts.append(f"explicit head_dim {cfg.head_dim}")
+    if cfg.sliding_window is not None:
+        parts.append(f"sliding window {cfg.sliding_window}")
+    if cfg.rope_scaling is not None:
+        parts.append(f"llama3 RoPE scaling x{cfg.rope_scaling['factor']:g}")
+    return ", ".join(parts) or "plain"
 
 
 def pair_problem(s, b) -> str | None:
