@@ -25,6 +25,7 @@ from training.hf_growth import DTYPES, Growth, GrowRequest, grow_checkpoint
 from training.settings import find_setting, make_parser, parse_command_line
 
 OWN_DOCS = {"n_experts": "experts per MoE layer made by upcycling (each a copy of the dense FFN); 0 keeps the FFN",
+            "top_k": "experts each token is routed to (2 unless given; only with --n_experts)",
             "seed": "seed of the symmetry-breaking noise and the routers' initialisation"}
 SETTINGS = tuple(f.name for f in fields(Growth))  # GrowthConfig's growth fields and the seed
 

@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
         small, small_kind = load_any(a.small)
         big, big_kind = load_any(a.big)
         mapping = infer_mapping(small, big)
-        tokens, tokens_note = checks_batch(a.tokens, small.config.vocab_size, small.config.max_seq_len, (a.big, a.small))
+        tokens, tokens_note = checks_batch(a.tokens, small.config.vocab_size, small.config.max_seq_len,
+                                           (a.big, a.small))  # BIG's tokenizer first
     except (CannotJudge, BatchError, NotAPair) as e:
         print(f"verify_growth: cannot judge this pair: {e}", file=sys.stderr)
         return 2

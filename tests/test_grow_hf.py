@@ -126,7 +126,8 @@ def test_exit_0_in_bf16_judged_against_the_rounding_it_allows(sources, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.load(open(os.path.join(out, "grow_hf.json")))
     assert record["dtype"] == "bfloat16" and record["written"]["rounding"] > 0
-    assert record["written"]["drift"] <= record["written"]["limit"] == pytest.approx(WRITTEN_LIMIT + record["written"]["rounding"])
+    written = record["written"]
+    assert written["drift"] <= written["limit"] == pytest.approx(WRITTEN_LIMIT + written["rounding"])
     assert "a bfloat16 checkpoint cannot hold the exact growth" in proc.stdout
 
 
@@ -219,6 +220,7 @@ def test_settings_default_to_no_growth_and_take_only_growth_fields():
     (Growth(scale_factor=0), "scale_factor=0"),
     (Growth(extra_layers=1, noise_std=-1.0), "noise_std=-1.0 must be >= 0"),
     (Growth(n_experts=2, router_init_std=0.0), "router_init_std=0.0 must be > 0"),
+    (Growth(scale_factor=2, top_k=1), "--top_k=1 applies to upcycling"),
 ])
 def test_growth_settings_are_validated_by_growthconfig(growth, text):
     from config import ModelConfig

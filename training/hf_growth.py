@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 # In fp32 the two differ by float arithmetic alone (order of operations, ~1e-6); in a 16-bit dtype the grown weights
 # cannot be stored exactly, and the rounding's own drift (measured on the project's model) is added to the limit.
 WRITTEN_LIMIT = 1e-4
+WRITTEN_QUANTITY = "max |logits(OUT) - logits(SRC)| / RMS(logits(SRC)), both loaded by AutoModelForCausalLM in fp32"
 REPORT_FILE, RECORD_FILE = "grow_report.html", "grow_hf.json"
 # --plan's time: float64 forward-pass equivalents the checks cost (forwards of both models, the objective's
 # gradient, the trainability step's evaluations: measured on small models), and this machine's float64 rate.
@@ -74,7 +75,7 @@ class Growth:
     n_experts=0 keeps the FFN as it is (a dense model stays dense, an MoE an MoE)."""
 
     n_experts: int = 0
-    top_k: int = 2
+    top_k: int | None = None  # given only with n_experts (default 2 then): an MoE source keeps its own
     router_init_std: float = 0.02
     scale_factor: int = 1
     extra_layers: int = 0
@@ -85,7 +86,10 @@ class Growth:
         """ConfigError (one line) for a value GrowthConfig refuses or that this source cannot take."""
         if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 0:
             raise ConfigError(f"--n_experts={self.n_experts} must be an integer >= 0 (0 keeps the FFN as it is)")
-        upcycle = dict(n_experts=self.n_experts, top_k=self.top_k) if self.n_experts else {}
+        if self.top_k is not None and not self.n_experts:
+            raise ConfigError(f"--top_k={self.top_k} applies to upcycling: give --n_experts=E with it (an MoE source "
+                              "keeps its own top-k)")
+        upcycle = dict(n_experts=self.n_experts, top_k=self.k) if self.n_experts else {}
         GrowthConfig(**upcycle, router_init_std=self.router_init_std, scale_factor=self.scale_factor,
                      extra_layers=self.extra_layers, noise_std=self.noise_std)
         if self.n_experts and source.is_moe:
@@ -95,15 +99,20 @@ class Growth:
             raise ConfigError("nothing to grow: give --n_experts=E (upcycle), --scale_factor=S (widen) and/or "
                               "--extra_layers=L (deepen)")
 
+    @property
+    def k(self) -> int:
+        """Experts per token of the upcycled model."""
+        return 2 if self.top_k is None else self.top_k
+
     def grown(self, source: ModelConfig) -> ModelConfig:
         """The grown model's config, from the source's alone."""
-        cfg = replace(source, n_experts=self.n_experts, top_k=self.top_k) if self.n_experts else source
+        cfg = replace(source, n_experts=self.n_experts, top_k=self.k) if self.n_experts else source
         return grown_config(cfg, self.scale_factor, self.extra_layers)
 
     def describe(self, source: ModelConfig) -> str:
         parts = []
         if self.n_experts:
-            parts.append(f"dense FFN -> {self.n_experts} experts, top-{self.top_k} (sparse upcycling, router "
+            parts.append(f"dense FFN -> {self.n_experts} experts, top-{self.k} (sparse upcycling, router "
                          f"N(0, {self.router_init_std}^2) centred on the checks' batch)")
         if self.scale_factor > 1:
             parts.append(f"width x{self.scale_factor}: dim {source.dim} -> {source.dim * self.scale_factor} "
@@ -276,7 +285,7 @@ def grow(model: nn.Module, g: Growth, calibration: Tensor) -> list[Step]:
     """The growth steps from the source model: dense -> MoE where asked, then width and depth where asked."""
     steps = []
     if g.n_experts:
-        moe = dense_to_moe(model, g.n_experts, g.top_k, g.seed, g.router_init_std, calibration_tokens=calibration)
+        moe = dense_to_moe(model, g.n_experts, g.k, g.seed, g.router_init_std, calibration_tokens=calibration)
         steps.append(Step("upcycling", model, moe))
         model = moe
     if g.scale_factor > 1 or g.extra_layers:
@@ -361,14 +370,14 @@ def judge_written(stats: WrittenStats) -> CheckResult:
            f"limit {WRITTEN_LIMIT:.0e} + {stats.rounding:.2e} = {stats.limit:.2e}: a {stats.dtype} checkpoint cannot "
            f"hold the exact growth, and rounding the grown weights to {stats.dtype} alone moves the logits by "
            f"{stats.rounding:.2e} (the checks judged the exact growth in float64)")
-    passed = stats.drift <= stats.limit
-    fix = "" if passed else ("the written checkpoint does not compute what the grown model computes: report this "
-                             "with the command line; --dtype=float32 rules out rounding")
-    return CheckResult("Written checkpoint", passed,
-                       f"OUT loaded by transformers matches SRC: logit drift {stats.drift:.2e}; {why}" if passed else
-                       f"OUT loaded by transformers departs from SRC: logit drift {stats.drift:.2e}; {why}. Fix: {fix}.",
-                       asdict(stats), fix, quantity="max |logits(OUT) - logits(SRC)| / RMS(logits(SRC)), both "
-                       "loaded by AutoModelForCausalLM in fp32", value=stats.drift, limit=stats.limit)
+    if stats.drift <= stats.limit:
+        message, fix = f"OUT loaded by transformers matches SRC: logit drift {stats.drift:.2e}; {why}", ""
+    else:
+        fix = ("the written checkpoint does not compute what the grown model computes: report this with the command "
+               "line; --dtype=float32 rules out rounding")
+        message = f"OUT loaded by transformers departs from SRC: logit drift {stats.drift:.2e}; {why}. Fix: {fix}."
+    return CheckResult("Written checkpoint", not fix, message, asdict(stats), fix, quantity=WRITTEN_QUANTITY,
+                       value=stats.drift, limit=stats.limit)
 
 
 # ------------------------------------------------------------------------------------------ the command

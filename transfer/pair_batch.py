@@ -54,12 +54,14 @@ def checks_batch(text_file: str | None, vocab: int, max_seq: int, dirs: tuple[st
     tok, tok_file = find_tokenizer(*dirs)
     if tok is None and random_without_tokenizer and not text_file:
         ids = torch.randint(vocab, (BATCH, seq), generator=torch.Generator().manual_seed(0))
-        return ids, f"tokens: {BATCH} x {seq} random ids (seed 0) over the vocabulary of {vocab}: no tokenizer.json in {dirs[0]}"
+        return ids, (f"tokens: {BATCH} x {seq} random ids (seed 0) over the vocabulary of {vocab}: no tokenizer.json "
+                     f"in {dirs[0]}")
     text, source = read_text(text_file)
     if tok is None:
         if len(text.encode("utf-8")) < BATCH * seq:
             raise BatchError(f"--tokens {text_file}: {len(text.encode('utf-8'))} bytes; need {BATCH * seq}")
-        return byte_token_batch(text, BATCH, seq) % vocab, f"tokens: {BATCH} x {seq} UTF-8 bytes (mod vocab {vocab}) of {source}"
+        note = f"tokens: {BATCH} x {seq} UTF-8 bytes (mod vocab {vocab}) of {source}"
+        return byte_token_batch(text, BATCH, seq) % vocab, note
     ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
     if len(ids) < BATCH * MIN_SEQ:
         raise BatchError(f"--tokens {text_file}: {len(ids)} tokens; need at least {BATCH * MIN_SEQ}")
