@@ -121,9 +121,13 @@ def run(shape: tuple[int, int, int, int], dtype: torch.dtype, root: str) -> None
 
 
 def main(argv: list[str]) -> int:
-    dtype = DTYPES[argv[0].split("=", 1)[1]] if argv and argv[0].startswith("--dtype=") else torch.bfloat16
+    import argparse
+
     from transformers.utils import logging
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of source and written")
+    dtype = DTYPES[p.parse_args(argv).dtype]
     logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as root:
         for shape in ((64, 2, 4, 2), (256, 8, 8, 4)):

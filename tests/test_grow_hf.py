@@ -195,6 +195,14 @@ def test_exit_2_bad_input_one_line_nothing_written(sources, tmp_path, case):
 
 
 @pytest.mark.slow
+def test_help_lists_this_commands_settings_and_defaults():
+    proc = run("--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and proc.stderr == "", proc.stderr
+    assert "--scale_factor      1" in proc.stdout and "--n_experts         0" in proc.stdout
+    assert "--dense_lr" not in proc.stdout  # the trainer's settings are not this command's
+
+
+@pytest.mark.slow
 def test_plan_prints_memory_disk_and_time_and_grows_nothing(sources, tmp_path):
     proc = run(sources["llama_gqa_untied"], str(tmp_path / "out"), "--scale_factor=2", "--plan")
     assert proc.returncode == 0 and "PLAN: peak memory" in proc.stdout and "disk" in proc.stdout, proc.stderr
