@@ -180,3 +180,23 @@ def test_init_from_hf_refuses_a_tokenizer_larger_than_the_embedding_before_any_w
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and f"{len(tokenizer)} tokens" in err and "128 rows" in err, err
     assert not run.exists()
+
+
+def test_export_cli_writes_the_family_the_features_need_and_refuses_one_that_cannot_hold_them(tmp_path, tokenizer,
+                                                                                            capsys):
+    from safetensors import safe_open
+
+    from tests.helpers import make_run
+
+    torch.manual_seed(0)
+    qwen3_like = build_model(tiny_config(qk_norm=True, explicit_head_dim=12, tie_embeddings=False))
+    run = make_run(tmp_path / "run", {"dense": qwen3_like}, tokenizer)
+    assert export_hf.main(["--checkpoint", run, "--out", str(tmp_path / "llama"), "--family", "llama"]) == 2
+    assert "cannot write this model as llama: it has q/k norms" in capsys.readouterr().err
+    assert not (tmp_path / "llama").exists()
+    assert export_hf.main(["--checkpoint", run, "--out", str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
+    assert "as Qwen3ForCausalLM (bf16)" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    resolved = lambda c: replace(c, ffn_dim=c.hidden_dim, n_kv_heads=c.kv_heads)  # noqa: E731
+    assert resolved(from_hf(str(tmp_path / "hf")).config) == resolved(qwen3_like.config)

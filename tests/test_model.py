@@ -79,7 +79,8 @@ def test_llama3_rope_tables_equal_transformers_frequencies():
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     angles = torch.outer(torch.arange(256, dtype=torch.float32), inv_freq)
     cos, sin = rope_tables(16, 256, 10000.0, LLAMA3)
-    assert torch.equal(cos, torch.cat([angles, angles], -1).cos()) and torch.equal(sin, torch.cat([angles] * 2, -1).sin())
+    angles = torch.cat([angles, angles], dim=-1)
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
     plain, _ = rope_tables(16, 256, 10000.0)
     assert not torch.equal(cos, plain)
 

@@ -73,9 +73,14 @@ def target_family(cfg: ModelConfig, family: str | None = None) -> str:
     return family
 
 
-def hf_config(cfg: ModelConfig, eos_token_id: int | None = None, family: str | None = None):
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_config(cfg: ModelConfig, eos_token_id: int | None = None, family: str | None = None, *,
+              special_tokens: dict | None = None):
     """The transformers config of `family` (target_family says which) with every field that differs from the
-    family's defaults written explicitly."""
+    family's defaults written explicitly; bos, eos and pad are eos_token_id unless `special_tokens` (a source
+    config's bos_token_id / eos_token_id / pad_token_id) names them."""
     from transformers import AutoConfig
 
     family = target_family(cfg, family)
@@ -84,6 +89,10 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None = None, family: str | N
                   head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
                   rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
                   bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    unknown = sorted(set(special_tokens or {}) - set(SPECIAL_TOKEN_FIELDS))
+    if unknown:
+        raise ValueError(f"special_tokens names {unknown}; only {', '.join(SPECIAL_TOKEN_FIELDS)}")
+    common.update(special_tokens or {})
     if cfg.rope_scaling is not None:  # the 4.x keyword; transformers 5 folds it and rope_theta into rope_parameters
         common["rope_scaling"] = dict(cfg.rope_scaling)
     if family in ("llama", "qwen3", "qwen3_moe"):
@@ -110,7 +119,8 @@ def _plain(t: torch.Tensor) -> tuple:
 
 def _zero_shared_expert(p: str, d: int) -> dict[str, tuple]:
     """Qwen2-MoE's shared expert, which the project's MoE lacks: written empty (intermediate size 0) with a zero gate;
-    read only where its output is exactly zero (its down_proj zero), else UnsupportedModel."""
+    read only empty (a config with another size is refused before the weights are read; a nonzero down_proj,
+    which an empty one cannot have, would be UnsupportedModel)."""
     def must_be_zero(v: torch.Tensor) -> None:
         if v.any():
             raise UnsupportedModel(f"{p}mlp.shared_expert: a Qwen2-MoE shared expert that is not zero (the project's "
@@ -186,11 +196,13 @@ def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
     return {k: read().detach().float().cpu().clone() for k, (read, _) in _mapping(model, hf_keys).items()}
 
 
-def to_hf(model: nn.Module, eos_token_id: int | None = None, family: str | None = None) -> nn.Module:
-    """A transformers model of `family` (target_family says which) computing what `model` computes (fp32, CPU)."""
+def to_hf(model: nn.Module, eos_token_id: int | None = None, family: str | None = None, *,
+          special_tokens: dict | None = None) -> nn.Module:
+    """A transformers model of `family` (target_family says which) computing what `model` computes (fp32, CPU);
+    special_tokens as hf_config takes them."""
     from transformers import AutoModelForCausalLM
 
-    config = hf_config(model.config, eos_token_id, family)
+    config = hf_config(model.config, eos_token_id, family, special_tokens=special_tokens)
     with torch.random.fork_rng(devices=[]):
         hf = AutoModelForCausalLM.from_config(config)
     keys = set(hf.state_dict())
@@ -202,15 +214,16 @@ def to_hf(model: nn.Module, eos_token_id: int | None = None, family: str | None 
 
 
 def export_hf(model: nn.Module, out_dir: str, tokenizer=None, *, family: str | None = None,
-              dtype: torch.dtype | None = None) -> str:
-    """save_pretrained the converted model (as `family`, target_family says which; in `dtype`, default fp32) and the
-    run's tokenizer into out_dir; loadable offline.
+              dtype: torch.dtype | None = None, special_tokens: dict | None = None) -> str:
+    """save_pretrained the converted model (as `family`, target_family says which; in `dtype`, default fp32; its
+    special token ids from `special_tokens`, else the tokenizer's eos) and the run's tokenizer into out_dir;
+    loadable offline.
 
     Written into a temporary sibling first, then moved into place: a failed write raises WriteFailed and
     leaves no partial export (files already in out_dir that the export does not write are kept).
     """
     eos = None if tokenizer is None else tokenizer.eos_token_id
-    hf = to_hf(model, eos, family)
+    hf = to_hf(model, eos, family, special_tokens=special_tokens)
     if dtype is not None:
         hf = hf.to(dtype)
     tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
@@ -268,6 +281,9 @@ def _moe_fields(c) -> tuple[int, int, int, list[str]]:
     if c.model_type not in ("qwen2_moe", "qwen3_moe"):
         return 0, 2, c.intermediate_size, []
     problems = []
+    if getattr(c, "shared_expert_intermediate_size", 0):
+        problems.append(f"a shared expert (shared_expert_intermediate_size={c.shared_expert_intermediate_size}; the "
+                        "project's MoE has none)")
     if not getattr(c, "norm_topk_prob", False):
         problems.append("norm_topk_prob=false (top-k weights not renormalised: the project routes softmax -> top-k "
                         "-> renormalise)")
