@@ -308,6 +308,9 @@ def test_tokens_file_is_tokenized_with_the_source_tokenizer(sources, tmp_path, c
     assert code == 0
     record = json.load(open(os.path.join(out, "grow_hf.json")))
     assert str(text) in record["tokens"] and "tokenized with" in record["tokens"]
+    src_config = json.load(open(os.path.join(sources["llama_gqa_untied"], "config.json")))
+    out_config = json.load(open(os.path.join(out, "config.json")))
+    assert all(out_config[k] == src_config[k] for k in ("bos_token_id", "eos_token_id"))  # carried over
     with open(os.path.join(out, "grow_report.html")) as f:
         page = f.read()
     assert str(text) in page and "Written checkpoint" in page and "upcycling: functional" in page

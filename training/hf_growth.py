@@ -40,7 +40,7 @@ from training.reporting.html_report import render_pair_report
 from transfer import dense_to_moe, detailed_growth_check, grown_config, scale_bilaterally, upcycling_check
 from transfer.checks import CheckResult, GrowthReport
 from transfer.checks.pair import relative_drift
-from transfer.hf_format import (ARCHITECTURES, UnsupportedModel, from_hf, hf_family, read_hf_config,
+from transfer.hf_format import (ARCHITECTURES, SPECIAL_TOKEN_FIELDS, UnsupportedModel, from_hf, hf_family, read_hf_config,
                                 refuse_code_in_weights, target_family, to_hf, weight_files)
 from transfer.pair_batch import BATCH, MAX_SEQ, BatchError, checks_batch, find_tokenizer
 from transfer.pair_mapping import infer_mapping
@@ -319,10 +319,9 @@ def architecture_name(cfg: ModelConfig, family: str) -> str:
 def save_checkpoint(model: nn.Module, source: Source, dtype: torch.dtype, directory: str) -> None:
     """The transformers checkpoint of `model` in dtype, with SRC's special token ids, tokenizer files and
     generation config."""
+    special = {name: getattr(source.hf_config, name, None) for name in SPECIAL_TOKEN_FIELDS}
     with _no_empty_init_warning():  # Qwen2-MoE's shared expert is written empty (hf_format says why)
-        hf = to_hf(model, family=source.family)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(hf.config, name, getattr(source.hf_config, name, None))
+        hf = to_hf(model, family=source.family, special_tokens=special)
     hf.to(dtype).save_pretrained(directory, safe_serialization=True)
     del hf
     for name in COPIED_FILES:
