@@ -3,8 +3,8 @@
     request = GrowRequest("llama/", "llama-moe/", Growth(n_experts=8, top_k=2))
     code = grow_checkpoint(request)        # 0 written and verified, 1 a check failed (nothing written), 2 bad input
 
-1. Validate before any work (BadInput, exit 2): SRC a readable Llama/Mixtral directory, OUT absent, the settings
-   valid for this source, room on OUT's disk.
+1. Validate before any work (BadInput, exit 2): SRC a readable directory of a family hf_format reads, its tokenizer
+   within its embedding, OUT absent, the settings valid for this source, room on OUT's disk.
 2. Grow the project's model read from SRC (fp32, exact): dense -> MoE (dense_to_moe) where asked, then width and
    depth (scale_bilaterally). Routers are centred on the checks' batch, as the pipeline does.
 3. Check in float64 on the exact growth: the dense -> MoE step's own checks (upcycling_check), then all five on the
@@ -40,8 +40,8 @@ from training.reporting.html_report import render_pair_report
 from transfer import dense_to_moe, detailed_growth_check, grown_config, scale_bilaterally, upcycling_check
 from transfer.checks import CheckResult, GrowthReport
 from transfer.checks.pair import relative_drift
-from transfer.hf_format import (ARCHITECTURES, SPECIAL_TOKEN_FIELDS, UnsupportedModel, from_hf, hf_family, read_hf_config,
-                                refuse_code_in_weights, target_family, to_hf, weight_files)
+from transfer.hf_format import (ARCHITECTURES, SPECIAL_TOKEN_FIELDS, UnsupportedModel, export_hf, from_hf,
+                                hf_family, read_hf_config, refuse_code_in_weights, target_family, weight_files)
 from transfer.pair_batch import BATCH, MAX_SEQ, BatchError, checks_batch, find_tokenizer
 from transfer.pair_mapping import infer_mapping
 
@@ -321,9 +321,7 @@ def save_checkpoint(model: nn.Module, source: Source, dtype: torch.dtype, direct
     generation config."""
     special = {name: getattr(source.hf_config, name, None) for name in SPECIAL_TOKEN_FIELDS}
     with _no_empty_init_warning():  # Qwen2-MoE's shared expert is written empty (hf_format says why)
-        hf = to_hf(model, family=source.family, special_tokens=special)
-    hf.to(dtype).save_pretrained(directory, safe_serialization=True)
-    del hf
+        export_hf(model, directory, family=source.family, dtype=dtype, special_tokens=special)
     for name in COPIED_FILES:
         if os.path.isfile(os.path.join(source.path, name)):
             shutil.copyfile(os.path.join(source.path, name), os.path.join(directory, name))
