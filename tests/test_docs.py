@@ -68,10 +68,13 @@ def test_every_test_path_named_exists():
     assert not stale, stale
 
 
-SCRIPTS = ["train_tinystories.py", "test_growth_checks.py", "export_hf.py", "prepare_data.py", "sample.py",
-           "evaluate.py", "bench/growth_vs_scratch.py", "bench/throughput.py", "bench/growth_exactness.py",
-           "bench/verify_cost.py", "bench/memory_model.py", "bench/phase_throughput.py", "bench/report_screenshot.py",
-            "bench/tokenize_rate.py", "bench/expert_impls.py", "bench/gpu_check_summary.py", "verify_growth.py"]
+def command_scripts() -> list[str]:
+    """Every script a user runs: the top-level files with a __main__ block and every bench/ script."""
+    paths = sorted(glob.glob(os.path.join(ROOT, "*.py"))) + sorted(glob.glob(os.path.join(ROOT, "bench", "*.py")))
+    return [os.path.relpath(p, ROOT) for p in paths if 'if __name__ == "__main__"' in open(p, encoding="utf-8").read()]
+
+
+SCRIPTS = command_scripts()
 
 
 @pytest.mark.slow

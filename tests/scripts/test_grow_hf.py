@@ -14,13 +14,13 @@ import torch
 
 import grow_hf
 from config import ConfigError
-from hf_pairs import build, llama_config, save
+from tests.hf_pairs import build, llama_config, save
+from tests.helpers import ROOT
 from training import hf_growth
 from training.hf_growth import (WRITTEN_LIMIT, BadInput, Growth, GrowRequest, WrittenStats, estimate, grow_checkpoint,
                                 judge_written)
 from transfer.hf_format import read_hf_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # the issue's: fp32 logits within 1e-4 relative (max abs / RMS)
 
 
