@@ -10,6 +10,7 @@ transfer.checks must not import training.loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,8 @@ from torch.func import functional_call
 
 from config import TrainConfig
 from models import expert_load, load_balancing_loss, router_z_loss
+from transfer.checks import stream
+from transfer.checks.ownership import expected_parameters, lookup
 
 
 @dataclass
@@ -48,32 +51,122 @@ def router_loss(router_logits: Tensor, top_k: int, tc: TrainConfig) -> Tensor:
     return tc.balance_coef * load_balancing_loss(router_logits, top_k) + tc.z_coef * router_z_loss(router_logits)
 
 
+def parameter_names(model: nn.Module) -> list[str]:
+    """The places the model's architecture has a weight (ownership.expected_parameters), a declared tie once: the
+    names the gradients are keyed by, whether the model shares, freezes or buffers some of them or not."""
+    names, ties = expected_parameters(model.config)
+    tied = {b for _, b in ties}
+    return [n for n in names if n not in tied]
+
+
 def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, values: dict[str, Tensor] | None = None,
-                        wrt: list[str] | None = None, block_io: bool = False) -> ObjectiveGradients:
+                        wrt: list[str] | None = None, block_io: bool = False, dtype: torch.dtype | None = None,
+                        consume: Callable[[str, Tensor], None] | None = None) -> ObjectiveGradients:
     """Gradient of the objective on tokens (B, T) (inputs tokens[:, :-1], targets tokens[:, 1:]) with respect to
     the parameters named in `wrt` (default all), at the model's weights or at `values` (name -> tensor); with
     block_io, also every block's input and the gradient at its output.
 
-    Leaves on detached views of the weights (torch.func.functional_call): the model's parameters, .grad and
-    requires_grad stay as they were, so the model can be shared with other checks.
+    Computed in `dtype` (default the model's) one block at a time: a forward keeping each block's input, then the
+    head's gradient, then each block from the last, recomputed from its input on a private copy cast just in time
+    (stream.cast_block) and pulled by its output's gradient plus its own router loss. So the model stays in its own
+    dtype and nothing of it is modified (.grad, requires_grad, weights), and what is held at once is one block's
+    copy and gradient besides the block inputs. With `consume`, each parameter's gradient is handed to
+    consume(name, grad) as soon as it is final and not kept in .grads (the checks judge it there and drop it).
     """
-    names = [n for n, _ in model.named_parameters()]  # tied tensors once (functional_call re-ties them)
-    own = dict(model.named_parameters())
-    values = {n: (values[n] if values is not None and n in values else own[n]).detach() for n in names}
-    wrt = names if wrt is None else wrt
-    for n in wrt:
-        values[n] = values[n].requires_grad_(True)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    with torch.enable_grad():
-        out = functional_call(model, values, (x,), {"return_details": True})
-        ce, total = objective(out, y, model.config.top_k, tc)
-        outputs = out.hidden_states[1:] if block_io else []
-        grads = torch.autograd.grad(total, [values[n] for n in wrt] + outputs, allow_unused=True)
+    dt = dtype or lookup(model, "embed.weight").dtype
+    names = parameter_names(model)
+    wrt = names if wrt is None else list(wrt)
+    wanted, values = set(wrt), values or {}
+    kept: dict[str, Tensor] = {}
+
+    def give(name: str, grad: Tensor | None, like: Tensor) -> None:
+        grad = torch.zeros_like(like) if grad is None else grad
+        if consume is None:
+            kept[name] = grad
+        else:
+            consume(name, grad)
+
+    def value(name: str) -> Tensor:
+        return (values[name] if name in values else lookup(model, name)).detach().to(dt)
+
+    x_ids, y = tokens[:, :-1], tokens[:, 1:]
+    cos, sin = stream.rope(model, x_ids.shape[1], dt)
+    embed_leaf = value("embed.weight").requires_grad_("embed.weight" in wanted)
+    inputs, router_logits = [], []
+    with torch.no_grad():
+        x = torch.nn.functional.embedding(x_ids, embed_leaf)
+        for j in range(len(model.blocks)):
+            inputs.append(x)
+            x, r = functional_call(stream.cast_block(model, j, dt), _block_values(values, j, dt), (x, cos, sin))
+            router_logits.append(r)
     k = model.config.top_k
+    routed = [r for r in router_logits if r is not None]
+    with torch.enable_grad():
+        h = x.requires_grad_(True)
+        norm = stream.final_norm(model, dt)
+        norm_leaf = value("norm.weight").requires_grad_("norm.weight" in wanted)
+        tied = "lm_head.weight" not in names
+        head_leaf = embed_leaf if tied else value("lm_head.weight").requires_grad_("lm_head.weight" in wanted)
+        logits = torch.nn.functional.linear(functional_call(norm, {"weight": norm_leaf}, (h,)), head_leaf)
+        ce = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
+        leaves = [h] + [t for t in (norm_leaf, head_leaf) if t.requires_grad]
+        grads = torch.autograd.grad(ce, leaves)
+    del logits
+    g_out, head_grads = grads[0], dict(zip([n for n, t in (("norm.weight", norm_leaf), ("lm_head.weight" if not tied
+                                                                                     else "embed.weight", head_leaf))
+                                              if t.requires_grad], grads[1:]))
+    if "norm.weight" in wanted:
+        give("norm.weight", head_grads.get("norm.weight"), norm_leaf)
+    if "lm_head.weight" in wanted:
+        give("lm_head.weight", head_grads.get("lm_head.weight"), head_leaf)
+    output_grads: list[Tensor] = [None] * len(inputs)
+    total = ce.detach()
+    for r in routed:  # in block order, as objective() adds them
+        total = total + router_loss(r, k, tc)
+    for j in reversed(range(len(inputs))):
+        prefix = f"blocks.{j}."
+        local = [n for n in names if n.startswith(prefix) and n in wanted]
+        output_grads[j] = g_out
+        block = stream.cast_block(model, j, dt)
+        need_input = j > 0 or "embed.weight" in wanted
+        g_params, g_out, _ = block_backward(block, _block_values(values, j, dt), [n[len(prefix):] for n in local],
+                                            inputs[j], output_grads[j], cos, sin, k, tc, need_input)
+        for n in local:
+            give(n, g_params[n[len(prefix):]], block.get_parameter(n[len(prefix):]))
+        del block
+    if "embed.weight" in wanted:
+        with torch.enable_grad():
+            (g_embed,) = torch.autograd.grad(torch.nn.functional.embedding(x_ids, embed_leaf), embed_leaf, g_out)
+        if tied:
+            g_embed = head_grads["embed.weight"] + g_embed
+        give("embed.weight", g_embed, embed_leaf)
     return ObjectiveGradients(
-        grads={n: torch.zeros_like(values[n]) if g is None else g for n, g in zip(wrt, grads)},
-        ce=ce.item(), total=total.item(),
-        expert_tokens=[expert_load(r.detach(), k) for r in out.router_logits],
-        input_ids=x.unique(),
-        block_inputs=[h.detach() for h in out.hidden_states[:-1]] if block_io else None,
-        block_output_grads=list(grads[len(wrt):]) if block_io else None)
+        grads=kept, ce=ce.item(), total=total.item(),
+        expert_tokens=[expert_load(r, k) for r in routed], input_ids=x_ids.unique(),
+        block_inputs=inputs if block_io else None, block_output_grads=output_grads if block_io else None)
+
+
+def _block_values(values: dict[str, Tensor], j: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The overrides in `values` for block j, keyed as in the block, in `dtype`."""
+    prefix = f"blocks.{j}."
+    return {n[len(prefix):]: v.detach().to(dtype) for n, v in values.items() if n.startswith(prefix)}
+
+
+def block_backward(block: nn.Module, local: dict[str, Tensor], wrt: list[str], x: Tensor, output_grad: Tensor,
+                   cos: Tensor, sin: Tensor, top_k: int, tc: TrainConfig,
+                   input_grad: bool = True) -> tuple[dict[str, Tensor | None], Tensor | None, Tensor | None]:
+    """One block's share of the objective's gradient: (gradients of the block-local names in `wrt`, the gradient
+    at its input x (None unless input_grad), its router logits) for the block at its weights with `local`
+    overrides, pulled by output_grad (d objective / d its output) plus its own router loss."""
+    local = dict(local)
+    for n in wrt:
+        local[n] = (local[n] if n in local else block.get_parameter(n)).detach().requires_grad_(True)
+    x = x.detach().requires_grad_(input_grad)
+    with torch.enable_grad():
+        y, logits = functional_call(block, local, (x, cos, sin))
+        loss = (y * output_grad).sum()
+        if logits is not None:
+            loss = loss + router_loss(logits, top_k, tc)
+        leaves = [local[n] for n in wrt] + ([x] if input_grad else [])
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else []
+    return dict(zip(wrt, grads)), (grads[-1] if input_grad else None), logits

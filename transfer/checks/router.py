@@ -97,8 +97,8 @@ def measure_router(pair: ModelPair, resolution: float = 1e-5) -> RouterStats:
 
 def _block_routing(pair: ModelPair, j: int, src: int, x: Tensor, resolution: float) -> BlockRouting:
     """Old router on the old block's FFN input h; new router on the new ffn_norm of tile(h)."""
-    ob, nb = pair.old.blocks[src], pair.new.blocks[j]
-    h_old = ob.attention_residual(x, pair.old.rope_cos, pair.old.rope_sin)
+    ob, nb = pair.block("old", src), pair.block("new", j)
+    h_old = ob.attention_residual(x, *pair.rope("old"))
     x_old = ob.ffn_norm(h_old).flatten(0, 1)  # (N, D)
     x_new = nb.ffn_norm(pair.tile(h_old)).flatten(0, 1)
     old_logits, new_logits = ob.ffn.router(x_old), nb.ffn.router(x_new)
