@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from transfer.checks import stream
 from transfer.checks.labels import STAGES, block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import FIX_FUNCTIONAL, CheckResult, norm_fix
@@ -115,6 +116,7 @@ def judge_functional(stats: FunctionalStats, limits: FunctionalLimits = Function
     return CheckResult(NAME, False, msg, metrics, fix, **headline)
 
 
+@stream.reusing_blocks
 def check_functional_equivalence(old_model: nn.Module, new_model: nn.Module, tokens: Tensor,
                                  tolerance: float = 1e-5, dtype: torch.dtype = torch.float64) -> CheckResult:
     """Layer by layer, the grown model's hidden states must be the old ones tiled, and its logits equal;

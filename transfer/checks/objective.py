@@ -66,12 +66,13 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
     the parameters named in `wrt` (default all), at the model's weights or at `values` (name -> tensor); with
     block_io, also every block's input and the gradient at its output.
 
-    Computed in `dtype` (default the model's) one block at a time: a forward keeping each block's input, then the
-    head's gradient, then each block from the last, recomputed from its input on a private copy cast just in time
-    (stream.cast_block) and pulled by its output's gradient plus its own router loss. So the model stays in its own
-    dtype and nothing of it is modified (.grad, requires_grad, weights), and what is held at once is one block's
-    copy and gradient besides the block inputs. With `consume`, each parameter's gradient is handed to
-    consume(name, grad) as soon as it is final and not kept in .grads (the checks judge it there and drop it).
+    Computed in `dtype` (default the model's) on private block copies cast just in time (stream.cast_block), so the
+    model stays in its own dtype and nothing of it is modified (.grad, requires_grad, weights). A model whose
+    float64 blocks fit stream.REUSE_BYTES is differentiated in one graph; a larger one block by block (a forward
+    keeping each block's input, then each block from the last recomputed and pulled by its output's gradient plus
+    its own router loss), which holds one block's copy, activations and gradient besides the block inputs. With
+    `consume`, each parameter's gradient is handed to consume(name, grad) as soon as it is final and not kept in
+    .grads (the checks judge it there and drop it).
     """
     dt = dtype or lookup(model, "embed.weight").dtype
     names = parameter_names(model)
@@ -87,42 +88,91 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
             consume(name, grad)
 
     def value(name: str) -> Tensor:
-        return (values[name] if name in values else lookup(model, name)).detach().to(dt)
+        return _value(model, values, name, dt)
 
     x_ids, y = tokens[:, :-1], tokens[:, 1:]
-    cos, sin = stream.rope(model, x_ids.shape[1], dt)
     embed_leaf = value("embed.weight").requires_grad_("embed.weight" in wanted)
-    inputs, router_logits = [], []
+    norm_leaf = value("norm.weight").requires_grad_("norm.weight" in wanted)
+    tied = "lm_head.weight" not in names
+    head_leaf = embed_leaf if tied else value("lm_head.weight").requires_grad_("lm_head.weight" in wanted)
+    leaves = {n: t for n, t in (("embed.weight", embed_leaf), ("norm.weight", norm_leaf), ("lm_head.weight", head_leaf))
+              if n in wanted}
+    run = _one_graph if stream.blocks_fit(model, dt) else _block_by_block
+    ce, total, routed, inputs, output_grads = run(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf,
+                                                  wanted, give, block_io)
+    return ObjectiveGradients(
+        grads={n: kept[n] for n in wrt if n in kept}, ce=ce.item(), total=total.item(),
+        expert_tokens=[expert_load(r, model.config.top_k) for r in routed], input_ids=x_ids.unique(),
+        block_inputs=inputs if block_io else None, block_output_grads=output_grads if block_io else None)
+
+
+def _head_ce(model: nn.Module, h: Tensor, y: Tensor, dt: torch.dtype, norm_leaf: Tensor, head_leaf: Tensor) -> Tensor:
+    """The cross-entropy of the final norm and LM head on the last hidden state h, as objective() takes it."""
+    logits = F.linear(functional_call(stream.final_norm(model, dt), {"weight": norm_leaf}, (h,)), head_leaf)
+    return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
+
+
+def _one_graph(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf, wanted, give, block_io):
+    """The whole model in one autograd graph (a model whose float64 blocks fit stream.REUSE_BYTES): each block
+    cast once, its activations kept through backward, one backward pass."""
+    k, names = model.config.top_k, parameter_names(model)
+    cos, sin = stream.rope(model, x_ids.shape[1], dt)
+    inputs, outputs, routed, block_leaves = [], [], [], {}
+    with torch.enable_grad():
+        x = F.embedding(x_ids, leaves.get("embed.weight", head_leaf if "lm_head.weight" not in names else
+                                          _value(model, values, "embed.weight", dt)))
+        for j in range(len(model.blocks)):
+            prefix = f"blocks.{j}."
+            block, local = stream.cast_block(model, j, dt), _block_values(values, j, dt)
+            for n in names:
+                if n.startswith(prefix) and n in wanted:
+                    local[n[len(prefix):]] = block_leaves[n] = (local.get(n[len(prefix):]) if n[len(prefix):] in local
+                                                                else block.get_parameter(n[len(prefix):])).detach().requires_grad_(True)
+            inputs.append(x.detach())
+            x, r = functional_call(block, local, (x, cos, sin))
+            outputs.append(x)
+            if r is not None:
+                routed.append(r)
+        ce = _head_ce(model, x, y, dt, norm_leaf, head_leaf)
+        total = ce
+        for r in routed:
+            total = total + router_loss(r, k, tc)
+        order = [n for n in names if n in leaves or n in block_leaves]
+        tensors = [leaves[n] if n in leaves else block_leaves[n] for n in order]
+        grads = torch.autograd.grad(total, tensors + (outputs if block_io else []), allow_unused=True)
+    for n, t, g in zip(order, tensors, grads):
+        give(n, g, t)
+    return ce.detach(), total.detach(), [r.detach() for r in routed], inputs, list(grads[len(order):])
+
+
+def _block_by_block(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf, wanted, give, block_io):
+    """One block at a time: a forward keeping each block's input, the head's gradient, then each block from the
+    last, recomputed from its input and pulled by its output's gradient plus its own router loss."""
+    k, names = model.config.top_k, parameter_names(model)
+    cos, sin = stream.rope(model, x_ids.shape[1], dt)
+    embed = leaves.get("embed.weight", head_leaf if "lm_head.weight" not in names else None)
+    inputs, routed = [], []
     with torch.no_grad():
-        x = torch.nn.functional.embedding(x_ids, embed_leaf)
+        x = F.embedding(x_ids, embed if embed is not None else _value(model, values, "embed.weight", dt))
         for j in range(len(model.blocks)):
             inputs.append(x)
             x, r = functional_call(stream.cast_block(model, j, dt), _block_values(values, j, dt), (x, cos, sin))
-            router_logits.append(r)
-    k = model.config.top_k
-    routed = [r for r in router_logits if r is not None]
+            if r is not None:
+                routed.append(r)
     with torch.enable_grad():
         h = x.requires_grad_(True)
-        norm = stream.final_norm(model, dt)
-        norm_leaf = value("norm.weight").requires_grad_("norm.weight" in wanted)
-        tied = "lm_head.weight" not in names
-        head_leaf = embed_leaf if tied else value("lm_head.weight").requires_grad_("lm_head.weight" in wanted)
-        logits = torch.nn.functional.linear(functional_call(norm, {"weight": norm_leaf}, (h,)), head_leaf)
-        ce = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
-        leaves = [h] + [t for t in (norm_leaf, head_leaf) if t.requires_grad]
-        grads = torch.autograd.grad(ce, leaves)
-    del logits
-    g_out, head_grads = grads[0], dict(zip([n for n, t in (("norm.weight", norm_leaf), ("lm_head.weight" if not tied
-                                                                                     else "embed.weight", head_leaf))
-                                              if t.requires_grad], grads[1:]))
-    if "norm.weight" in wanted:
-        give("norm.weight", head_grads.get("norm.weight"), norm_leaf)
-    if "lm_head.weight" in wanted:
-        give("lm_head.weight", head_grads.get("lm_head.weight"), head_leaf)
-    output_grads: list[Tensor] = [None] * len(inputs)
+        ce = _head_ce(model, h, y, dt, norm_leaf, head_leaf)
+        head = [n for n in ("norm.weight", "lm_head.weight", "embed.weight") if n in leaves and
+                (n != "embed.weight" or "lm_head.weight" not in names)]  # the embedding here: the tied LM head
+        grads = torch.autograd.grad(ce, [h] + [leaves[n] for n in head])
+    g_out, head_grads = grads[0], dict(zip(head, grads[1:]))
+    for n in ("norm.weight", "lm_head.weight"):
+        if n in head_grads:
+            give(n, head_grads[n], leaves[n])
     total = ce.detach()
     for r in routed:  # in block order, as objective() adds them
         total = total + router_loss(r, k, tc)
+    output_grads: list[Tensor] = [None] * len(inputs)
     for j in reversed(range(len(inputs))):
         prefix = f"blocks.{j}."
         local = [n for n in names if n.startswith(prefix) and n in wanted]
@@ -136,14 +186,15 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
         del block
     if "embed.weight" in wanted:
         with torch.enable_grad():
-            (g_embed,) = torch.autograd.grad(torch.nn.functional.embedding(x_ids, embed_leaf), embed_leaf, g_out)
-        if tied:
+            (g_embed,) = torch.autograd.grad(F.embedding(x_ids, leaves["embed.weight"]), leaves["embed.weight"], g_out)
+        if "embed.weight" in head_grads:
             g_embed = head_grads["embed.weight"] + g_embed
-        give("embed.weight", g_embed, embed_leaf)
-    return ObjectiveGradients(
-        grads=kept, ce=ce.item(), total=total.item(),
-        expert_tokens=[expert_load(r, k) for r in routed], input_ids=x_ids.unique(),
-        block_inputs=inputs if block_io else None, block_output_grads=output_grads if block_io else None)
+        give("embed.weight", g_embed, leaves["embed.weight"])
+    return ce, total, routed, inputs, output_grads
+
+
+def _value(model: nn.Module, values: dict[str, Tensor], name: str, dt: torch.dtype) -> Tensor:
+    return (values[name] if name in values else lookup(model, name)).detach().to(dt)
 
 
 def _block_values(values: dict[str, Tensor], j: int, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -73,9 +73,21 @@ def reference_model(cfg) -> nn.Module:
     return _REFERENCES[key]
 
 
+_EXPECTED: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+
+
 def expected_parameters(cfg) -> tuple[list[str], list[tuple[str, str]]]:
-    """The parameter names a model of `cfg` has, and the ties it declares, from a model built on the meta device."""
-    ref = reference_model(cfg)
+    """The parameter names a model of `cfg` has, and the ties it declares, from a model built on the meta device
+    (once per config; callers must not modify the lists)."""
+    key = repr(cfg)
+    if key not in _EXPECTED:
+        if len(_EXPECTED) > 16:
+            _EXPECTED.clear()
+        _EXPECTED[key] = _expected(reference_model(cfg))
+    return _EXPECTED[key]
+
+
+def _expected(ref: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
     by_storage: dict[int, str] = {}
     ties, names = [], []
     for name, p in ref.named_parameters(remove_duplicate=False):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from transfer.checks import stream
 from transfer.checks.labels import block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import FIX_FUNCTIONAL, FIX_ROPE, CheckResult, norm_fix
@@ -207,6 +208,7 @@ def _consequence(b: BlockAttention, changes: list[str], tol: float, metrics: dic
     return CheckResult(NAME, False, msg, metrics, fix, consequence_of=where, **headline)
 
 
+@stream.reusing_blocks
 def check_rope_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Tensor | None = None,
                          tolerance: float = 1e-5, dtype: torch.dtype = torch.float64) -> CheckResult:
     """head_dim, head counts, theta and RoPE tables unchanged, and each cloned head's attention probabilities

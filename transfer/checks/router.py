@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import expert_load, load_entropy
+from transfer.checks import stream
 from transfer.checks.labels import block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import (FIX_COLLAPSE, FIX_INSERTED_COLLAPSE, FIX_RETRAIN_BALANCE, FIX_ROUTER,
@@ -251,6 +252,7 @@ def _relabel_note(routing: list[BlockRouting]) -> str:
             f"names)")
 
 
+@stream.reusing_blocks
 def check_router_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                            min_load_entropy: float = 0.5, max_dead_fraction: float = 0.25,
                            dtype: torch.dtype = torch.float64) -> CheckResult:

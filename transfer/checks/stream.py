@@ -13,7 +13,9 @@ same operations on the same float64 values, in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +24,57 @@ from models import ModelOutput
 from transfer.checks.ownership import lookup, own_block_tensors
 
 
+# Within reuse_blocks(), block copies are kept for the next check that reads the same block while their bytes fit
+# this budget (first come, first kept: the checks scan the blocks in order, where evicting the oldest would keep
+# nothing useful). A model whose float64 blocks fit is then cast once per check run, as the whole copies were;
+# a larger one keeps its first blocks and casts the rest each time.
+REUSE_BYTES = 2 << 30
+_reuse: dict | None = None  # the active reuse_blocks() scope: {"left": bytes, "blocks": {(id, j, dtype): block}}
+
+
+@contextlib.contextmanager
+def reuse_blocks(budget: int | None = None):
+    """Keep the block copies cast_block makes, up to `budget` bytes (default REUSE_BYTES), until the scope ends
+    (one check run)."""
+    global _reuse
+    outer, _reuse = _reuse, {"left": REUSE_BYTES if budget is None else budget, "blocks": {}}
+    try:
+        yield
+    finally:
+        _reuse = outer
+
+
+def blocks_fit(model: nn.Module, dtype: torch.dtype, budget: int | None = None) -> bool:
+    """Whether every block of `model` in `dtype` takes at most `budget` bytes (default REUSE_BYTES): a model the
+    checks may hold whole."""
+    size = torch.finfo(dtype).bits // 8
+    return size * sum(p.numel() for p in model.blocks.parameters()) <= (REUSE_BYTES if budget is None else budget)
+
+
+def reusing_blocks(fn):
+    """fn run within reuse_blocks(): a check entry point whose parts read the same blocks several times."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with reuse_blocks():
+            return fn(*args, **kwargs)
+    return run
+
+
 def cast_block(model: nn.Module, j: int, dtype: torch.dtype) -> nn.Module:
-    """A private copy of model.blocks[j] in `dtype`, eval mode, every place its own Parameter, no .grad."""
+    """A private copy of model.blocks[j] in `dtype`, eval mode, every place its own Parameter, no .grad (within
+    reuse_blocks, the copy an earlier call made: callers never modify it)."""
+    key = (id(model), j, dtype)
+    if _reuse is not None and key in _reuse["blocks"]:
+        return _reuse["blocks"][key]
     block = own_block_tensors(copy.deepcopy(model.blocks[j]), model.config).to(dtype)
     for p in block.parameters():
         p.grad = None
-    return block.eval()
+    block.eval()
+    size = sum(p.numel() * p.element_size() for p in block.parameters())
+    if _reuse is not None and size <= _reuse["left"]:
+        _reuse["left"] -= size
+        _reuse["blocks"][key] = block
+    return block
 
 
 def cast_weight(model: nn.Module, name: str, dtype: torch.dtype) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from config import TrainConfig
+from transfer.checks import stream
 from transfer.checks.functional import FunctionalLimits, judge_functional, measure_functional
 from transfer.checks.objective import ObjectiveGradients, objective_gradients
 from transfer.checks.pair import ModelPair, rejected_pair, require_tokens
@@ -22,6 +23,7 @@ GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to r
 
 
 
+@stream.reusing_blocks
 def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
                           verbose: bool = True, train_config: TrainConfig | None = None,
@@ -53,6 +55,7 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
     return _report(results, verbose)
 
 
+@stream.reusing_blocks
 def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                     verbose: bool = True, train_config: TrainConfig | None = None,
                     layout: list[tuple[int, bool]] | None = None, lr: float | None = None) -> GrowthReport:

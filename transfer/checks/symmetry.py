@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from config import TrainConfig
+from transfer.checks import stream
 from transfer.checks.clones import CloneGroups, by_groups, residual_groups
 from transfer.checks.objective import ObjectiveGradients, objective_gradients
 from transfer.checks.pair import require_tokens
@@ -279,6 +280,7 @@ def _ok_message(stats: SymmetryStats, r: Tensor, median: float | None, min_rel: 
     return "no cloned units or identical experts with gradients to compare"
 
 
+@stream.reusing_blocks
 def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: int | None = None,
                             min_relative_difference: float = 1e-3, max_sequences: int = 4,
                             dtype: torch.dtype = torch.float64, train_config: TrainConfig | None = None) -> CheckResult:

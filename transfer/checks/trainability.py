@@ -261,7 +261,8 @@ class _Stepper:
                 prefix = f"blocks.{j}."
                 stepped = {n[len(prefix):]: self._step(n, gr, again=False).float()
                            for n, gr in self._block_grads(j).items()}
-                x, _ = functional_call(stream.cast_block(self.model, j, torch.float32), stepped, (x, cos, sin))
+                # every weight is passed, so the block copy is only the function: no float32 cast of it
+                x, _ = functional_call(stream.cast_block(self.model, j, self.dtype), stepped, (x, cos, sin))
         self._inputs = inputs
         return inputs
 
@@ -479,6 +480,7 @@ def _idle_note(stats: TrainabilityStats) -> str:
     return f" Idle, not judged: {'; '.join(parts)}." if parts else ""
 
 
+@stream.reusing_blocks
 def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max_sequences: int = 4,
                        train_config: TrainConfig | None = None, lr: float | None = None,
                        dtype: torch.dtype = torch.float64) -> CheckResult:
