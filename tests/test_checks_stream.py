@@ -68,12 +68,19 @@ def _dead(model):  # a whole FFN zeroed on both sides of its product: never gets
     return model
 
 
+def _zero_head(model):  # nothing reaches the blocks: step 2 evaluates the whole stepped model
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
 GROWTHS = {
     "moe x2 +2": lambda: moe_pair(extra=2),
     "dense x2 +1": lambda: (source("dense"), scale_bilaterally(source("dense"), 2, 1)),
     "pure clones": lambda: (source("dense"), scale_bilaterally(source("dense"), 2, 2, noise_std=0.0)),
     "frozen weight": lambda: (source("dense"), _frozen(scale_bilaterally(source("dense"), 2, 1))),
     "dead FFN": lambda: (source("moe"), _dead(scale_bilaterally(source("moe"), 2, 2))),
+    "zero LM head": lambda: (source("dense"), _zero_head(scale_bilaterally(source("dense"), 2, 1))),
 }
 
 
@@ -93,7 +100,7 @@ def test_streamed_checks_judge_as_the_whole_model_checks(monkeypatch, name):
         if ref[k][2] is not None:
             assert got[k][2] == pytest.approx(ref[k][2], rel=1e-6, abs=1e-12), k
     assert {k: v[0] for k, v in ref.items()} == {k: v[0] for k, v in got.items()}
-    if name in ("pure clones", "frozen weight", "dead FFN"):
+    if name in ("pure clones", "frozen weight", "dead FFN", "zero LM head"):
         assert not all(v[0] for v in got.values())
     else:
         assert all(v[0] for v in got.values())

@@ -25,17 +25,9 @@ def positional(s: int, n: int, device=None) -> Tensor:
     return torch.arange(s * n, device=device).view(s, n)
 
 
-_PROJECTIONS: dict[tuple[int, int, str], Tensor] = {}  # drawn once per size and device
-
-
 def _projection(k: int, dim: int, like: Tensor) -> Tensor:
-    key = (k, dim, str(like.device))
-    if key not in _PROJECTIONS:
-        if len(_PROJECTIONS) > 64:
-            _PROJECTIONS.clear()
-        gen = torch.Generator().manual_seed(k * 7919 + dim)
-        _PROJECTIONS[key] = torch.randn(dim, k, generator=gen, dtype=torch.float64).to(device=like.device)
-    return _PROJECTIONS[key]
+    gen = torch.Generator().manual_seed(k * 7919 + dim)
+    return torch.randn(dim, k, generator=gen, dtype=torch.float64).to(device=like.device)
 
 
 def unit_signatures(w: Tensor, n_units: int) -> Tensor:

@@ -87,19 +87,9 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
         else:
             consume(name, grad)
 
-    def value(name: str) -> Tensor:
-        return _value(model, values, name, dt)
-
     x_ids, y = tokens[:, :-1], tokens[:, 1:]
-    embed_leaf = value("embed.weight").requires_grad_("embed.weight" in wanted)
-    norm_leaf = value("norm.weight").requires_grad_("norm.weight" in wanted)
-    tied = "lm_head.weight" not in names
-    head_leaf = embed_leaf if tied else value("lm_head.weight").requires_grad_("lm_head.weight" in wanted)
-    leaves = {n: t for n, t in (("embed.weight", embed_leaf), ("norm.weight", norm_leaf), ("lm_head.weight", head_leaf))
-              if n in wanted}
     run = _one_graph if stream.blocks_fit(model, dt) else _block_by_block
-    ce, total, routed, inputs, output_grads = run(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf,
-                                                  wanted, give, block_io)
+    ce, total, routed, inputs, output_grads = run(model, x_ids, y, tc, dt, values, wanted, give, block_io)
     return ObjectiveGradients(
         grads={n: kept[n] for n in wrt if n in kept}, ce=ce.item(), total=total.item(),
         expert_tokens=[expert_load(r, model.config.top_k) for r in routed], input_ids=x_ids.unique(),
@@ -112,15 +102,30 @@ def _head_ce(model: nn.Module, h: Tensor, y: Tensor, dt: torch.dtype, norm_leaf:
     return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
 
 
-def _one_graph(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf, wanted, give, block_io):
+def _edge_leaves(model, values, dt, wanted, which=("embed.weight", "norm.weight", "lm_head.weight")):
+    """The weights outside the blocks named in `which`, in dt, as leaves that require grad where wanted; a tied LM
+    head is the embedding's leaf."""
+    leaves = {n: _value(model, values, n, dt).requires_grad_(n in wanted) for n in which if n != "lm_head.weight"}
+    if "lm_head.weight" in which:
+        tied = "lm_head.weight" not in parameter_names(model)
+        leaves["lm_head.weight"] = (leaves.get("embed.weight") if tied else None)
+        if leaves["lm_head.weight"] is None:
+            leaves["lm_head.weight"] = (_value(model, values, "embed.weight" if tied else "lm_head.weight", dt)
+                                        .requires_grad_(("embed.weight" if tied else "lm_head.weight") in wanted))
+    return leaves
+
+
+def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io):
     """The whole model in one autograd graph (a model whose float64 blocks fit stream.REUSE_BYTES): each block
     cast once, its activations kept through backward, one backward pass."""
     k, names = model.config.top_k, parameter_names(model)
+    edges = _edge_leaves(model, values, dt, wanted)
+    norm_leaf, head_leaf = edges["norm.weight"], edges["lm_head.weight"]
+    leaves = {n: t for n, t in edges.items() if n in wanted}
     cos, sin = stream.rope(model, x_ids.shape[1], dt)
     inputs, outputs, routed, block_leaves = [], [], [], {}
     with torch.enable_grad():
-        x = F.embedding(x_ids, leaves.get("embed.weight", head_leaf if "lm_head.weight" not in names else
-                                          _value(model, values, "embed.weight", dt)))
+        x = F.embedding(x_ids, edges["embed.weight"])
         for j in range(len(model.blocks)):
             prefix = f"blocks.{j}."
             block, local = stream.cast_block(model, j, dt), _block_values(values, j, dt)
@@ -145,30 +150,36 @@ def _one_graph(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf, wa
     return ce.detach(), total.detach(), [r.detach() for r in routed], inputs, list(grads[len(order):])
 
 
-def _block_by_block(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_leaf, wanted, give, block_io):
+def _block_by_block(model, x_ids, y, tc, dt, values, wanted, give, block_io):
     """One block at a time: a forward keeping each block's input, the head's gradient, then each block from the
-    last, recomputed from its input and pulled by its output's gradient plus its own router loss."""
+    last, recomputed from its input and pulled by its output's gradient plus its own router loss. The embedding and
+    LM head are cast to dt only while their own gradient is taken (the forward gathers the embedding's rows)."""
     k, names = model.config.top_k, parameter_names(model)
+    tied = "lm_head.weight" not in names
     cos, sin = stream.rope(model, x_ids.shape[1], dt)
-    embed = leaves.get("embed.weight", head_leaf if "lm_head.weight" not in names else None)
     inputs, routed = [], []
     with torch.no_grad():
-        x = F.embedding(x_ids, embed if embed is not None else _value(model, values, "embed.weight", dt))
+        table = values["embed.weight"] if "embed.weight" in values else lookup(model, "embed.weight")
+        x = table.detach()[x_ids].to(dt)  # the rows F.embedding would read from the cast table, cast alone
         for j in range(len(model.blocks)):
             inputs.append(x)
             x, r = functional_call(stream.cast_block(model, j, dt), _block_values(values, j, dt), (x, cos, sin))
             if r is not None:
                 routed.append(r)
+    head = ("norm.weight", "lm_head.weight") + (("embed.weight",) if tied else ())
+    edges = _edge_leaves(model, values, dt, wanted, head)
     with torch.enable_grad():
         h = x.requires_grad_(True)
-        ce = _head_ce(model, h, y, dt, norm_leaf, head_leaf)
-        head = [n for n in ("norm.weight", "lm_head.weight", "embed.weight") if n in leaves and
-                (n != "embed.weight" or "lm_head.weight" not in names)]  # the embedding here: the tied LM head
-        grads = torch.autograd.grad(ce, [h] + [leaves[n] for n in head])
-    g_out, head_grads = grads[0], dict(zip(head, grads[1:]))
+        ce = _head_ce(model, h, y, dt, edges["norm.weight"], edges["lm_head.weight"])
+        differentiated = [n for n in head if n in wanted and (n != "lm_head.weight" or not tied)]
+        grads = torch.autograd.grad(ce, [h] + [edges[n] for n in differentiated])
+    g_out, head_grads = grads[0], dict(zip(differentiated, grads[1:]))
+    del grads
     for n in ("norm.weight", "lm_head.weight"):
         if n in head_grads:
-            give(n, head_grads[n], leaves[n])
+            give(n, head_grads.pop(n), edges[n])
+    embed_leaf = edges.get("embed.weight")  # tied: the head's leaf, kept for the embedding's own share
+    del edges
     total = ce.detach()
     for r in routed:  # in block order, as objective() adds them
         total = total + router_loss(r, k, tc)
@@ -185,11 +196,13 @@ def _block_by_block(model, x_ids, y, tc, dt, values, leaves, norm_leaf, head_lea
             give(n, g_params[n[len(prefix):]], block.get_parameter(n[len(prefix):]))
         del block
     if "embed.weight" in wanted:
+        if embed_leaf is None:
+            embed_leaf = _value(model, values, "embed.weight", dt).requires_grad_(True)
         with torch.enable_grad():
-            (g_embed,) = torch.autograd.grad(F.embedding(x_ids, leaves["embed.weight"]), leaves["embed.weight"], g_out)
+            (g_embed,) = torch.autograd.grad(F.embedding(x_ids, embed_leaf), embed_leaf, g_out)
         if "embed.weight" in head_grads:
-            g_embed = head_grads["embed.weight"] + g_embed
-        give("embed.weight", g_embed, leaves["embed.weight"])
+            g_embed = head_grads.pop("embed.weight") + g_embed
+        give("embed.weight", g_embed, embed_leaf)
     return ce, total, routed, inputs, output_grads
 
 

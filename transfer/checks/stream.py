@@ -24,10 +24,9 @@ from models import ModelOutput
 from transfer.checks.ownership import lookup, own_block_tensors
 
 
-# Within reuse_blocks(), block copies are kept for the next check that reads the same block while their bytes fit
-# this budget (first come, first kept: the checks scan the blocks in order, where evicting the oldest would keep
-# nothing useful). A model whose float64 blocks fit is then cast once per check run, as the whole copies were;
-# a larger one keeps its first blocks and casts the rest each time.
+# Within reuse_blocks(), a model's block copies are kept for the next check that reads the same block when all of
+# them fit this budget (the first model first): such a model is cast once per check run, as the whole copies were;
+# a larger one is cast block by block at each use and holds one block at a time.
 REUSE_BYTES = 2 << 30
 _reuse: dict | None = None  # the active reuse_blocks() scope: {"left": bytes, "blocks": {(id, j, dtype): block}}
 
@@ -70,11 +69,22 @@ def cast_block(model: nn.Module, j: int, dtype: torch.dtype) -> nn.Module:
     for p in block.parameters():
         p.grad = None
     block.eval()
-    size = sum(p.numel() * p.element_size() for p in block.parameters())
-    if _reuse is not None and size <= _reuse["left"]:
-        _reuse["left"] -= size
+    if _reuse is not None and _kept(model, dtype):
         _reuse["blocks"][key] = block
     return block
+
+
+def _kept(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the active scope keeps `model`'s blocks in dtype: all of them, decided at its first block (their
+    bytes reserved then), or none: a model whose blocks are cast on every use gains little from a few kept."""
+    decided = _reuse.setdefault("models", {})
+    key = (id(model), dtype)
+    if key not in decided:
+        size = torch.finfo(dtype).bits // 8 * sum(p.numel() for p in model.blocks.parameters())
+        decided[key] = size <= _reuse["left"]
+        if decided[key]:
+            _reuse["left"] -= size
+    return decided[key]
 
 
 def cast_weight(model: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
@@ -85,6 +95,11 @@ def cast_weight(model: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype)
 
 
+def cast_weight_rows(model: nn.Module, name: str, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows of the tensor at a dotted name, gathered first and then cast (the whole table never is)."""
+    return lookup(model, name).detach()[rows].to(dtype)
+
+
 def rope(model: nn.Module, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The model's RoPE cos and sin tables for T positions, in `dtype`."""
     return model.rope_cos[:T].to(dtype), model.rope_sin[:T].to(dtype)
@@ -92,7 +107,7 @@ def rope(model: nn.Module, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 def embed_rows(model: nn.Module, ids: Tensor, dtype: torch.dtype) -> Tensor:
     """The embedding of token ids (B, T) in `dtype`: rows gathered first, so the table is never cast whole."""
-    return lookup(model, "embed.weight").detach()[ids].to(dtype)
+    return cast_weight_rows(model, "embed.weight", ids, dtype)
 
 
 def final_norm(model: nn.Module, dtype: torch.dtype) -> nn.Module:

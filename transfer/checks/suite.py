@@ -43,7 +43,7 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
     batch, new = pair.tokens[:GRADIENT_SEQUENCES], pair.models["new"]
     symmetry = SymmetryMeter(new, pair.s, dtype) if not scale_problem(new, pair.s) else None
-    first = FirstGradient(new, keeps_block_gradients(new, dtype))
+    first = FirstGradient(new, batch, keeps_block_gradients(new, dtype))
     # One gradient of the objective, block by block, read by both checks as it comes and dropped.
     gradients = objective_gradients(new, batch, tc, block_io=True, dtype=dtype,
                                     consume=lambda n, g: (first(n, g), symmetry and symmetry(n, g)))

@@ -299,7 +299,8 @@ def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: 
 
     tc = train_config or TrainConfig()
     tokens = tokens[:max_sequences].to(new_model.embed.weight.device)
-    meter, first = SymmetryMeter(new_model, s, dtype), FirstGradient(new_model, keeps_block_gradients(new_model, dtype))
+    meter = SymmetryMeter(new_model, s, dtype)
+    first = FirstGradient(new_model, tokens, keeps_block_gradients(new_model, dtype))
     grads = objective_gradients(new_model, tokens, tc, block_io=True, dtype=dtype,
                                 consume=lambda n, g: (meter(n, g), first(n, g)))
     later = measure_trainability(new_model, tokens, tc, first=grads, dtype=dtype, meter=first).later_grads \

@@ -105,24 +105,29 @@ KEEP_GRADIENT_BYTES = 2 << 30
 class FirstGradient:
     """What the trainability check reads from the objective's first gradient, fed one parameter at a time
     (objective_gradients(..., consume=meter)): each unit's RMS, each parameter's sum of squares, and the gradients
-    AdamW's first step needs (all of them when keep_blocks, else those outside the blocks)."""
+    AdamW's first step needs: all of them when `keep`, else only the embedding's nonzero rows (the rest are
+    recomputed if a step needs them)."""
 
-    def __init__(self, model: nn.Module, keep_blocks: bool = True):
-        self.cfg, self.keep_blocks = model.config, keep_blocks
+    def __init__(self, model: nn.Module, tokens: Tensor, keep: bool = True):
+        self.cfg, self.keep = model.config, keep
+        self.rows = tokens[:, :-1].unique()  # the embedding rows the batch's inputs read
         self.unit_rms: dict[str, Tensor] = {}
         self.squares: dict[str, Tensor] = {}
         self.sizes: dict[str, int] = {}
         self.grads: dict[str, Tensor] = {}
+        self.embed_rows: Tensor | None = None  # without keep: the embedding gradient's rows of the batch's ids
 
     def __call__(self, name: str, grad: Tensor) -> None:
         self.unit_rms[name] = _unit_rms(name, grad, self.cfg)
         self.squares[name], self.sizes[name] = grad.pow(2).sum(), grad.numel()
-        if self.keep_blocks or not name.startswith("blocks."):
+        if self.keep:
             self.grads[name] = grad
+        elif name == "embed.weight":  # only these rows are stepped (Stepper.inputs)
+            self.embed_rows = grad[self.rows]
 
 
 def keeps_block_gradients(model: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether the step-1 gradients of every block fit KEEP_GRADIENT_BYTES in `dtype`."""
+    """Whether the step-1 gradients of every block fit KEEP_GRADIENT_BYTES in `dtype` (then all are kept)."""
     per = torch.finfo(dtype).bits // 8
     return per * sum(lookup(model, n).numel() for n in parameter_names(model) if n.startswith("blocks.")) <= KEEP_GRADIENT_BYTES
 
@@ -145,7 +150,7 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     lr = DEFAULT_STEP_LR if lr is None else lr
     dt = dtype or lookup(model, "embed.weight").dtype
     if meter is None:
-        meter = FirstGradient(model, keeps_block_gradients(model, dt))
+        meter = FirstGradient(model, tokens, keeps_block_gradients(model, dt))
         if first is not None and first.block_inputs is not None:
             for n, gr in first.grads.items():
                 meter(n, gr)
@@ -217,6 +222,7 @@ class _Stepper:
                  first: ObjectiveGradients, meter: FirstGradient):
         self.model, self.tokens, self.tc, self.lr, self.dtype, self.first = model, tokens, tc, lr, dtype, first
         self.latest = meter.grads  # name -> newest gradient (step 1's where kept)
+        self.meter = meter
         self.values: dict[str, Tensor] = {}  # name -> stepped weights of the blocks a later step differentiates
         self._inputs: list[Tensor] | None = None
 
@@ -252,8 +258,11 @@ class _Stepper:
         if self._inputs is not None:
             return self._inputs
         ids = self.tokens[:, :-1]
-        embed = self._step("embed.weight", self.latest["embed.weight"], again=False)
-        x, inputs = embed[ids].float(), []
+        rows, where = ids.unique(return_inverse=True)  # stepping is elementwise: the batch's rows stepped alone
+        kept = self.latest.get("embed.weight")
+        grad_rows = kept[rows] if kept is not None else self.meter.embed_rows
+        w = stream.cast_weight_rows(self.model, "embed.weight", rows, self.dtype)
+        x, inputs = _adamw_first_step(w, grad_rows, self.lr, self.tc)[where].float(), []
         cos, sin = (t.float() for t in stream.rope(self.model, ids.shape[1], self.dtype))
         with torch.no_grad():
             for j in range(last + 1):
@@ -269,7 +278,11 @@ class _Stepper:
     def whole(self) -> dict[str, Tensor]:
         """Every weight stepped once (a whole stepped copy: only when the waiting weights lie outside the blocks
         or in blocks the gradient does not reach, i.e. a broken model)."""
-        values = {n: self._step(n, self.latest[n]) for n in parameter_names(self.model) if not n.startswith("blocks.")}
+        edges = [n for n in parameter_names(self.model) if not n.startswith("blocks.")]
+        missing = [n for n in edges if n not in self.latest]
+        if missing:  # not kept at step 1 (a large model): the same gradient again, for these alone
+            self.latest.update(objective_gradients(self.model, self.tokens, self.tc, wrt=missing, dtype=self.dtype).grads)
+        values = {n: self._step(n, self.latest[n]) for n in edges}
         for j in range(self.model.config.n_layers):
             values.update({n: self._step(n, gr) for n, gr in self._block_grads(j).items()})
         self.values = values
