@@ -48,13 +48,14 @@ def child(shape: str, rows: int, seq: int) -> dict:
     t1 = time.perf_counter()
     new = scale_bilaterally(old, 2, 0)
     t2 = time.perf_counter()
+    grown_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = torch.randint(0, old.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
     report = detailed_growth_check(old, new, tokens, verbose=False)
     t3 = time.perf_counter()
     return {"old_params": old.num_parameters(), "new_params": new.num_parameters(),
             "build_s": t1 - t0, "grow_s": t2 - t1, "checks_s": t3 - t2, "passed": report.passed,
             "failed": [k for k, r in report.results.items() if not r.passed],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "grown_peak_rss_bytes": grown_rss}
 
 
 def run_shape(shape: str, rows: int, seq: int, cap_gib: float) -> dict:

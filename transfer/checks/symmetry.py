@@ -96,8 +96,7 @@ class SymmetryMeter:
 
     def __call__(self, name: str, grad: Tensor) -> None:
         if name == "embed.weight" and self.groups is not None:
-            label, g = _clone_families(self.model, {name: grad}, self.s, self.groups, blocks=[])[0]
-            self.residual = (label, *_relative_differences(g))
+            self.residual = (RESIDUAL_LABEL, *_column_differences(grad, self.groups.residual))
             return
         if not name.startswith("blocks."):
             return
@@ -155,7 +154,7 @@ def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: 
     what they compute (CloneGroups), not by position; only `blocks` (default all) and, with residual, the
     embedding's columns."""
     cfg = model.config
-    fams = [("residual dims (embedding columns)", by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
+    fams = [(RESIDUAL_LABEL, by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
     for j in range(cfg.n_layers) if blocks is None else blocks:
         for proj, g_heads in (("q", groups.heads[j]), ("k", groups.kv_heads[j]), ("v", groups.kv_heads[j])):
             if g_heads is None:  # a single shared KV head (MQA) kept as it is: nothing cloned
@@ -168,6 +167,25 @@ def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: 
             g = by_groups(grads[f"blocks.{j}.ffn.gate_proj.weight"], groups.neurons[j])
         fams.append((f"block {j} FFN neurons", g))
     return fams
+
+
+RESIDUAL_LABEL = "residual dims (embedding columns)"
+
+
+def _column_differences(grad: Tensor, groups: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """_relative_differences of the embedding gradient's columns grouped as copies (the residual family), summed over
+    a slab of rows at a time: a (V, D) gradient is never gathered whole."""
+    s = groups.shape[0]
+    a, b = torch.triu_indices(s, s, offset=1)
+    diff = norms = 0
+    for i in range(0, grad.shape[0], rows):
+        g = by_groups(grad[i:i + rows].t(), groups).flatten(2)  # (s, n, rows)
+        diff = diff + (g[a] - g[b]).pow(2).sum(-1)
+        norms = norms + g.pow(2).sum(-1)
+    norms = norms.sqrt()
+    scale = torch.maximum(norms[a], norms[b])
+    zero = scale == 0
+    return (diff.sqrt() / scale.clamp(min=1e-300)).flatten(), zero.flatten()
 
 
 def _relative_differences(g: Tensor) -> tuple[Tensor, Tensor]:

@@ -119,7 +119,7 @@ class FirstGradient:
 
     def __call__(self, name: str, grad: Tensor) -> None:
         self.unit_rms[name] = _unit_rms(name, grad, self.cfg)
-        self.squares[name], self.sizes[name] = grad.pow(2).sum(), grad.numel()
+        self.squares[name], self.sizes[name] = torch.linalg.vector_norm(grad).square(), grad.numel()  # no temporary
         if self.keep:
             self.grads[name] = grad
         elif name == "embed.weight":  # only these rows are stepped (Stepper.inputs)
