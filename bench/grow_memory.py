@@ -7,8 +7,10 @@ Each shape runs in a child process capped at --cap-gib of address space (RLIMIT_
 fails there instead of taking the machine down: it builds a random fp32 model of the shape, widens it x2
 (transfer.simple_growth.scale_bilaterally: heads and kv heads doubled, head_dim kept, the tied embedding untied),
 and runs detailed_growth_check on --rows x --seq random token ids. Reported: the child's peak RSS (ru_maxrss), the
-seconds of building, growing and checking, the checks' verdict, and training.plan.check_estimate's peak and time
-for the same pair beside them. Figures, not assertions. Writes grow_memory.json to --out-dir (default bench/results).
+seconds of building, growing and checking, its CPU seconds (a measure less moved by other jobs than wall time), the
+checks' verdict, and beside them the plan: the two fp32 models plus training.plan.check_estimate's peak for the
+pair (the checks' own), and its time. Figures, not assertions. Writes grow_memory.json to --out-dir (default
+bench/results), keeping the other shapes' last figures.
 """
 from __future__ import annotations
 
@@ -55,7 +57,14 @@ def child(shape: str, rows: int, seq: int) -> dict:
     return {"old_params": old.num_parameters(), "new_params": new.num_parameters(),
             "build_s": t1 - t0, "grow_s": t2 - t1, "checks_s": t3 - t2, "passed": report.passed,
             "failed": [k for k, r in report.results.items() if not r.passed],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "grown_peak_rss_bytes": grown_rss}
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "grown_peak_rss_bytes": grown_rss,
+            "cpu_s": _cpu_seconds()}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds this process used (all threads): on a quiet 2-core machine, wall time is about half of it."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run_shape(shape: str, rows: int, seq: int, cap_gib: float) -> dict:
@@ -86,8 +95,12 @@ def estimate(shape: str, rows: int, seq: int) -> dict:
     new = replace(old, dim=2 * old.dim, n_heads=2 * old.n_heads,
                   n_kv_heads=None if old.n_kv_heads is None else 2 * old.n_kv_heads,
                   ffn_dim=2 * old.hidden_dim, tie_embeddings=False)
+    from training.costs import parameter_count
+
     e = check_estimate(old, new, rows, seq)
-    return {"estimate_peak_bytes": e.peak_bytes, "estimate_seconds": e.seconds, "estimate_terms": e.terms}
+    models = 4 * (parameter_count(old) + parameter_count(new))
+    return {"estimate_peak_bytes": models + e.peak_bytes, "estimate_checks_bytes": e.peak_bytes,
+            "estimate_seconds": e.seconds, "estimate_terms": {"fp32 models": models, **e.terms}}
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +123,7 @@ def main(argv: list[str]) -> None:
     print(f"widen x2 with the five checks, batch {a.rows} x {a.seq}; load average {load[0]:.2f} "
           f"(on {os.cpu_count()} cores), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"{'shape':>7} {'params old -> new':>22} {'peak RSS':>9} {'plan':>9} {'build':>7} {'grow':>7} "
-          f"{'checks':>7} {'plan':>7} {'wall':>7}  verdict")
+          f"{'checks':>7} {'plan':>7} {'wall':>7} {'CPU':>7}  verdict")
     rows = []
     path = os.path.join(a.out_dir, "grow_memory.json")
     previous = json.load(open(path)).get("rows", []) if os.path.exists(path) else []
@@ -124,7 +137,7 @@ def main(argv: list[str]) -> None:
         print(f"{shape:>7} {row['old_params'] / 1e6:>8.1f}M -> {row['new_params'] / 1e6:>7.1f}M "
               f"{row['peak_rss_bytes'] / GIB:>6.2f}GiB {row['estimate_peak_bytes'] / GIB:>6.2f}GiB "
               f"{row['build_s']:>6.1f}s {row['grow_s']:>6.1f}s {row['checks_s']:>6.1f}s "
-              f"{row['estimate_seconds']:>6.0f}s {row['wall_s']:>6.0f}s  "
+              f"{row['estimate_seconds']:>6.0f}s {row['wall_s']:>6.0f}s {row['cpu_s']:>6.0f}s  "
               f"{'passed' if row['passed'] else 'FAILED ' + ', '.join(row['failed'])}")
     kept = [r for r in previous if r.get("shape") not in shapes]  # other shapes' last figures stay
     os.makedirs(a.out_dir, exist_ok=True)
