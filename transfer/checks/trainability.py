@@ -361,7 +361,8 @@ def _reached_units(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]
 def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tensor:
     """AdamW's first update (bias-corrected moments are g and g^squared), decay on matrices as make_optimizer."""
     decay = tc.weight_decay if w.dim() >= 2 else 0.0
-    return w * (1 - lr * decay) - lr * g / (g.abs() + ADAM_EPS)
+    step = (g * lr).div_(g.abs().add_(ADAM_EPS))  # lr * g / (|g| + eps), the same operations in place
+    return (w * (1 - lr * decay)).sub_(step)
 
 
 def _unit_kind(name: str, p: Tensor) -> str:
