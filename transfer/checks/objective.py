@@ -108,10 +108,10 @@ def _edge_leaves(model, values, dt, wanted, which=("embed.weight", "norm.weight"
     leaves = {n: _value(model, values, n, dt).requires_grad_(n in wanted) for n in which if n != "lm_head.weight"}
     if "lm_head.weight" in which:
         tied = "lm_head.weight" not in parameter_names(model)
-        leaves["lm_head.weight"] = (leaves.get("embed.weight") if tied else None)
+        source = "embed.weight" if tied else "lm_head.weight"
+        leaves["lm_head.weight"] = leaves.get(source)
         if leaves["lm_head.weight"] is None:
-            leaves["lm_head.weight"] = (_value(model, values, "embed.weight" if tied else "lm_head.weight", dt)
-                                        .requires_grad_(("embed.weight" if tied else "lm_head.weight") in wanted))
+            leaves["lm_head.weight"] = _value(model, values, source, dt).requires_grad_(source in wanted)
     return leaves
 
 
@@ -131,8 +131,9 @@ def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io):
             block, local = stream.cast_block(model, j, dt), _block_values(values, j, dt)
             for n in names:
                 if n.startswith(prefix) and n in wanted:
-                    local[n[len(prefix):]] = block_leaves[n] = (local.get(n[len(prefix):]) if n[len(prefix):] in local
-                                                                else block.get_parameter(n[len(prefix):])).detach().requires_grad_(True)
+                    short = n[len(prefix):]
+                    weight = local[short] if short in local else block.get_parameter(short)
+                    local[short] = block_leaves[n] = weight.detach().requires_grad_(True)
             inputs.append(x.detach())
             x, r = functional_call(block, local, (x, cos, sin))
             outputs.append(x)
