@@ -1,6 +1,7 @@
 """Cost of the growth checks against model size, as a share of one phase-3 training step.
 
     python bench/verify_cost.py            # three sizes (dim 64, 128, 256 before growth), default growth x2 +4
+    OMP_NUM_THREADS=1 python bench/verify_cost.py --clock=cpu      # on a machine other jobs share
 
 For each size: time of each check and of detailed_growth_check (all five on shared copies and one shared
 gradient) on a batch of 8 x seq tokens, and the time of one training step (forward, backward, AdamW) of the
@@ -33,12 +34,17 @@ from transfer import (check_functional_equivalence, check_rope_integrity, check_
 CHECKS = ("rope", "router", "symmetry", "functional", "trainability")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # --clock: cpu counts the CPU seconds of this process (all its threads), which other jobs
+# on the machine move far less than wall time (they delay it; they do not add to it)
+
+
 def seconds(fn, reps: int = 3) -> float:
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -88,13 +94,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--grown_steps", type=int, default=250, help="phase-3 length the share is quoted against "
                    "(the cpu preset's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall seconds (default; a quiet "
+                   "machine) or CPU seconds of this process (a shared, loaded one: run it with OMP_NUM_THREADS=1)")
+    p.add_argument("--dims", default="64,128,256", help="model widths before growth")
     a = p.parse_args(argv)
+    global clock
+    clock = CLOCKS[a.clock]
     text = " ".join(generate_stories(1500))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; growth x2 +4 layers, 8 experts top-2")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock, load average "
+          f"{os.getloadavg()[0]:.2f}; growth x2 +4 layers, 8 experts top-2")
     print(f"{'dim':>5} {'grown params':>13} {'step s':>7} " + " ".join(f"{n:>10}" for n in
           CHECKS + ("all five", "share", "divergence")))
     rows = []
-    for dim in (64, 128, 256):
+    for dim in (int(d) for d in a.dims.split(",")):
         seq = 256
         tokens = byte_token_batch(text, 8, seq + 1) % 4096
         torch.manual_seed(0)
@@ -116,7 +128,8 @@ def main(argv: list[str]) -> None:
               f"{a.grown_steps}-step phase 3) {t['divergence'] / step:>5.3f} steps")
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "verify_cost.json"), "w") as f:
-        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), clock=a.clock,
+                       load_average=os.getloadavg()[0], rows=rows), f, indent=1)
     plot(rows, os.path.join(a.out_dir, "verify_cost.png"))
     print(f"wrote {a.out_dir}/verify_cost.json and verify_cost.png")
 

@@ -15,8 +15,10 @@ process, eager mode (no torch.compile), and is checked against measurement by be
                    backward while activations are freed, so at grad_accum_steps=1 the step peaks at weights +
                    AdamW + max(gradients, activations); with accumulation the gradients persist through the next
                    micro-batch's forward, and the peak is their sum.
-  transition       both models in fp32 plus the checks' float64 copies of both (transfer.checks.pair), the
-                   forward outputs they share, and the float64 gradient of the objective on 4 calibration rows
+  transition       both models in fp32 plus what the checks add (check_estimate): float64 block copies up to a
+                   2 GiB budget (transfer.checks.stream: never a float64 copy of a whole larger model), the forward
+                   outputs they share, and the float64 gradient of the objective on 4 calibration rows, in one
+                   graph where the float64 blocks fit the budget and block by block where not
                    (transfer.checks.objective), then for a deepened model a stepped copy of the inserted blocks.
   eval             phase 3's clone-divergence measurement at each eval holds folded copies of the block weights.
 
@@ -42,7 +44,7 @@ from training import stages
 from training.run_state.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
 from training.parallel.runtime import Runtime, resolve_precision
 from training.settings import RunRequest, Settings
-from training.costs import block_matmul_weights, flops_per_token, parameter_count, peak_flops
+from training.costs import attention_weights, block_matmul_weights, flops_per_token, parameter_count, peak_flops
 from training.roofline import expected_mfu
 from training.stages import stage_configs
 
@@ -228,45 +230,103 @@ CALIBRATION_ROWS = 8  # training.pipeline.load_data: data.calibration is the fir
 GRADIENT_ROWS = 4  # transfer.checks.suite.GRADIENT_SEQUENCES
 
 
-def transition_memory(old: ModelConfig, new: ModelConfig, tc: TrainConfig,
-                      device_type: str = "cuda") -> tuple[dict[str, int], int]:
-    """(terms, peak bytes) of growing old into new and running the checks (transfer.checks.suite) on the
-    device: both fp32 models, float64 copies of both, their shared forward outputs, and the largest of what a
-    check adds on top (the RoPE check's attention probabilities, the objective's float64 gradient pass, and for
-    a deepened model AdamW's first step on the inserted blocks and their second gradient). On CUDA, float64
-    attention takes SDPA's math path, which saves the (T, T) probabilities."""
+# transfer.checks' budgets (stream.REUSE_BYTES, trainability.KEEP_GRADIENT_BYTES): float64 block copies kept for
+# reuse, and the one-graph gradient with step-1 gradients kept, while the float64 blocks fit them.
+REUSE_BYTES = 2 << 30
+KEEP_GRADIENT_BYTES = 2 << 30
+# float64 FLOP/s the checks achieve on this 2-core machine, 2 threads (bench/grow_memory.py, with other jobs
+# running: load 2.3-4): 27e9 on SmolLM-360M's shape x2 (365 s), 55e9 on the mid shape (15 s). The time estimate
+# takes the large model's rate, so it errs long on smaller ones.
+CPU_CHECK_FLOPS = 27e9
+
+
+@dataclass
+class CheckEstimate:
+    """What the growth checks (transfer.checks.detailed_growth_check) add for a pair: bytes at their peak beyond the
+    two models themselves, by term, and seconds on this machine's CPU (None on a GPU: not measured)."""
+
+    terms: dict[str, int]
+    peak_bytes: int  # the checks' own peak, models excluded
+    seconds: float | None
+    streamed: bool  # the new model's float64 blocks exceed the budgets: gradient block by block, blocks cast each use
+
+
+def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
+                   device_type: str = "cpu") -> CheckEstimate:
+    """Peak memory and time of the five checks on a grown pair (old -> new) with a batch of rows x seq_len tokens,
+    beyond the two models (held in their own dtype by the caller). The checks hold: each model's float64 forward
+    outputs (logits, hidden states, router logits); float64 block copies up to REUSE_BYTES; and at their peak the
+    largest of the RoPE check's attention probabilities and the gradient pass on GRADIENT_ROWS rows. A new model
+    whose float64 blocks fit the budgets is differentiated in one graph (its float64 gradient whole, activations of
+    every block); a larger one block by block (every block's input and output gradient, and one at a time: the LM
+    head's or embedding's float64 copy and gradient, or one block's copy, gradient and activations). On CUDA,
+    float64 attention takes SDPA's math path, which saves the (T, T) probabilities. Time: float64 FLOPs at
+    CPU_CHECK_FLOPS. Checked against the allocator's peak by bench/memory_model.py (transitions) and
+    bench/grow_memory.py (peak RSS of whole runs, which adds the process's own ~0.4 GiB and allocator slack)."""
     f64 = WIDTHS["float64"]
-    rows = min(CALIBRATION_ROWS, tc.batch_size)
-    n_out, n_grad = rows * tc.seq_len, min(GRADIENT_ROWS, rows) * (tc.seq_len - 1)
-    P_old, P_new = parameter_count(old), parameter_count(new)
+    n_out, n_grad = rows * seq_len, min(GRADIENT_ROWS, rows) * (seq_len - 1)
+    block_old, block_new = (c.n_layers * (2 * c.dim + block_matmul_weights(c)) for c in (old, new))
+    P_new = parameter_count(new)
+    edges_new = P_new - block_new  # embedding, LM head (untied), final norm
+    streamed = 8 * block_new > min(REUSE_BYTES, KEEP_GRADIENT_BYTES)
 
     def outputs(c: ModelConfig) -> int:  # logits, every hidden state and router logits, kept for all checks
         return n_out * 8 * (c.vocab_size + (c.n_layers + 1) * c.dim + c.n_layers * c.n_experts)
 
-    terms = {"fp32 models": 4 * (P_old + P_new), "float64 copies": 8 * (P_old + P_new),
-             "check outputs": outputs(old) + outputs(new)}
-    per_block = block_saved_bytes(new, f64, tc.seq_len - 1, math_attention=device_type == "cuda")
-    grads = 8 * P_new + 2 * n_grad * new.n_layers * new.dim * 8  # + each block's input and output gradient
+    cached, left = 0, REUSE_BYTES  # a model's float64 blocks are kept all or none, the old model's first
+    for size in (8 * block_old, 8 * block_new):
+        if size <= left:
+            cached, left = cached + size, left - size
+    terms = {"float64 blocks": cached, "check outputs": outputs(old) + outputs(new)}
+    per_block = block_saved_bytes(new, f64, seq_len - 1, math_attention=device_type == "cuda")
+    head = head_saved_bytes(new, f64) + head_backward_bytes(new, f64)  # the logits themselves are not kept
+    block_io = 2 * n_grad * new.n_layers * new.dim * 8  # each block's input and output gradient
     inserted = new.n_layers - old.n_layers
+    if not streamed:  # one graph: the whole float64 gradient, every block's activations
+        grads = 8 * P_new + block_io + 8 * edges_new  # + the float64 embedding and LM head the gradient is taken at
+        activations = n_grad * (new.n_layers * per_block + head) + 8 * edges_new
+    else:  # block by block: the LM head's (or the embedding's) float64 copy and gradient with the head's
+        # activations, or one block's copy, gradient and activations; every block's input and output gradient
+        table = 8 * new.vocab_size * new.dim
+        one = 8 * block_new // new.n_layers
+        grads = block_io
+        activations = max(2 * table + n_grad * head, 2 * one + n_grad * (per_block + block_backward_bytes(new, f64)))
     if inserted:  # trainability's second evaluation, one inserted block at a time: all of them stepped (a
         # float64 copy), the earlier ones' gradients of the weights still waiting (all but o_proj and down_proj,
         # which were zero), and one block's activations
         block = 2 * new.dim + block_matmul_weights(new)
         waiting = block - new.dim * new.n_heads * new.head_dim - max(1, new.n_experts) * new.dim * new.hidden_dim
         grads += 8 * inserted * block + 8 * (inserted - 1) * waiting + n_grad * per_block
-    # objective_gradients keeps its forward output, so the float64 logits live through backward as well
-    head = head_saved_bytes(new, f64) + head_backward_bytes(new, f64) + 8 * new.vocab_size
-    adds = {"check activations": n_grad * (new.n_layers * per_block + head),
-            "check gradients": grads,
+    adds = {"check activations": activations, "check gradients": grads,
             # RoPE: attention probabilities (rows, heads, T, T) of an old and a new block, and their difference
-            "RoPE probabilities": rows * tc.seq_len ** 2 * 8 * (2 * old.n_heads + 3 * new.n_heads)
+            "RoPE probabilities": rows * seq_len ** 2 * 8 * (2 * old.n_heads + 3 * new.n_heads)
             if new.dim != old.dim else 0}
+    if streamed:  # the gradient pass's peak holds both
+        adds = {"check gradients and activations": activations + grads, "RoPE probabilities": adds["RoPE probabilities"]}
     name, extra = max(adds.items(), key=lambda kv: kv[1])
     terms[name] = extra
+    # float64 FLOPs: both forwards on every row, RoPE's and the router's second look at the attention (about one
+    # more forward of the attention weights), the gradient (forward + backward, and one more forward streamed)
+    forward = n_out * (flops_per_token(old, seq_len) + flops_per_token(new, seq_len)) / 3
+    attention = n_out * 2 * (old.n_layers * attention_weights(old) + new.n_layers * attention_weights(new))
+    gradient = n_grad * flops_per_token(new, seq_len) * (4 / 3 if streamed else 1)
+    if inserted:  # the stepped forward and the inserted blocks' second gradient
+        gradient += n_grad * flops_per_token(new, seq_len) / 3 * (1 + 3 * inserted / new.n_layers)
+    seconds = (forward + attention + gradient) / CPU_CHECK_FLOPS if device_type == "cpu" else None
+    return CheckEstimate(terms, sum(terms.values()), seconds, streamed)
+
+
+def transition_memory(old: ModelConfig, new: ModelConfig, tc: TrainConfig,
+                      device_type: str = "cuda") -> tuple[dict[str, int], int]:
+    """(terms, peak bytes) of growing old into new and running the checks (transfer.checks.suite) on the device:
+    both fp32 models and what the checks add on the calibration rows (check_estimate)."""
+    rows = min(CALIBRATION_ROWS, tc.batch_size)
+    checks = check_estimate(old, new, rows, tc.seq_len, device_type)
+    terms = {"fp32 models": 4 * (parameter_count(old) + parameter_count(new)), **checks.terms}
     return terms, sum(terms.values())
 
 
-CLONE_COPIES = 1.45  # measure_clone_divergence holds 1.42-1.44 x the fp32 block weights (measured, MoE, s=2)
+CLONE_COPIES = 1.6  # measure_clone_divergence holds 1.59-1.61 x the fp32 block weights (measured, MoE, s=2)
 
 
 def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool, world_size: int = 1,
@@ -417,7 +477,7 @@ class Plan:
         return ["Assumptions:", f"  {speed}", f"  precision {precision}", f"  {micro}",
                 "  step peak = weights + AdamW + max(gradients, activations) at grad_accum_steps 1 (gradients build up"
                 " as activations are freed), + both above it",
-                "  transition = both models in fp32 + their float64 copies + the checks' outputs and float64 gradient",
+                "  transition = both models in fp32 + the checks' float64 blocks (at most 2 GiB), outputs and float64 gradient",
                 *([f"  fsdp: weights, gradients and AdamW sharded, 1/{self.world_size} each per process, + what FSDP "
                    "gathers whole for the moment; rank 0 grows, checks and samples whole copies"]
                   if self.parallel == "fsdp" else []),

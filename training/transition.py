@@ -1,5 +1,7 @@
 """A transition: the previous stage's trained model grown into the next stage's and the pair verified on rank 0
-(a sharded model gathered whole to rank 0 first and the grown one sharded from it), and its metrics record."""
+(a sharded model gathered whole to rank 0 first and the grown one sharded from it), and its metrics record.
+The checks stream the pair block by block in float64 (transfer.checks.stream), so verifying adds a bounded
+amount beside the two fp32 models (training.plan.check_estimate), never a float64 copy of a large model."""
 from __future__ import annotations
 
 import time

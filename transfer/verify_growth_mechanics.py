@@ -3,7 +3,8 @@
     report = detailed_growth_check(old_model, new_model, tokens)   # prints VERIFICATION SUMMARY
     report.passed, report.results["trainability"].message, report.results["router"].fix
 
-Every check works on float64 copies by default, so the models keep their mode, grads, dtype and device.
+Every check computes in float64 by default on block copies cast just in time (never a float64 copy of a whole
+model), so the models keep their mode, grads, dtype and device.
 GROWTH_VERIFICATION.md explains each check, its limits and how to debug a failure.
 """
 from transfer.checks import (FIX_COLLAPSE, FIX_FUNCTIONAL, FIX_INSERTED_COLLAPSE, FIX_NORM, FIX_PAIR,

@@ -174,3 +174,35 @@ def test_fsdp_divides_weights_gradients_and_adamw_by_the_world_and_is_suggested_
     assert not plan_fn(s).fits(free) and plan_fn(sharded).fits(free)
     assert "--parallel=fsdp" in fit_settings(s, plan_fn, free)
     assert "--parallel=fsdp" not in fit_settings(s, lambda t: make_plan(t, device_type="cuda"), free)  # one process
+
+
+SMOLLM = ModelConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560,
+                     max_seq_len=2048, rope_theta=100000.0)  # SmolLM-360M's shape
+SMOLLM_X2 = ModelConfig(vocab_size=49152, dim=1920, n_layers=32, n_heads=30, n_kv_heads=10, ffn_dim=5120,
+                        max_seq_len=2048, rope_theta=100000.0, tie_embeddings=False)
+
+
+def test_check_estimate_streams_a_large_pair_and_holds_a_small_one_whole():
+    from training.plan import check_estimate
+
+    big = check_estimate(SMOLLM, SMOLLM_X2, rows=8, seq_len=128)
+    assert big.streamed and big.terms["float64 blocks"] == 0  # no float64 copy of either model
+    # the checks' own peak is a fraction of one float64 copy of the grown model (8 bytes a parameter)
+    assert big.peak_bytes < 0.5 * 8 * parameter_count(SMOLLM_X2)
+    assert big.seconds is not None and check_estimate(SMOLLM, SMOLLM_X2, 8, 128, device_type="cuda").seconds is None
+    small_old, small_new = stage_configs(build_settings("micro"))[1:]
+    small = check_estimate(small_old, small_new, rows=8, seq_len=64)
+    assert not small.streamed and small.terms["float64 blocks"] > 0
+    longer = check_estimate(SMOLLM, SMOLLM_X2, rows=8, seq_len=256)
+    assert longer.peak_bytes > big.peak_bytes and longer.seconds > big.seconds
+
+
+def test_transition_memory_is_both_models_and_the_checks():
+    from training.plan import check_estimate, transition_memory
+
+    s = build_settings("micro")
+    old, new = stage_configs(s)[1:]
+    terms, peak = transition_memory(old, new, s.train, "cpu")
+    checks = check_estimate(old, new, min(8, s.train.batch_size), s.train.seq_len, "cpu")
+    assert terms["fp32 models"] == 4 * (parameter_count(old) + parameter_count(new))
+    assert peak == terms["fp32 models"] + checks.peak_bytes

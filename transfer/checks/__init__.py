@@ -2,10 +2,12 @@
 
     rope, router, symmetry, functional, trainability   one check each: measure_x(...) -> stats,
                                                        judge_x(stats, limits) -> CheckResult, check_x(...)
-    suite          detailed_growth_check (all five, shared copies and gradient), upcycling_check
+    suite          detailed_growth_check (all five, one shared gradient), upcycling_check
     divergence     clone divergence through phase 3 (measure per eval, judge the history)
-    pair, objective, results, labels                   the float64 pair, the training objective's gradient,
-                                                       CheckResult / GrowthReport / fix texts, place names
+    pair, objective, results, labels                   the pair, the training objective's gradient (in one graph
+                                                       or block by block), CheckResult / GrowthReport / fix
+                                                       texts, place names
+    stream         a model evaluated in float64 one block at a time while it stays in its own dtype
     clones         which units are copies, found by what they compute (tiled, interleaved or relabelled)
     ownership      weights the optimizer cannot move (frozen, shared, not parameters), read off the model
 """

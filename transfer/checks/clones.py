@@ -25,9 +25,18 @@ def positional(s: int, n: int, device=None) -> Tensor:
     return torch.arange(s * n, device=device).view(s, n)
 
 
+_PROJECTIONS: dict[tuple[int, int, str], Tensor] = {}  # drawn once per size and device: a few KB each
+
+
 def _projection(k: int, dim: int, like: Tensor) -> Tensor:
-    gen = torch.Generator().manual_seed(k * 7919 + dim)
-    return torch.randn(dim, k, generator=gen, dtype=torch.float64).to(device=like.device)
+    """(dim, k) fixed random directions (seeded by the sizes); drawing them was a seventh of the clone grouping."""
+    key = (k, dim, str(like.device))
+    if key not in _PROJECTIONS:
+        if len(_PROJECTIONS) > 64:
+            _PROJECTIONS.clear()
+        gen = torch.Generator().manual_seed(k * 7919 + dim)
+        _PROJECTIONS[key] = torch.randn(dim, k, generator=gen, dtype=torch.float64).to(device=like.device)
+    return _PROJECTIONS[key]
 
 
 def unit_signatures(w: Tensor, n_units: int) -> Tensor:

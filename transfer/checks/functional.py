@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from transfer.checks import stream
 from transfer.checks.labels import STAGES, block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import FIX_FUNCTIONAL, CheckResult, norm_fix
@@ -45,7 +46,7 @@ def measure_functional(pair: ModelPair, locate_above: float = 1e-5) -> Functiona
     locate_above is taken apart stage by stage."""
     old_out, new_out = pair.outputs()
     # Every row of the table, including token ids the batch does not contain.
-    drifts = {"embedding": max(relative_drift(pair.new.embed.weight, pair.tile(pair.old.embed.weight)),
+    drifts = {"embedding": max(pair.embedding_drift(),
                                relative_drift(new_out.hidden_states[0], pair.tile(old_out.hidden_states[0])))}
     for j, (src, _) in enumerate(pair.layout):
         drifts[f"block {j}"] = relative_drift(new_out.hidden_states[j + 1], pair.tile(old_out.hidden_states[src + 1]))
@@ -63,14 +64,14 @@ def _stage_drifts(pair: ModelPair, j: int, old_hidden: list[Tensor]) -> dict[str
     """Each stage of new block j on the exact tiled input of that stage, against the old block's (an inserted
     block against the identity: its attention and FFN must add nothing; its norms have nothing to match)."""
     src, inserted = pair.layout[j]
-    nb, cos, sin = pair.new.blocks[j], pair.new.rope_cos, pair.new.rope_sin
+    nb, (cos, sin) = pair.block("new", j), pair.rope("new")
     if inserted:
         x = pair.tile(old_hidden[src + 1])
         h = x + nb.attention(nb.attention_norm(x), cos, sin)
         return {"attention": relative_drift(h, x), "ffn": relative_drift(h + nb.ffn(nb.ffn_norm(h))[0], h)}
-    ob, x = pair.old.blocks[src], old_hidden[src]
+    ob, x = pair.block("old", src), old_hidden[src]
     a_in = ob.attention_norm(x)
-    h = x + ob.attention(a_in, pair.old.rope_cos, pair.old.rope_sin)
+    h = x + ob.attention(a_in, *pair.rope("old"))
     f_in = ob.ffn_norm(h)
     y = h + ob.ffn(f_in)[0]
     t = pair.tile
@@ -115,6 +116,7 @@ def judge_functional(stats: FunctionalStats, limits: FunctionalLimits = Function
     return CheckResult(NAME, False, msg, metrics, fix, **headline)
 
 
+@stream.reusing_blocks
 def check_functional_equivalence(old_model: nn.Module, new_model: nn.Module, tokens: Tensor,
                                  tolerance: float = 1e-5, dtype: torch.dtype = torch.float64) -> CheckResult:
     """Layer by layer, the grown model's hidden states must be the old ones tiled, and its logits equal;

@@ -58,10 +58,36 @@ def _names(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+_REFERENCES: dict[str, nn.Module] = {}  # repr(config) -> a model built on the meta device
+
+
+def reference_model(cfg) -> nn.Module:
+    """A model of `cfg` on the meta device (no memory), built once per config: building one runs the weight init
+    through torch's Python reference ops, ~0.1 s a model, which the checks would otherwise pay several times."""
+    key = repr(cfg)
+    if key not in _REFERENCES:
+        if len(_REFERENCES) > 16:
+            _REFERENCES.clear()
+        with torch.device("meta"):
+            _REFERENCES[key] = build_model(cfg)
+    return _REFERENCES[key]
+
+
+_EXPECTED: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+
+
 def expected_parameters(cfg) -> tuple[list[str], list[tuple[str, str]]]:
-    """The parameter names a model of `cfg` has, and the ties it declares, from a model built on the meta device."""
-    with torch.device("meta"):
-        ref = build_model(cfg)
+    """The parameter names a model of `cfg` has, and the ties it declares, from a model built on the meta device
+    (once per config; callers must not modify the lists)."""
+    key = repr(cfg)
+    if key not in _EXPECTED:
+        if len(_EXPECTED) > 16:
+            _EXPECTED.clear()
+        _EXPECTED[key] = _expected(reference_model(cfg))
+    return _EXPECTED[key]
+
+
+def _expected(ref: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
     by_storage: dict[int, str] = {}
     ties, names = [], []
     for name, p in ref.named_parameters(remove_duplicate=False):
@@ -72,7 +98,7 @@ def expected_parameters(cfg) -> tuple[list[str], list[tuple[str, str]]]:
     return names, ties
 
 
-def _lookup(model: nn.Module, name: str) -> Tensor | None:
+def lookup(model: nn.Module, name: str) -> Tensor | None:
     """The tensor at a dotted name, parameter, buffer or plain attribute; None when absent."""
     obj = model
     for part in name.split("."):
@@ -88,7 +114,7 @@ def measure_ownership(model: nn.Module) -> Ownership:
     declared = {frozenset(t) for t in ties}
     out, places = Ownership(), {}
     for name in names:
-        t = _lookup(model, name)
+        t = lookup(model, name)
         if t is None:
             continue  # a missing weight is a state-dict error, not the optimizer's
         out.weights[name] = t.numel()
@@ -149,10 +175,9 @@ def _overlapping_groups(group: list[tuple[str, Tensor]]) -> list[list[str]]:
     return [names for names in out.values() if len(names) > 1]
 
 
-def _own_modules(model: nn.Module) -> None:
+def _own_modules(model: nn.Module, paths: list[str] | None = None) -> None:
     """A module object serving two places (a block reusing its source's q_proj) becomes two modules."""
-    with torch.device("meta"):
-        paths = [n for n, _ in build_model(model.config).named_modules() if n]
+    paths = paths if paths is not None else [n for n, _ in reference_model(model.config).named_modules() if n]
     seen: set[int] = set()
     for path in paths:  # parents before children: a copied parent brings its own children
         parent_name, _, attr = path.rpartition(".")
@@ -172,7 +197,20 @@ def own_tensors(model: nn.Module) -> nn.Module:
     declared ties: the function is unchanged and every check can measure every place separately."""
     names, ties = expected_parameters(model.config)
     _own_modules(model)
-    tied = {b: a for a, b in ties}
+    return _own(model, names, {b: a for a, b in ties})
+
+
+@torch.no_grad()
+def own_block_tensors(block: nn.Module, cfg) -> nn.Module:
+    """own_tensors for one block of a model of `cfg` (a private copy of it): every place its own Parameter."""
+    prefix = "blocks.0."
+    names = [n[len(prefix):] for n in expected_parameters(cfg)[0] if n.startswith(prefix)]
+    paths = [n[len(prefix):] for n, _ in reference_model(cfg).named_modules() if n.startswith(prefix)]
+    _own_modules(block, paths)
+    return _own(block, names, {})
+
+
+def _own(model: nn.Module, names: list[str], tied: dict[str, str]) -> nn.Module:
     seen: set[int] = set()
     for name in names:
         module_name, _, attr = name.rpartition(".")
@@ -181,7 +219,7 @@ def own_tensors(model: nn.Module) -> nn.Module:
         if not isinstance(t, Tensor):
             continue
         if name in tied:
-            setattr(module, attr, _lookup(model, tied[name]))
+            setattr(module, attr, lookup(model, tied[name]))
             continue
         ptr = t.untyped_storage().data_ptr()
         if isinstance(t, nn.Parameter) and ptr not in seen and t.requires_grad and all(st for st in t.stride()):

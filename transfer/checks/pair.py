@@ -1,5 +1,6 @@
-"""The (old, new) pair every comparing check works on: float64 copies made once, the width factor, the block
-layout, and the forward passes the checks share. Building one validates the pair once for all checks."""
+"""The (old, new) pair every comparing check works on: the width factor, the block layout, the forward passes the
+checks share, and each block in float64 on demand (never a float64 copy of a whole model). Building one validates
+the pair once for all checks."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from transfer.checks.clones import positional, residual_map, tiling_index
-from transfer.checks.ownership import measure_ownership, own_tensors
+from transfer.checks import stream
+from transfer.checks.ownership import lookup, measure_ownership, own_tensors
 from transfer.checks.results import FIX_PAIR, CheckResult
 from transfer.simple_growth import layer_sources
 
@@ -66,15 +68,21 @@ def copy_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def relative_drift(new: Tensor, ref: Tensor) -> float:
     """max |new - ref| / RMS(ref): scale-free, and the max catches a single broken unit."""
-    return ((new - ref).abs().max() / ref.pow(2).mean().sqrt().clamp(min=1e-300)).item()
+    # norms instead of abs().max() and pow(2).mean(): the same figures without two temporaries of the tensor's size
+    worst = torch.linalg.vector_norm(new - ref, ord=float("inf"))
+    rms = torch.linalg.vector_norm(ref) / ref.numel() ** 0.5
+    return (worst / rms.clamp(min=1e-300)).item()
 
 
 class ModelPair:
-    """Copies of a grown pair in `dtype`, what the checks share: width factor s, layout, tokens, forward outputs.
+    """A grown pair as the checks see it: width factor s, layout, tokens, forward outputs, and each block in the
+    checks' dtype on demand.
 
-    Build it only for a valid pair (rejected_pair first). The copies are shared read-only: a check computes
-    gradients with torch.autograd.grad on detached views (transfer.checks.objective), never through .grad or
-    requires_grad, so no check leaves anything behind for the next one.
+    The models stay as they are (dtype, device, mode, .grad): a check reads a block through block(), a private
+    copy cast just in time (transfer.checks.stream), so the pair never holds a float64 copy of a whole model;
+    gradients are taken with torch.autograd.grad on such copies (transfer.checks.objective). `old` and `new` are
+    whole copies in `dtype`, made on first use, for callers that want one (the checks do not).
+    Build it only for a valid pair (rejected_pair first).
     """
 
     def __init__(self, old: nn.Module, new: nn.Module, tokens: Tensor | None, dtype: torch.dtype,
@@ -84,26 +92,63 @@ class ModelPair:
             raise ValueError(f"tokens have {tokens.shape[1]} positions; the old model's max_seq_len is "
                              f"{self.oc.max_seq_len}: pass at most that many")
         assert pair_problem(self.oc, self.nc) is None, "reject an invalid pair with rejected_pair first"
-        self.ownership = measure_ownership(new)  # on the caller's model: the copies own every tensor
-        self.old, self.new = copy_model(old, dtype), copy_model(new, dtype)
-        self.tokens = None if tokens is None else tokens.to(next(self.new.parameters()).device)
+        self.ownership = measure_ownership(new)  # on the caller's model: the block copies own every tensor
+        self.models, self.dtype = {"old": old, "new": new}, dtype
+        device = lookup(new, "embed.weight").device
+        self.tokens = None if tokens is None else tokens.to(device)
         self.s = self.nc.dim // self.oc.dim
         self.layout = layout or layer_sources(self.oc.n_layers, self.nc.n_layers - self.oc.n_layers)
         # Which new residual dimensions copy which old one: the project tiles, other tools may interleave.
-        found = residual_map(self.old.embed.weight, self.new.embed.weight, self.s)
+        found = residual_map(lookup(old, "embed.weight").detach(), lookup(new, "embed.weight").detach(), self.s)
         self.residual_found = found is not None
         self.residual = found if found is not None else positional(self.s, self.oc.dim)
-        self._index = tiling_index(self.residual).to(self.new.embed.weight.device)
+        self._index = tiling_index(self.residual).to(device)
         self._tiled = torch.equal(self.residual, positional(self.s, self.oc.dim))
         self.config_changes = config_changes(self.oc, self.nc)
         self._outputs = None
+        self._copies: dict[str, nn.Module] = {}
+
+    @property
+    def old(self) -> nn.Module:
+        """A whole copy of the old model in the pair's dtype, made on first use (the checks stream blocks)."""
+        return self._copy("old")
+
+    @property
+    def new(self) -> nn.Module:
+        """A whole copy of the new model in the pair's dtype, made on first use (the checks stream blocks)."""
+        return self._copy("new")
+
+    def _copy(self, which: str) -> nn.Module:
+        if which not in self._copies:
+            self._copies[which] = copy_model(self.models[which], self.dtype)
+        return self._copies[which]
+
+    def block(self, which: str, j: int) -> nn.Module:
+        """Block j of the "old" or "new" model, a private copy in the pair's dtype."""
+        return stream.cast_block(self.models[which], j, self.dtype)
+
+    def rope(self, which: str, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """The "old" or "new" model's RoPE cos and sin tables (first n positions; default all), in the pair's dtype."""
+        model = self.models[which]
+        return stream.rope(model, n or model.rope_cos.shape[0], self.dtype)
 
     def outputs(self):
-        """(old, new) forward outputs with per-layer hidden states and router logits, computed once."""
+        """(old, new) forward outputs with per-layer hidden states and router logits, computed once, block by block."""
         if self._outputs is None:
-            with torch.no_grad():
-                self._outputs = (self.old(self.tokens, return_details=True), self.new(self.tokens, return_details=True))
+            self._outputs = tuple(stream.forward_details(self.models[w], self.tokens, self.dtype) for w in ("old", "new"))
         return self._outputs
+
+    def embedding_drift(self, rows: int = 4096) -> float:
+        """relative_drift of the new embedding table against the old one tiled, over every row (ids the batch
+        lacks included), a slab of rows at a time in the pair's dtype."""
+        old, new = (lookup(self.models[w], "embed.weight").detach() for w in ("old", "new"))
+        worst, squares = 0.0, 0.0
+        for i in range(0, old.shape[0], rows):
+            ref = self.tile(old[i:i + rows].to(self.dtype))
+            worst = max(worst, (new[i:i + rows].to(self.dtype) - ref).abs().max().item())
+            squares += ref.pow(2).sum().item()
+        rms = (squares / (old.shape[0] * self.nc.dim)) ** 0.5
+        return worst / max(rms, 1e-300)
 
     def tile(self, x: Tensor) -> Tensor:
         """[x; x; ...] along the last dimension (in the new model's residual layout): the grown model's view of an

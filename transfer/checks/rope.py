@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from transfer.checks import stream
 from transfer.checks.labels import block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import FIX_FUNCTIONAL, FIX_ROPE, CheckResult, norm_fix
@@ -75,8 +76,8 @@ def measure_rope(pair: ModelPair, resolution: float = 1e-5) -> RopeStats:
     if stats.config_problems():
         return stats
     n = min(oc.max_seq_len, nc.max_seq_len)
-    stats.table_drift = max((pair.new.rope_cos[:n] - pair.old.rope_cos[:n]).abs().max().item(),
-                            (pair.new.rope_sin[:n] - pair.old.rope_sin[:n]).abs().max().item())
+    (new_cos, new_sin), (old_cos, old_sin) = pair.rope("new", n), pair.rope("old", n)
+    stats.table_drift = max((new_cos - old_cos).abs().max().item(), (new_sin - old_sin).abs().max().item())
     old_out, _ = pair.outputs()
     T = stats.seq_len = pair.tokens.shape[1]
     off_diag = torch.ones(T, T, dtype=torch.bool, device=pair.tokens.device).tril(-1)  # key < query
@@ -94,11 +95,11 @@ def _block_attention(pair: ModelPair, j: int, src: int, x_old: Tensor, off_diag:
                      resolution: float) -> BlockAttention:
     """Cloned heads against their source heads: by position (head j + H*c) first; where that drifts beyond
     `resolution`, by what each head computes (its attention probabilities), so relabelled heads match."""
-    ob, nb = pair.old.blocks[src], pair.new.blocks[j]
+    ob, nb = pair.block("old", src), pair.block("new", j)
     normed_old = ob.attention_norm(x_old)
     normed_new = nb.attention_norm(pair.tile(x_old))
-    p_old = ob.attention.attention_probs(normed_old, pair.old.rope_cos, pair.old.rope_sin)
-    p_new = nb.attention.attention_probs(normed_new, pair.new.rope_cos, pair.new.rope_sin)
+    p_old = ob.attention.attention_probs(normed_old, *pair.rope("old"))
+    p_new = nb.attention.attention_probs(normed_new, *pair.rope("new"))
     B, H, T, _ = p_old.shape
     match = torch.arange(p_new.shape[1], device=p_new.device) % H  # new head i copies old head i % H
     diff = (p_new.view(B, pair.s, H, T, T) - p_old.unsqueeze(1)).abs()  # by position: a view, no gathered copy
@@ -132,8 +133,8 @@ def _relabelled_output_drift(pair: ModelPair, ob, nb, normed_old: Tensor, normed
     """A relabelling is consistent when each relabelled head also reads its source head's values and its copies'
     o_proj columns write what the source head wrote (tiled): the largest relative drift of either."""
     hd = pair.oc.head_dim
-    _, _, v_old = ob.attention.qkv(normed_old, pair.old.rope_cos, pair.old.rope_sin)
-    _, _, v_new = nb.attention.qkv(normed_new, pair.new.rope_cos, pair.new.rope_sin)
+    _, _, v_old = ob.attention.qkv(normed_old, *pair.rope("old"))
+    _, _, v_new = nb.attention.qkv(normed_new, *pair.rope("new"))
     y_old, y_new = p_old @ v_old, p_new @ v_new  # (B, heads, T, hd)
     worst = relative_drift(y_new, y_old[:, match])
     w_old, w_new = ob.attention.o_proj.weight, nb.attention.o_proj.weight
@@ -207,6 +208,7 @@ def _consequence(b: BlockAttention, changes: list[str], tol: float, metrics: dic
     return CheckResult(NAME, False, msg, metrics, fix, consequence_of=where, **headline)
 
 
+@stream.reusing_blocks
 def check_rope_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Tensor | None = None,
                          tolerance: float = 1e-5, dtype: torch.dtype = torch.float64) -> CheckResult:
     """head_dim, head counts, theta and RoPE tables unchanged, and each cloned head's attention probabilities

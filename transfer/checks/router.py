@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import expert_load, load_entropy
+from transfer.checks import stream
 from transfer.checks.labels import block_label
 from transfer.checks.pair import ModelPair, rejected_pair, relative_drift, require_tokens
 from transfer.checks.results import (FIX_COLLAPSE, FIX_INSERTED_COLLAPSE, FIX_RETRAIN_BALANCE, FIX_ROUTER,
@@ -97,8 +98,8 @@ def measure_router(pair: ModelPair, resolution: float = 1e-5) -> RouterStats:
 
 def _block_routing(pair: ModelPair, j: int, src: int, x: Tensor, resolution: float) -> BlockRouting:
     """Old router on the old block's FFN input h; new router on the new ffn_norm of tile(h)."""
-    ob, nb = pair.old.blocks[src], pair.new.blocks[j]
-    h_old = ob.attention_residual(x, pair.old.rope_cos, pair.old.rope_sin)
+    ob, nb = pair.block("old", src), pair.block("new", j)
+    h_old = ob.attention_residual(x, *pair.rope("old"))
     x_old = ob.ffn_norm(h_old).flatten(0, 1)  # (N, D)
     x_new = nb.ffn_norm(pair.tile(h_old)).flatten(0, 1)
     old_logits, new_logits = ob.ffn.router(x_old), nb.ffn.router(x_new)
@@ -251,6 +252,7 @@ def _relabel_note(routing: list[BlockRouting]) -> str:
             f"names)")
 
 
+@stream.reusing_blocks
 def check_router_integrity(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                            min_load_entropy: float = 0.5, max_dead_fraction: float = 0.25,
                            dtype: torch.dtype = torch.float64) -> CheckResult:

@@ -1,30 +1,34 @@
-"""A transition's whole verification: the pair validated once, float64 copies made once, one gradient of the
-training objective shared by the symmetry and trainability checks, and the VERIFICATION SUMMARY."""
+"""A transition's whole verification: the pair validated once, each block cast to float64 just in time (never a
+whole model: transfer.checks.stream), one gradient of the training objective read by the symmetry and
+trainability checks as it is computed, and the VERIFICATION SUMMARY."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 from config import TrainConfig
+from transfer.checks import stream
 from transfer.checks.functional import FunctionalLimits, judge_functional, measure_functional
 from transfer.checks.objective import ObjectiveGradients, objective_gradients
 from transfer.checks.pair import ModelPair, rejected_pair, require_tokens
 from transfer.checks.results import GrowthReport
 from transfer.checks.rope import RopeLimits, judge_rope, measure_rope
 from transfer.checks.router import RouterLimits, judge_router, measure_router
-from transfer.checks.symmetry import SymmetryLimits, symmetry_result
-from transfer.checks.trainability import (DEFAULT_STEP_LR, TrainabilityLimits, TrainabilityStats, judge_trainability,
-                                          mark_inherited, measure_trainability)
+from transfer.checks.symmetry import SymmetryLimits, SymmetryMeter, scale_problem, symmetry_result
+from transfer.checks.trainability import (DEFAULT_STEP_LR, FirstGradient, TrainabilityLimits, TrainabilityStats,
+                                          judge_trainability, keeps_block_gradients, mark_inherited,
+                                          measure_trainability)
 
 GRADIENT_SEQUENCES = 4  # rows of the batch the gradient checks use: enough to reach every expert, cheap
 
 
 
+@stream.reusing_blocks
 def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                           min_relative_difference: float = 1e-3, dtype: torch.dtype = torch.float64,
                           verbose: bool = True, train_config: TrainConfig | None = None,
                           layout: list[tuple[int, bool]] | None = None, lr: float | None = None) -> GrowthReport:
-    """All five checks (rope, router, symmetry, functional, trainability) on shared float64 copies; prints the
+    """All five checks (rope, router, symmetry, functional, trainability) in float64, block by block; prints the
     VERIFICATION SUMMARY block. train_config gives the objective's balance/z coefficients; lr the trainability
     check's step, the grown model's first learning rate (the pipeline passes its stage's lr / warmup_steps; default
     DEFAULT_STEP_LR); layout which old block each new block copies (default: the project's, layer_sources). A pair
@@ -37,16 +41,21 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
     pair = ModelPair(old_model, new_model, tokens, dtype, layout)
     results = {"rope": judge_rope(measure_rope(pair, tolerance), RopeLimits(tolerance)),
                "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
-    batch = pair.tokens[:GRADIENT_SEQUENCES]
-    gradients = objective_gradients(pair.new, batch, tc, block_io=True)
-    trainability = _trainability(pair, batch, tc, DEFAULT_STEP_LR if lr is None else lr, gradients)
-    results["symmetry"] = symmetry_result(pair.new, gradients, pair.s, SymmetryLimits(min_relative_difference),
-                                          trainability.later_grads)
+    batch, new = pair.tokens[:GRADIENT_SEQUENCES], pair.models["new"]
+    symmetry = SymmetryMeter(new, pair.s, dtype) if not scale_problem(new, pair.s) else None
+    first = FirstGradient(new, batch, keeps_block_gradients(new, dtype))
+    # One gradient of the objective, block by block, read by both checks as it comes and dropped.
+    gradients = objective_gradients(new, batch, tc, block_io=True, dtype=dtype,
+                                    consume=lambda n, g: (first(n, g), symmetry and symmetry(n, g)))
+    trainability = _trainability(pair, batch, tc, DEFAULT_STEP_LR if lr is None else lr, gradients, first)
+    stats = symmetry.finish(gradients.ce, trainability.later_grads) if symmetry else None
+    results["symmetry"] = symmetry_result(new, None, pair.s, SymmetryLimits(min_relative_difference), stats=stats)
     results["functional"] = judge_functional(measure_functional(pair, tolerance), FunctionalLimits(tolerance))
     results["trainability"] = judge_trainability(trainability, TrainabilityLimits())
     return _report(results, verbose)
 
 
+@stream.reusing_blocks
 def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor, tolerance: float = 1e-5,
                     verbose: bool = True, train_config: TrainConfig | None = None,
                     layout: list[tuple[int, bool]] | None = None, lr: float | None = None) -> GrowthReport:
@@ -66,13 +75,14 @@ def upcycling_check(dense_model: nn.Module, moe_model: nn.Module, tokens: Tensor
 
 
 def _trainability(pair: ModelPair, batch: Tensor, tc: TrainConfig, lr: float,
-                  first: ObjectiveGradients | None = None) -> TrainabilityStats:
+                  first: ObjectiveGradients | None = None, meter: FirstGradient | None = None) -> TrainabilityStats:
     """The grown model's trainability; where it finds dead units, the source model's too, so that what growth
     inherited is told apart from what it caused (costs nothing when nothing is dead)."""
-    stats = measure_trainability(pair.new, batch, tc, lr=lr, layout=pair.layout, first=first,
-                                 ownership=pair.ownership)
+    new, old = pair.models["new"], pair.models["old"]
+    stats = measure_trainability(new, batch, tc, lr=lr, layout=pair.layout, first=first, ownership=pair.ownership,
+                                 dtype=pair.dtype, meter=meter)
     if stats.dead:
-        mark_inherited(stats, pair.old, measure_trainability(pair.old, batch, tc, lr=lr), pair.layout)
+        mark_inherited(stats, old, measure_trainability(old, batch, tc, lr=lr, dtype=pair.dtype), pair.layout)
     return stats
 
 

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from config import TrainConfig
+from transfer.checks import stream
 from transfer.checks.clones import CloneGroups, by_groups, residual_groups
 from transfer.checks.objective import ObjectiveGradients, objective_gradients
-from transfer.checks.pair import copy_model, require_tokens
+from transfer.checks.pair import require_tokens
 from transfer.checks.results import FIX_COLLAPSE, FIX_SYMMETRY, CheckResult
 
 NAME = "Symmetry breaking"
@@ -63,49 +64,88 @@ def scale_problem(model: nn.Module, s: int) -> str | None:
 
 
 def measure_symmetry(model: nn.Module, gradients: ObjectiveGradients, s: int,
-                     later: dict[str, Tensor] | None = None) -> SymmetryStats:
+                     later: dict[str, Tensor] | None = None, dtype: torch.dtype | None = None) -> SymmetryStats:
     """Relative gradient difference of every pair of copies of every cloned unit, and of identical experts. A
     block whose cloned units got no gradient at all at step 1 (an inserted identity block) is judged on `later`,
-    the gradients at the step where they first arrive (the trainability check's), when given."""
-    stats = SymmetryStats(s, torch.finfo(model.embed.weight.dtype).eps, loss=gradients.ce)
-    if s > 1:
-        groups = CloneGroups(model, s)
-        stats.grouping = groups.layout() if groups.found else "positional (copies not found by their weights)"
-        waiting = _blocks_without_gradient(model, gradients.grads, later or {})  # none without later gradients
-        for label, g in _clone_families(model, gradients.grads, s, groups,
-                                        [j for j in range(model.config.n_layers) if j not in waiting]):
-            rel, zero = _relative_differences(g)
+    the gradients at the step where they first arrive (the trainability check's), when given. `gradients` holds
+    every parameter's step-1 gradient (computed in `dtype`, default the model's); SymmetryMeter reads them one at
+    a time instead, as objective_gradients hands them over."""
+    meter = SymmetryMeter(model, s, dtype or model.embed.weight.dtype)
+    for name, grad in gradients.grads.items():
+        meter(name, grad)
+    return meter.finish(gradients.ce, later)
+
+
+class SymmetryMeter:
+    """measure_symmetry fed one gradient at a time (objective_gradients(..., consume=meter)): each block's cloned
+    families are compared as soon as their gradients are in and dropped, so it holds one block's at most."""
+
+    def __init__(self, model: nn.Module, s: int, dtype: torch.dtype):
+        self.model, self.s, self.cfg = model, s, model.config
+        self.stats = SymmetryStats(s, torch.finfo(dtype).eps)
+        self.groups = CloneGroups(model, s) if s > 1 else None
+        if self.groups is not None:
+            self.stats.grouping = self.groups.layout() if self.groups.found else "positional (copies not found by their weights)"
+        self.twins = {j: _identical_experts(b) for j, b in enumerate(model.blocks)} if self.cfg.is_moe else {}
+        self.families = {j: set(_family_parameters(model, j)) for j in range(self.cfg.n_layers)}
+        self.pending: dict[int, dict[str, Tensor]] = {}
+        self.blocks: dict[int, list[tuple[str, Tensor, Tensor]]] = {}  # j -> (label, rel, zero) at step 1
+        self.silent: set[int] = set()  # blocks whose cloned-unit weights all got exactly zero gradient at step 1
+        self.residual: tuple[str, Tensor, Tensor] | None = None
+        self.expert_pairs: dict[int, list[tuple[str, float]]] = {}  # j -> identical experts' (label, difference)
+
+    def __call__(self, name: str, grad: Tensor) -> None:
+        if name == "embed.weight" and self.groups is not None:
+            self.residual = (RESIDUAL_LABEL, *_column_differences(grad, self.groups.residual))
+            return
+        if not name.startswith("blocks."):
+            return
+        j = int(name.split(".")[1])
+        if name not in self.families[j]:
+            return
+        got = self.pending.setdefault(j, {})
+        got[name] = grad
+        if len(got) == len(self.families[j]):
+            self._block(j, self.pending.pop(j))
+
+    def _block(self, j: int, grads: dict[str, Tensor]) -> None:
+        if all(not bool(g.any()) for g in grads.values()):
+            self.silent.add(j)
+        if self.groups is not None:
+            self.blocks[j] = [(label, *_relative_differences(g)) for label, g in
+                              _clone_families(self.model, grads, self.s, self.groups, [j], residual=False)]
+        gate = grads[f"blocks.{j}.ffn.gate_proj"].flatten(1) if self.cfg.is_moe else None
+        self.expert_pairs[j] = []
+        for e1, e2 in self.twins.get(j, []):
+            scale = max(gate[e1].norm().item(), gate[e2].norm().item())
+            if scale == 0:  # neither expert got a token: untested here (the router check sees dead experts)
+                self.stats.pairs_without_gradient += 1
+            else:
+                self.expert_pairs[j].append((f"block {j} experts {e1} and {e2}", (gate[e1] - gate[e2]).norm().item() / scale))
+
+    def finish(self, loss: float | None, later: dict[str, Tensor] | None = None) -> SymmetryStats:
+        """The stats, with the blocks silent at step 1 judged on `later` where it holds their gradients."""
+        stats, later = self.stats, later or {}
+        stats.loss = loss
+        stats.expert_pairs = [p for j in sorted(self.expert_pairs) for p in self.expert_pairs[j]]
+        if self.groups is None:
+            return stats
+        waiting = [j for j in sorted(self.silent) if all(n in later for n in self.families[j])]
+        found = ([self.residual] if self.residual else []) + [f for j in sorted(self.blocks) if j not in waiting
+                                                              for f in self.blocks[j]]
+        for label, rel, zero in found:
             stats.pairs_without_gradient += int(zero.sum())
             stats.families.append((label, rel[~zero]))
-        if waiting:
-            for label, g in _clone_families(model, later, s, groups, waiting, residual=False):
-                rel, zero = _relative_differences(g)
-                stats.pairs_without_gradient += int(zero.sum())
-                stats.later_families.append((f"{label} at step 2", rel[~zero]))
-    if model.config.is_moe:
-        for j, b in enumerate(model.blocks):
-            grads = gradients.grads[f"blocks.{j}.ffn.gate_proj"].flatten(1)
-            for e1, e2 in _identical_experts(b):
-                scale = max(grads[e1].norm().item(), grads[e2].norm().item())
-                if scale == 0:  # neither expert got a token: untested here (the router check sees dead experts)
-                    stats.pairs_without_gradient += 1
-                else:
-                    stats.expert_pairs.append((f"block {j} experts {e1} and {e2}", (grads[e1] - grads[e2]).norm().item() / scale))
-    return stats
+        for label, g in _clone_families(self.model, later, self.s, self.groups, waiting, residual=False):
+            rel, zero = _relative_differences(g)
+            stats.pairs_without_gradient += int(zero.sum())
+            stats.later_families.append((f"{label} at step 2", rel[~zero]))
+        return stats
 
 
 def _family_parameters(model: nn.Module, j: int) -> list[str]:
     suffix = "" if model.config.is_moe else ".weight"
     return [f"blocks.{j}.attention.{p}_proj.weight" for p in "qkv"] + [f"blocks.{j}.ffn.gate_proj{suffix}"]
-
-
-def _blocks_without_gradient(model: nn.Module, grads: dict[str, Tensor],
-                             later: dict[str, Tensor] | None = None) -> list[int]:
-    """Blocks whose cloned-unit weights all got exactly zero gradient at step 1 (and, given `later`, have a
-    later gradient there)."""
-    return [j for j in range(model.config.n_layers)
-            if all(not bool(grads[n].any()) for n in _family_parameters(model, j))
-            and (later is None or all(n in later for n in _family_parameters(model, j)))]
 
 
 def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: CloneGroups,
@@ -114,7 +154,7 @@ def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: 
     what they compute (CloneGroups), not by position; only `blocks` (default all) and, with residual, the
     embedding's columns."""
     cfg = model.config
-    fams = [("residual dims (embedding columns)", by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
+    fams = [(RESIDUAL_LABEL, by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
     for j in range(cfg.n_layers) if blocks is None else blocks:
         for proj, g_heads in (("q", groups.heads[j]), ("k", groups.kv_heads[j]), ("v", groups.kv_heads[j])):
             if g_heads is None:  # a single shared KV head (MQA) kept as it is: nothing cloned
@@ -127,6 +167,25 @@ def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: 
             g = by_groups(grads[f"blocks.{j}.ffn.gate_proj.weight"], groups.neurons[j])
         fams.append((f"block {j} FFN neurons", g))
     return fams
+
+
+RESIDUAL_LABEL = "residual dims (embedding columns)"
+
+
+def _column_differences(grad: Tensor, groups: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """_relative_differences of the embedding gradient's columns grouped as copies (the residual family), summed over
+    a slab of rows at a time: a (V, D) gradient is never gathered whole."""
+    s = groups.shape[0]
+    a, b = torch.triu_indices(s, s, offset=1)
+    diff = norms = 0
+    for i in range(0, grad.shape[0], rows):
+        g = by_groups(grad[i:i + rows].t(), groups).flatten(2)  # (s, n, rows)
+        diff = diff + (g[a] - g[b]).pow(2).sum(-1)
+        norms = norms + g.pow(2).sum(-1)
+    norms = norms.sqrt()
+    scale = torch.maximum(norms[a], norms[b])
+    zero = scale == 0
+    return (diff.sqrt() / scale.clamp(min=1e-300)).flatten(), zero.flatten()
 
 
 def _relative_differences(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,6 +298,7 @@ def _ok_message(stats: SymmetryStats, r: Tensor, median: float | None, min_rel: 
     return "no cloned units or identical experts with gradients to compare"
 
 
+@stream.reusing_blocks
 def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: int | None = None,
                             min_relative_difference: float = 1e-3, max_sequences: int = 4,
                             dtype: torch.dtype = torch.float64, train_config: TrainConfig | None = None) -> CheckResult:
@@ -252,23 +312,28 @@ def check_symmetry_breaking(new_model: nn.Module, tokens: Tensor, scale_factor: 
     limits = SymmetryLimits(min_relative_difference)
     if scale_problem(new_model, s) or (s == 1 and not new_model.config.is_moe):  # nothing to differentiate
         return symmetry_result(new_model, None, s, limits)
-    from transfer.checks.trainability import measure_trainability  # the step inserted blocks are judged at
+    # the step inserted blocks are judged at
+    from transfer.checks.trainability import FirstGradient, keeps_block_gradients, measure_trainability
 
-    model, tc = copy_model(new_model, dtype), train_config or TrainConfig()
-    tokens = tokens[:max_sequences].to(next(model.parameters()).device)
-    grads = objective_gradients(model, tokens, tc, block_io=True)
-    later = measure_trainability(model, tokens, tc, first=grads).later_grads if _blocks_without_gradient(
-        model, grads.grads) else None
-    return symmetry_result(model, grads, s, limits, later)
+    tc = train_config or TrainConfig()
+    tokens = tokens[:max_sequences].to(new_model.embed.weight.device)
+    meter = SymmetryMeter(new_model, s, dtype)
+    first = FirstGradient(new_model, tokens, keeps_block_gradients(new_model, dtype))
+    grads = objective_gradients(new_model, tokens, tc, block_io=True, dtype=dtype,
+                                consume=lambda n, g: (meter(n, g), first(n, g)))
+    later = measure_trainability(new_model, tokens, tc, first=grads, dtype=dtype, meter=first).later_grads \
+        if meter.silent else None
+    return symmetry_result(new_model, None, s, limits, stats=meter.finish(grads.ce, later))
 
 
 def symmetry_result(model: nn.Module, gradients: ObjectiveGradients | None, s: int, limits: SymmetryLimits,
-                    later: dict[str, Tensor] | None = None) -> CheckResult:
-    """The verdict for width factor s from gradients of the objective (None when there is nothing to compare)."""
+                    later: dict[str, Tensor] | None = None, stats: SymmetryStats | None = None) -> CheckResult:
+    """The verdict for width factor s from gradients of the objective, or from `stats` a SymmetryMeter measured
+    (neither when there is nothing to compare)."""
     problem = scale_problem(model, s)
     if problem:
         return CheckResult(NAME, False, f"{problem}. Fix: {FIX_SCALE}.", {"scale_factor": s}, FIX_SCALE,
                            quantity="scale factor divides the model's widths")  # a yes/no: no figure, no limit
     if s == 1 and not model.config.is_moe:
         return judge_symmetry(SymmetryStats(1, 0.0, has_clones=False), limits)
-    return judge_symmetry(measure_symmetry(model, gradients, s, later), limits)
+    return judge_symmetry(stats if stats is not None else measure_symmetry(model, gradients, s, later), limits)

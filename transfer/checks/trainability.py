@@ -22,9 +22,11 @@ from torch.func import functional_call
 from config import TrainConfig
 from models import expert_load
 from transfer.checks.labels import parameter_place
-from transfer.checks.objective import ObjectiveGradients, objective_gradients, router_loss
-from transfer.checks.ownership import FIX_OWNERSHIP, Ownership, measure_ownership
-from transfer.checks.pair import copy_model, require_tokens
+from transfer.checks import stream
+from transfer.checks.objective import (ObjectiveGradients, block_backward, objective_gradients, parameter_names,
+                                       router_loss)
+from transfer.checks.ownership import FIX_OWNERSHIP, Ownership, lookup, measure_ownership
+from transfer.checks.pair import require_tokens
 from transfer.checks.results import FIX_TRAINABILITY, CheckResult
 
 NAME = "Trainability"
@@ -94,13 +96,50 @@ def first_step_lr(phase_lr: float, tc: TrainConfig) -> float:
     return phase_lr / tc.warmup_steps if tc.warmup_steps > 1 else phase_lr
 
 
+# Step-1 gradients of the blocks are kept for AdamW's step when they take at most this many bytes; above it (a
+# model of ~270 M parameters in float64) a block's are recomputed from its kept input and output gradient when the
+# step needs them, which bounds the check's memory by one block's at the cost of one more backward of the blocks.
+KEEP_GRADIENT_BYTES = 2 << 30
+
+
+class FirstGradient:
+    """What the trainability check reads from the objective's first gradient, fed one parameter at a time
+    (objective_gradients(..., consume=meter)): each unit's RMS, each parameter's sum of squares, and the gradients
+    AdamW's first step needs: all of them when `keep`, else only the embedding's nonzero rows (the rest are
+    recomputed if a step needs them)."""
+
+    def __init__(self, model: nn.Module, tokens: Tensor, keep: bool = True):
+        self.cfg, self.keep = model.config, keep
+        self.rows = tokens[:, :-1].unique()  # the embedding rows the batch's inputs read
+        self.unit_rms: dict[str, Tensor] = {}
+        self.squares: dict[str, Tensor] = {}
+        self.sizes: dict[str, int] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.embed_rows: Tensor | None = None  # without keep: the embedding gradient's rows of the batch's ids
+
+    def __call__(self, name: str, grad: Tensor) -> None:
+        self.unit_rms[name] = _unit_rms(name, grad, self.cfg)
+        self.squares[name], self.sizes[name] = torch.linalg.vector_norm(grad).square(), grad.numel()  # no temporary
+        if self.keep:
+            self.grads[name] = grad
+        elif name == "embed.weight":  # only these rows are stepped (Stepper.inputs)
+            self.embed_rows = grad[self.rows]
+
+
+def keeps_block_gradients(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the step-1 gradients of every block fit KEEP_GRADIENT_BYTES in `dtype` (then all are kept)."""
+    per = torch.finfo(dtype).bits // 8
+    return per * sum(lookup(model, n).numel() for n in parameter_names(model) if n.startswith("blocks.")) <= KEEP_GRADIENT_BYTES
+
+
 def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, steps: int = 2, lr: float | None = None,
-                         layout: list[tuple[int, bool]] | None = None,
-                         first: ObjectiveGradients | None = None, ownership: Ownership | None = None) -> TrainabilityStats:
-    """Gradient at the model's weights (or `first`, already computed on the same tokens), then after each AdamW
-    first step (lr default: DEFAULT_STEP_LR) until `steps` evaluations or until every
-    reached unit has had gradient. Later evaluations differentiate only the parameters still waiting, and
-    never modify `model` (functional_call).
+                         layout: list[tuple[int, bool]] | None = None, first: ObjectiveGradients | None = None,
+                         ownership: Ownership | None = None, dtype: torch.dtype | None = None,
+                         meter: FirstGradient | None = None) -> TrainabilityStats:
+    """Gradient at the model's weights (or `first`, already computed on the same tokens, read by `meter` as it was
+    computed or from first.grads), then after each AdamW first step (lr default: DEFAULT_STEP_LR) until `steps`
+    evaluations or until every reached unit has had gradient. Computed in `dtype` (default the model's) one block
+    at a time; later evaluations differentiate only the parameters still waiting, and never modify `model`.
 
     Judged per unit (a head's rows, a neuron, an expert, a token row, a norm vector), over the weights the
     batch reached at every evaluation of that parameter: a unit receives gradient when the RMS of its gradient
@@ -109,42 +148,44 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
     learning rate. Per unit, not per weight: single weights of a live unit can be arbitrarily small by chance
     (at dim 512 a few per million fall below the line), a unit's RMS cannot."""
     lr = DEFAULT_STEP_LR if lr is None else lr
-    g = first if first is not None and first.block_inputs is not None else objective_gradients(model, tokens, tc, block_io=True)
-    first, values, cfg = g, {n: p.detach() for n, p in model.named_parameters()}, model.config
-    squares = sum(gr.pow(2).sum() for gr in g.grads.values())
-    reference = (squares / sum(gr.numel() for gr in g.grads.values())).sqrt().clamp(min=1e-300)
-    zero_below = 1e3 * torch.finfo(model.embed.weight.dtype).eps * reference
+    dt = dtype or lookup(model, "embed.weight").dtype
+    if meter is None:
+        meter = FirstGradient(model, tokens, keeps_block_gradients(model, dt))
+        if first is not None and first.block_inputs is not None:
+            for n, gr in first.grads.items():
+                meter(n, gr)
+        else:
+            first = objective_gradients(model, tokens, tc, block_io=True, dtype=dt, consume=meter)
+    g, cfg, names = first, model.config, parameter_names(model)
+    squares = sum(meter.squares[n] for n in names)
+    reference = (squares / sum(meter.sizes[n] for n in names)).sqrt().clamp(min=1e-300)
+    zero_below = 1e3 * torch.finfo(dt).eps * reference
     judged = _reached_units(model, g)  # per parameter, (units,): reached at every evaluation of its gradient
-    unit_rms = {n: _unit_rms(n, gr, cfg) * judged[n] for n, gr in g.grads.items()}
+    unit_rms = {n: meter.unit_rms[n] * judged[n] for n in names}
     first_alive = {n: (u > zero_below).to(torch.int8) for n, u in unit_rms.items()}  # 0: not yet
     weakest = min((u[u > zero_below].min().item() for u in unit_rms.values() if (u > zero_below).any()), default=None)
-    latest, rms = dict(g.grads), {n: [_relative_rms(u, judged[n], reference)] for n, u in unit_rms.items()}
-    done, inputs, waited = 1, None, []
+    rms = {n: [_relative_rms(u, judged[n], reference)] for n, u in unit_rms.items()}
+    stepper = _Stepper(model, tokens, tc, lr, dt, first, meter)
+    done, waited = 1, []
     while done < steps:
-        waiting = [n for n in values if (judged[n] & (first_alive[n] == 0)).any()]
+        waiting = [n for n in names if (judged[n] & (first_alive[n] == 0)).any()]
         if not waiting:
             break
         local = _local_blocks(waiting, first)
-        stepped = {}
-        if local is not None and inputs is None:  # each block's input after every weight took its first step
-            used = ("embed.",) + tuple(f"blocks.{j}." for j in range(max(local) + 1))
-            stepped = {n: _adamw_first_step(v, latest[n], lr, tc) for n, v in values.items() if n.startswith(used)}
-            inputs = _stepped_inputs(model, tokens, stepped, max(local))
-        moved = [n for n in values if local is None or n.startswith(tuple(f"blocks.{j}." for j in local))]
-        values = values | {n: stepped[n] if n in stepped else _adamw_first_step(values[n], latest[n], lr, tc)
-                           for n in moved}
         if local is None:
-            g = objective_gradients(model, tokens, tc, values=values, wrt=waiting)
+            g = objective_gradients(model, tokens, tc, values=stepper.whole(), wrt=waiting, dtype=dt)
         else:
-            g = _block_gradients(model, first, values, waiting, local, tc, inputs)
+            inputs = stepper.inputs(max(local))  # from the weights stepped once, before the blocks step again
+            g = _block_gradients(model, first, stepper.blocks(local), waiting, local, tc, inputs)
+        stepper.latest.update(g.grads)
         done += 1
         waited = waited or waiting
         reached = _reached_units(model, g)
-        for n in values:
+        for n in names:
             if n not in waiting:
                 rms[n].append(None)
                 continue
-            latest[n], judged[n] = g.grads[n], judged[n] & reached[n]
+            judged[n] = judged[n] & reached[n]
             u = _unit_rms(n, g.grads[n], cfg) * judged[n]
             newly = (first_alive[n] == 0) & (u > zero_below)
             first_alive[n][newly] = done
@@ -153,8 +194,9 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
             rms[n].append(_relative_rms(u, judged[n], reference))
     stats = TrainabilityStats(done, lr, loss=g.ce, zero_below=(zero_below / reference).item(),
                               weakest_unit=None if weakest is None else weakest / reference.item(),
-                              later_grads={n: latest[n] for n in waited})
-    for n, v in values.items():
+                              later_grads={n: stepper.latest[n] for n in waited})
+    for n in names:
+        v = lookup(model, n)
         per_unit = v.numel() // len(judged[n])
         alive = [int(((first_alive[n] > 0) & (first_alive[n] <= t) & judged[n]).sum()) * per_unit for t in range(1, done + 1)]
         stats.parameters.append(ParameterGradient(n, v.numel(), int(judged[n].sum()) * per_unit, alive, rms[n]))
@@ -163,12 +205,88 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
             place, module = parameter_place(n, layout)
             stats.dead.append(DeadUnits(place, module, _unit_kind(n, v), dead.nonzero().flatten().tolist(), len(dead),
                                         int(dead.sum()) * per_unit, int(judged[n].sum()) * per_unit))
-    if model.lm_head.weight is not model.embed.weight:
+    if "lm_head.weight" in names:  # untied: the embedding gets gradient only through the rows the batch holds
         stats.idle_embedding_rows = int((~judged["embed.weight"]).sum())
     stats.idle_experts = [f"block {j} expert {e}" for j in range(len(g.expert_tokens))
                           for e in (~judged[f"blocks.{j}.ffn.gate_proj"]).nonzero().flatten().tolist()]
     stats.ownership = _reached_ownership(ownership, judged)
     return stats
+
+
+class _Stepper:
+    """The weights after AdamW's first step, block by block: from the step-1 gradients the meter kept, or, for a
+    block whose it did not keep, recomputed from that block's step-1 input and output gradient (the same
+    operations, so the same values). Later steps step again from `latest`, the newest gradients."""
+
+    def __init__(self, model: nn.Module, tokens: Tensor, tc: TrainConfig, lr: float, dtype: torch.dtype,
+                 first: ObjectiveGradients, meter: FirstGradient):
+        self.model, self.tokens, self.tc, self.lr, self.dtype, self.first = model, tokens, tc, lr, dtype, first
+        self.latest = meter.grads  # name -> newest gradient (step 1's where kept)
+        self.meter = meter
+        self.values: dict[str, Tensor] = {}  # name -> stepped weights of the blocks a later step differentiates
+        self._inputs: list[Tensor] | None = None
+
+    def _step(self, name: str, grad: Tensor, again: bool = True) -> Tensor:
+        """AdamW's first step from the weights stepped so far (again) or from the model's own."""
+        w = self.values[name] if again and name in self.values else stream.cast_weight(self.model, name, self.dtype)
+        return _adamw_first_step(w, grad, self.lr, self.tc)
+
+    def _block_grads(self, j: int) -> dict[str, Tensor]:
+        """Block j's newest gradients: kept, or its step-1 gradients recomputed."""
+        prefix = f"blocks.{j}."
+        names = [n for n in parameter_names(self.model) if n.startswith(prefix)]
+        if all(n in self.latest for n in names):
+            return {n: self.latest[n] for n in names}
+        cos, sin = stream.rope(self.model, self.tokens.shape[1] - 1, self.dtype)
+        grads, _, _ = block_backward(stream.cast_block(self.model, j, self.dtype), {}, [n[len(prefix):] for n in names],
+                                     self.first.block_inputs[j], self.first.block_output_grads[j], cos, sin,
+                                     self.model.config.top_k, self.tc, input_grad=False)
+        return {n: self.latest.get(n, grads[n[len(prefix):]]) for n in names}
+
+    def blocks(self, local: list[int]) -> dict[str, Tensor]:
+        """The stepped weights of the blocks in `local`, stepped once more from their newest gradients."""
+        for j in local:
+            self.values.update({n: self._step(n, gr) for n, gr in self._block_grads(j).items()})
+        return self.values
+
+    def inputs(self, last: int) -> list[Tensor]:
+        """Each block's input hidden state (up to block `last`) with every weight stepped once: blocks only, no LM
+        head, no gradient. After the first step the residual stream is no longer exactly tiled, which is what lets
+        noisy clones in an inserted block (equal on tiled input) tell themselves apart; pure clones stay equal on
+        any input. In float32: the inputs only have to carry the first step's departure from tiling (relative
+        ~1e-4, far above fp32 rounding), and pure clones stay bit-equal on any input; half the cost of float64."""
+        if self._inputs is not None:
+            return self._inputs
+        ids = self.tokens[:, :-1]
+        rows, where = ids.unique(return_inverse=True)  # stepping is elementwise: the batch's rows stepped alone
+        kept = self.latest.get("embed.weight")
+        grad_rows = kept[rows] if kept is not None else self.meter.embed_rows
+        w = stream.cast_weight_rows(self.model, "embed.weight", rows, self.dtype)
+        x, inputs = _adamw_first_step(w, grad_rows, self.lr, self.tc)[where].float(), []
+        cos, sin = (t.float() for t in stream.rope(self.model, ids.shape[1], self.dtype))
+        with torch.no_grad():
+            for j in range(last + 1):
+                inputs.append(x.to(self.dtype))
+                prefix = f"blocks.{j}."
+                stepped = {n[len(prefix):]: self._step(n, gr, again=False).float()
+                           for n, gr in self._block_grads(j).items()}
+                # every weight is passed, so the block copy is only the function: no float32 cast of it
+                x, _ = functional_call(stream.cast_block(self.model, j, self.dtype), stepped, (x, cos, sin))
+        self._inputs = inputs
+        return inputs
+
+    def whole(self) -> dict[str, Tensor]:
+        """Every weight stepped once (a whole stepped copy: only when the waiting weights lie outside the blocks
+        or in blocks the gradient does not reach, i.e. a broken model)."""
+        edges = [n for n in parameter_names(self.model) if not n.startswith("blocks.")]
+        missing = [n for n in edges if n not in self.latest]
+        if missing:  # not kept at step 1 (a large model): the same gradient again, for these alone
+            self.latest.update(objective_gradients(self.model, self.tokens, self.tc, wrt=missing, dtype=self.dtype).grads)
+        values = {n: self._step(n, self.latest[n]) for n in edges}
+        for j in range(self.model.config.n_layers):
+            values.update({n: self._step(n, gr) for n, gr in self._block_grads(j).items()})
+        self.values = values
+        return values
 
 
 def _reached_ownership(ownership: Ownership | None, judged: dict[str, Tensor]) -> Ownership | None:
@@ -177,23 +295,6 @@ def _reached_ownership(ownership: Ownership | None, judged: dict[str, Tensor]) -
         return None
     frozen = [n for n in ownership.frozen if n not in judged or bool(judged[n].any())]
     return Ownership(frozen, ownership.shared, ownership.not_parameters, ownership.overlapping, ownership.weights)
-
-
-def _stepped_inputs(model: nn.Module, tokens: Tensor, values: dict[str, Tensor], last: int) -> list[Tensor]:
-    """Each block's input hidden state (up to block `last`) with all weights at `values`: blocks only, no LM
-    head, no gradient. After the first step the residual stream is no longer exactly tiled, which is what lets
-    noisy clones in an inserted block (equal on tiled input) tell themselves apart; pure clones stay equal on
-    any input."""
-    # In float32: the inputs only have to carry the first step's departure from tiling (relative ~1e-4, far above
-    # fp32 rounding), and pure clones stay bit-equal on any input; half the cost of the float64 forward.
-    x, inputs, dtype = values["embed.weight"][tokens[:, :-1]].float(), [], values["embed.weight"].dtype
-    with torch.no_grad():
-        for j, block in enumerate(model.blocks[:last + 1]):
-            inputs.append(x.to(dtype))
-            prefix = f"blocks.{j}."
-            local = {n[len(prefix):]: v.float() for n, v in values.items() if n.startswith(prefix)}
-            x, _ = functional_call(block, local, (x, model.rope_cos.float(), model.rope_sin.float()))
-    return inputs
 
 
 def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | None:
@@ -207,26 +308,25 @@ def _local_blocks(waiting: list[str], first: ObjectiveGradients) -> list[int] | 
 
 def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[str, Tensor], waiting: list[str],
                      blocks: list[int], tc: TrainConfig, inputs: list[Tensor] | None = None) -> ObjectiveGradients:
-    """The waiting parameters' gradients, each block alone at its stepped weights, fed its stepped input (or its
-    step-1 input) and pulled by its step-1 output gradient (plus its own router loss): the step-2 gradient to
-    first order in the step, at the cost of a forward and those blocks only. Exact zeros stay exact: a unit zero
-    on both sides of its product gets none whatever its input and output gradient."""
-    inputs = first.block_inputs if inputs is None else inputs
+    """The waiting parameters' gradients, each block alone at its stepped weights (`values`), fed its stepped
+    input and pulled by its step-1 output gradient (plus its own router loss): the step-2 gradient to first order
+    in the step, at the cost of a forward and those blocks only. Exact zeros stay exact: a unit zero on both sides
+    of its product gets none whatever its input and output gradient."""
     grads, expert_tokens, k = {}, list(first.expert_tokens), model.config.top_k
+    inputs = first.block_inputs if inputs is None else inputs
+    dtype = first.block_inputs[0].dtype
+    cos, sin = stream.rope(model, inputs[0].shape[1], dtype)
     for j in blocks:
         prefix = f"blocks.{j}."
         local = {n[len(prefix):]: v for n, v in values.items() if n.startswith(prefix)}
         names = [n for n in waiting if n.startswith(prefix)]
-        leaves = [local[n[len(prefix):]].detach().requires_grad_(True) for n in names]
-        local.update({n[len(prefix):]: leaf for n, leaf in zip(names, leaves)})
-        with torch.enable_grad():
-            y, logits = functional_call(model.blocks[j], local, (inputs[j], model.rope_cos, model.rope_sin))
-            loss = (y * first.block_output_grads[j]).sum()
-            if logits is not None:
-                loss = loss + router_loss(logits, k, tc)
-                expert_tokens[j] = expert_load(logits.detach(), k)
-            g = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads.update({n: torch.zeros_like(leaf) if gr is None else gr for n, leaf, gr in zip(names, leaves, g)})
+        block = stream.cast_block(model, j, dtype)
+        g, _, logits = block_backward(block, local, [n[len(prefix):] for n in names], inputs[j],
+                                      first.block_output_grads[j], cos, sin, k, tc, input_grad=False)
+        if logits is not None:
+            expert_tokens[j] = expert_load(logits.detach(), k)
+        grads.update({n: torch.zeros_like(local[n[len(prefix):]]) if g[n[len(prefix):]] is None else g[n[len(prefix):]]
+                      for n in names})
     return ObjectiveGradients(grads, first.ce, first.total, expert_tokens, first.input_ids)
 
 
@@ -246,9 +346,9 @@ def _reached_units(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]
     ids absent from the input (an untied embedding gets gradient only through them) and experts that got no
     token. Reach is unit-aligned: whole rows, whole experts."""
     cfg = model.config
-    reached = {n: torch.ones(_units(n, p, cfg).shape[0], dtype=torch.bool, device=p.device)
-               for n, p in model.named_parameters()}
-    if model.lm_head.weight is not model.embed.weight:
+    reached = {n: torch.ones(_units(n, torch.empty(p.shape, device="meta"), cfg).shape[0], dtype=torch.bool,
+                             device=p.device) for n, p in ((n, lookup(model, n)) for n in parameter_names(model))}
+    if "lm_head.weight" in reached:  # untied: the embedding gets gradient only through the rows the batch holds
         rows = torch.zeros_like(reached["embed.weight"])
         rows[g.input_ids] = True
         reached["embed.weight"] = rows
@@ -261,7 +361,8 @@ def _reached_units(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]
 def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tensor:
     """AdamW's first update (bias-corrected moments are g and g^squared), decay on matrices as make_optimizer."""
     decay = tc.weight_decay if w.dim() >= 2 else 0.0
-    return w * (1 - lr * decay) - lr * g / (g.abs() + ADAM_EPS)
+    step = (g * lr).div_(g.abs().add_(ADAM_EPS))  # lr * g / (|g| + eps), the same operations in place
+    return (w * (1 - lr * decay)).sub_(step)
 
 
 def _unit_kind(name: str, p: Tensor) -> str:
@@ -393,6 +494,7 @@ def _idle_note(stats: TrainabilityStats) -> str:
     return f" Idle, not judged: {'; '.join(parts)}." if parts else ""
 
 
+@stream.reusing_blocks
 def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max_sequences: int = 4,
                        train_config: TrainConfig | None = None, lr: float | None = None,
                        dtype: torch.dtype = torch.float64) -> CheckResult:
@@ -403,8 +505,8 @@ def check_trainability(new_model: nn.Module, tokens: Tensor, steps: int = 2, max
     require_tokens(tokens)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    ownership = measure_ownership(new_model)  # on the caller's model: the copy owns every tensor
-    model = copy_model(new_model, dtype)
-    tokens = tokens[:max_sequences].to(next(model.parameters()).device)
-    stats = measure_trainability(model, tokens, train_config or TrainConfig(), steps, lr, ownership=ownership)
+    ownership = measure_ownership(new_model)  # on the caller's model: the block copies own every tensor
+    tokens = tokens[:max_sequences].to(lookup(new_model, "embed.weight").device)
+    stats = measure_trainability(new_model, tokens, train_config or TrainConfig(), steps, lr, ownership=ownership,
+                                 dtype=dtype)
     return judge_trainability(stats)
