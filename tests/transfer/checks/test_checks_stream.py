@@ -11,7 +11,7 @@ import transfer.checks.pair as pair_module
 import transfer.checks.stream as stream
 import transfer.checks.trainability as trainability
 from config import TrainConfig
-from test_verify_growth_mechanics import make_model, moe_pair, source, story_tokens
+from tests.growth_pairs import make_model, moe_pair, source, story_tokens
 from transfer.checks import detailed_growth_check, upcycling_check
 from transfer.checks.objective import objective_gradients
 from transfer.checks.pair import copy_model
