@@ -188,7 +188,8 @@ def test_gpu_check_records_each_part_goes_on_past_failures_and_brings_back_four_
     for p in parts[1:]:
         assert p["status"] in ("timed_out", "failed") and p["wall_s"] < 10, p
         assert (work / p["log"]).exists() and p["commands"]
-    assert parts[1]["status"] == "timed_out" and parts[1]["exit_code"] == 124
+    # 124: stopped by its limit's signal; 137: killed GRACE seconds later, when a loaded machine is slower to stop it
+    assert parts[1]["status"] == "timed_out" and parts[1]["exit_code"] in (124, 137)
     env_facts = json.loads((work / "env.json").read_text())
     assert env_facts["torch"] == torch.__version__ and env_facts["cuda_available"] == torch.cuda.is_available()
     assert "GPU CHECK SUMMARY" in proc.stdout and json.loads((out / "summary.json").read_text())["parts"] == parts

@@ -10,7 +10,7 @@ import export_hf
 from data import generate_stories, train_tokenizer
 from models import build_model, generate
 from tests.conftest import tiny_config, tokens_for
-from tests.helpers import trained_like_moe
+from tests.helpers import ROOT, trained_like_moe
 from transfer import scale_bilaterally
 from transfer.hf_format import UnsupportedModel, export_hf as export, from_hf, to_hf
 
@@ -172,7 +172,7 @@ def test_init_from_hf_refuses_a_tokenizer_larger_than_the_embedding_before_any_w
                                  num_attention_heads=4, max_position_embeddings=64)).save_pretrained(str(src))
     tokenizer.save_pretrained(str(src))
     run = tmp_path / "run"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     done = subprocess.run([sys.executable, "train_tinystories.py", "--preset", "micro", "--out-dir", str(run),
                            "--init-from-hf", str(src)], cwd=root, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))

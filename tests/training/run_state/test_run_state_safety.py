@@ -230,13 +230,17 @@ def losses(out_dir) -> list[tuple]:
 @pytest.mark.slow
 def test_a_run_written_by_the_previous_main_resumes_to_the_same_losses(tmp_path):
     """The fixture holds its uninterrupted run's metrics (all 16 steps); resumed from dense step 4, the same
-    losses follow (fp32 on CPU: bit-exact)."""
+    losses follow. fp32 on CPU is bit-exact on the machine that wrote the fixture; another CPU's kernels (AVX2 vs
+    AVX-512 reductions) move the 7th digit (4.3e-8 relative measured on this project's machines), so the limit is
+    1e-5 relative, far below what a resume that draws other batches or restarts AdamW changes."""
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
     proc = run_cli("train_tinystories.py", "--out-dir", str(run), "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Resuming from" in proc.stdout and "ALL CHECKS PASSED" in proc.stdout
-    assert losses(run) == losses(FIXTURE)
+    resumed, uninterrupted = losses(run), losses(FIXTURE)
+    assert [r[:3] for r in resumed] == [r[:3] for r in uninterrupted]
+    assert all(abs(a[3] - b[3]) <= 1e-5 * abs(b[3]) for a, b in zip(resumed, uninterrupted)), (resumed, uninterrupted)
 
 
 @pytest.mark.slow
