@@ -33,9 +33,9 @@ from common.files import (NotEnoughSpace, WriteFailed, check_free_space, existin
                           remove_quietly, write_atomic)
 from common.formats import human
 from common.safe_load import UnsafeFile
-from config import ConfigError, GrowthConfig, ModelConfig, TrainConfig
+from config import ConfigError, GrowthConfig, ModelConfig
 from training.costs import parameter_count
-from training.plan import transition_memory
+from training.plan import CPU_CHECK_FLOPS, check_estimate
 from training.reporting.html_report import render_pair_report
 from transfer import dense_to_moe, detailed_growth_check, grown_config, scale_bilaterally, upcycling_check
 from transfer.checks import CheckResult, GrowthReport
@@ -58,9 +58,9 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 WRITTEN_LIMIT = 1e-4
 WRITTEN_QUANTITY = "max |logits(OUT) - logits(SRC)| / RMS(logits(SRC)), both loaded by AutoModelForCausalLM in fp32"
 REPORT_FILE, RECORD_FILE = "grow_report.html", "grow_hf.json"
-# --plan's time: float64 forward-pass equivalents the checks cost (forwards of both models, the objective's
-# gradient, the trainability step's evaluations: measured on small models), and this machine's float64 rate.
-CHECK_PASSES, FLOAT64_RATE, FLOAT32_RATE = 12, 40e9, 80e9
+# --plan's time beyond the checks (training.plan.check_estimate): the growth operators, measured by bench/grow_memory.py
+# (SmolLM-360M's shape widened x2: 184 s for 1.447e9 grown parameters on 2 cores), and fp32 forwards of the load-back.
+GROWTH_SECONDS_PER_PARAMETER, FLOAT32_RATE = 1.3e-7, 80e9
 PROCESS_BYTES, PROCESS_SECONDS = 350 << 20, 5.0  # Python with torch and transformers imported (measured here)
 
 
@@ -252,23 +252,27 @@ class Plan:
     def describe(self) -> str:
         terms = ", ".join(f"{k} {human(v)}" for k, v in self.peak_terms.items())
         return (f"PLAN: peak memory ~{human(self.peak_bytes)} ({terms}); disk {human(self.disk_bytes)} at OUT; "
-                f"time ~{self.seconds:.0f} s on this machine's CPU (checks at ~{FLOAT64_RATE / 1e9:.0f} GFLOP/s "
-                f"in float64)")
+                f"time ~{self.seconds:.0f} s on a quiet 2-core CPU like the project's (checks at "
+                f"~{CPU_CHECK_FLOPS / 1e9:.0f} GFLOP/s in float64)")
 
 
 def estimate(source: ModelConfig, grown: ModelConfig, dtype: torch.dtype) -> Plan:
-    """Peak memory, disk and time from the configs alone: the checks' working set (training.plan's transition
-    model at the checks' batch), or the load-back (source, grown and the transformers models) if larger."""
-    tc = TrainConfig(batch_size=BATCH, seq_len=min(MAX_SEQ, source.max_seq_len))
-    terms, checks_peak = transition_memory(source, grown, tc, device_type="cpu")
+    """Peak memory, disk and time from the configs alone. Memory: the process, both fp32 models, and the larger of
+    the growth operator's transient (about one fp32 copy of the grown model while it is built) and the checks' own
+    peak (training.plan.check_estimate at the checks' batch); or the load-back (source, grown and the transformers
+    models) if larger. Time: the growth, the checks (check_estimate), the load-back's forwards and the write."""
+    seq_len = min(MAX_SEQ, source.max_seq_len)
+    checks = check_estimate(source, grown, BATCH, seq_len, device_type="cpu")
     p_src, p_new = parameter_count(source), parameter_count(grown)
-    logits = 4 * BATCH * tc.seq_len * grown.vocab_size
-    load_back = {"fp32 models": 4 * (p_src + p_new), "transformers models (fp32)": 4 * (p_src + p_new),
-                 "logits": 4 * logits}
-    peak_terms = {"Python, torch, transformers": PROCESS_BYTES} | (
-        terms if checks_peak >= sum(load_back.values()) else load_back)
-    tokens = BATCH * tc.seq_len
-    seconds = (PROCESS_SECONDS + CHECK_PASSES * 2 * parameter_count(grown, active=True) * tokens / FLOAT64_RATE
+    models = {"fp32 models": 4 * (p_src + p_new)}
+    transient = {"growth's transient fp32 copy": 4 * p_new}
+    checking = models | (transient if 4 * p_new >= checks.peak_bytes else checks.terms)
+    load_back = models | {"transformers models (fp32)": 4 * (p_src + p_new),
+                          "logits": 4 * 4 * BATCH * seq_len * grown.vocab_size}
+    peak_terms = {"Python, torch, transformers": PROCESS_BYTES} | max(checking, load_back,
+                                                                      key=lambda t: sum(t.values()))
+    tokens = BATCH * seq_len
+    seconds = (PROCESS_SECONDS + GROWTH_SECONDS_PER_PARAMETER * p_new + (checks.seconds or 0.0)
                + 6 * 2 * (p_src + p_new) * tokens / FLOAT32_RATE + 2 * p_new * 4 / 200e6)  # + writing at 200 MB/s
     return Plan(sum(peak_terms.values()), peak_terms, written_bytes(grown, dtype), seconds)
 

@@ -192,8 +192,9 @@ def _mapping(model: nn.Module, hf_keys: set[str]) -> dict[str, tuple]:
 
 
 def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
-    """The project's weights under the transformers model's own key names (fp32 CPU copies)."""
-    return {k: read().detach().float().cpu().clone() for k, (read, _) in _mapping(model, hf_keys).items()}
+    """The project's weights under the transformers model's own key names, fp32 on the CPU: views where they already
+    are (load_state_dict copies them; a clone here held a third copy of a large model during export)."""
+    return {k: read().detach().float().cpu() for k, (read, _) in _mapping(model, hf_keys).items()}
 
 
 def to_hf(model: nn.Module, eos_token_id: int | None = None, family: str | None = None, *,
