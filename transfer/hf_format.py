@@ -198,14 +198,16 @@ def _hf_state(model: nn.Module, hf_keys: set[str]) -> dict[str, torch.Tensor]:
 
 
 def to_hf(model: nn.Module, eos_token_id: int | None = None, family: str | None = None, *,
-          special_tokens: dict | None = None) -> nn.Module:
-    """A transformers model of `family` (target_family says which) computing what `model` computes (fp32, CPU);
-    special_tokens as hf_config takes them."""
+          special_tokens: dict | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model of `family` (target_family says which) computing what `model` computes (on the CPU, in
+    fp32 or `dtype`: weights rounded from the fp32 ones once); special_tokens as hf_config takes them."""
     from transformers import AutoModelForCausalLM
 
     config = hf_config(model.config, eos_token_id, family, special_tokens=special_tokens)
     with torch.random.fork_rng(devices=[]):
         hf = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:  # before the weights arrive: an fp32 copy of a large model beside the project's is the peak
+        hf = hf.to(dtype)
     keys = set(hf.state_dict())
     missing, unexpected = hf.load_state_dict(_hf_state(model, keys), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
@@ -224,9 +226,7 @@ def export_hf(model: nn.Module, out_dir: str, tokenizer=None, *, family: str | N
     leaves no partial export (files already in out_dir that the export does not write are kept).
     """
     eos = None if tokenizer is None else tokenizer.eos_token_id
-    hf = to_hf(model, eos, family, special_tokens=special_tokens)
-    if dtype is not None:
-        hf = hf.to(dtype)
+    hf = to_hf(model, eos, family, special_tokens=special_tokens, dtype=dtype)
     tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
     with guarded_write(out_dir, export_bytes(model, dtype)) as write:
         write.temporary(tmp)
