@@ -434,8 +434,10 @@ def _write(job: Job, grown: nn.Module, tokens: Tensor, tokens_note: str, reports
             write.temporary(tmp)
             os.makedirs(os.path.dirname(out), exist_ok=True)  # OUT's parent, once the checks have passed
             save_checkpoint(grown, src, job.dtype, tmp)
-            stats = WrittenStats(relative_drift(load_logits(tmp, tokens), load_logits(src.path, tokens)),
-                                 rounding_drift(grown, tokens, job.dtype), dtype)
+            rounding, grown_parameters = rounding_drift(grown, tokens, job.dtype), grown.num_parameters()
+            grown.to("meta")  # its weights are on disk now: the load-back's models take their place in memory
+            stats = WrittenStats(relative_drift(load_logits(tmp, tokens), load_logits(src.path, tokens)), rounding,
+                                 dtype)
             written = judge_written(stats)
             log(f"\n{written}")
             if not written.passed:
@@ -449,7 +451,7 @@ def _write(job: Job, grown: nn.Module, tokens: Tensor, tokens_note: str, reports
             record = dict(source=os.path.abspath(src.path), out=out, growth=asdict(request.growth),
                           source_dtype=_dtype_name(src.dtype), dtype=dtype, architecture=job.architecture,
                           tokens=tokens_note, parameters=dict(source=parameter_count(src.config),
-                                                              grown=grown.num_parameters()),
+                                                              grown=grown_parameters),
                           written=asdict(stats), checks=records, seconds=round(time.time() - started, 1))
             write_atomic(os.path.join(tmp, RECORD_FILE), json.dumps(record, indent=1))
             os.replace(tmp, out)
