@@ -258,3 +258,18 @@ class Transformer(nn.Module):
 def build_model(cfg: ModelConfig) -> Transformer:
     """The one constructor for every phase."""
     return Transformer(cfg)
+
+
+def model_holding(cfg: ModelConfig, state: dict[str, Tensor]) -> Transformer:
+    """A model of cfg whose parameters are `state`'s tensors themselves (strict names and shapes): no initialised
+    copy is made first, so a grown model of billions of parameters is held once. Its RoPE tables take the
+    weights' device and dtype, as build_model(cfg).to(device, dtype) would give them."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    like = model.embed.weight
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    model.rope_cos, model.rope_sin = cos.to(like.device, like.dtype), sin.to(like.device, like.dtype)
+    return model

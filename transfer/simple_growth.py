@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from config import GrowthConfig, ModelConfig
-from models import build_model
+from models import model_holding
 
 # How each parameter widens, by its name's last component: (widen_out, widen_in, symmetry_noise).
 # Noise goes where the output units are clones (heads, FFN neurons, residual copies); the LM head's and
@@ -99,13 +99,6 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def _new_model_like(old: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """A fresh model for `cfg` on old's device and dtype, built without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        p = next(old.parameters())
-        return build_model(cfg).to(device=p.device, dtype=p.dtype)
-
-
 def dense_to_moe(
     dense_model: nn.Module,
     n_experts: int = 8,
@@ -130,7 +123,6 @@ def dense_to_moe(
         raise ValueError(f"dense_to_moe needs a dense model; this one already has {old_cfg.n_experts} experts")
     GrowthConfig(n_experts=n_experts, top_k=top_k, router_init_std=router_init_std)  # validates
     new_cfg = replace(old_cfg, n_experts=n_experts, top_k=top_k)
-    new_model = _new_model_like(dense_model, new_cfg)
     state = {}
     for name, t in dense_model.state_dict().items():
         if ".ffn." in name:  # blocks.i.ffn.gate_proj.weight [F, D] -> blocks.i.ffn.gate_proj [E, F, D]
@@ -141,7 +133,7 @@ def dense_to_moe(
     for i in range(new_cfg.n_layers):
         router = torch.randn(n_experts, new_cfg.dim, generator=gen, dtype=torch.float64) * router_init_std
         state[f"blocks.{i}.ffn.router.weight"] = router.to(next(dense_model.parameters()))
-    new_model.load_state_dict(state, strict=True)
+    new_model = model_holding(new_cfg, state)
     if calibration_tokens is not None:
         _center_routers(new_model, calibration_tokens)
     return new_model
@@ -205,6 +197,7 @@ def _widen_state(old_model: nn.Module, s: int, noise_std: float, gen: torch.Gene
 
 def _deepen_state(state: dict[str, Tensor], layout: list[tuple[int, bool]]) -> dict[str, Tensor]:
     """Renumber blocks per `layout`; an inserted block copies its source with its output projections zeroed.
+    An original block keeps `state`'s tensors themselves (the caller's to give); an inserted one gets copies.
 
     A pre-norm block whose attention o_proj and FFN down_proj (every expert's) are zero adds nothing to
     the residual stream: it is an exact identity, whatever its other weights.
@@ -216,7 +209,7 @@ def _deepen_state(state: dict[str, Tensor], layout: list[tuple[int, bool]]) -> d
             if k.startswith(prefix):
                 suffix = k[len(prefix):]
                 zero = inserted and suffix.startswith(("attention.o_proj", "ffn.down_proj"))
-                new_state[f"blocks.{new_i}.{suffix}"] = torch.zeros_like(v) if zero else v.clone()
+                new_state[f"blocks.{new_i}.{suffix}"] = torch.zeros_like(v) if zero else v.clone() if inserted else v
     return new_state
 
 
@@ -242,8 +235,7 @@ def scale_bilaterally(
     state = _widen_state(old_model, scale_factor, noise_std, _generator(seed))
     layout = layer_sources(old_cfg.n_layers, extra_layers)
     state = _deepen_state(state, layout)
-    new_model = _new_model_like(old_model, new_cfg)
-    new_model.load_state_dict(state, strict=True)
+    new_model = model_holding(new_cfg, state)
     inserted = [i for i, (_, is_new) in enumerate(layout) if is_new]
     if calibration_tokens is not None and new_cfg.is_moe and inserted:
         _center_routers(new_model, calibration_tokens, inserted)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model, load_balancing_loss, router_z_loss
+from models import build_model, load_balancing_loss, model_holding, router_z_loss
 from tests.conftest import tiny_config, tokens_for
 
 
@@ -101,6 +101,24 @@ def test_tied_head_shares_the_embedding_and_untied_does_not():
     tied, untied = build_model(tiny_config()), build_model(tiny_config(tie_embeddings=False))
     assert tied.lm_head.weight is tied.embed.weight
     assert untied.lm_head.weight is not untied.embed.weight
+
+
+@pytest.mark.parametrize("tie,n_experts,dtype", [(True, 0, torch.float32), (False, 4, torch.bfloat16)])
+def test_model_holding_takes_the_tensors_themselves(tie, n_experts, dtype, tokens):
+    """model_holding adopts the state's tensors (no initialised copy first), keeps the declared tie, and computes
+    what build_model + load_state_dict computes, RoPE tables in the weights' dtype included."""
+    cfg = tiny_config(tie_embeddings=tie, n_experts=n_experts)
+    ref = build_model(cfg).to(dtype)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = model_holding(cfg, state)
+    for name, p in model.named_parameters():
+        assert isinstance(p, torch.nn.Parameter) and p.requires_grad and p.data_ptr() == state[name].data_ptr()
+    assert (model.lm_head.weight is model.embed.weight) is tie
+    assert model.rope_cos.dtype == ref.rope_cos.dtype == dtype and torch.equal(model.rope_cos, ref.rope_cos)
+    assert torch.equal(model(tokens), ref(tokens))
+    del state["norm.weight"]
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        model_holding(cfg, state)
 
 
 def test_sequence_longer_than_max_seq_len_is_rejected():
