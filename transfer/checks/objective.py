@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from config import TrainConfig
-from models import expert_load, load_balancing_loss, router_z_loss
+from models import ModelOutput, expert_load, load_balancing_loss, router_z_loss
 from transfer.checks import stream
 from transfer.checks.ownership import expected_parameters, lookup
 
@@ -34,6 +34,7 @@ class ObjectiveGradients:
     input_ids: Tensor  # token ids fed to the model: the embedding rows this batch reaches
     block_inputs: list[Tensor] | None = None  # with block_io: each block's input hidden state, detached
     block_output_grads: list[Tensor] | None = None  # with block_io: d total / d (each block's output)
+    details: ModelOutput | None = None  # with details: the forward's logits, hidden states and router logits
 
 
 def objective(out, y: Tensor, top_k: int, tc: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -61,7 +62,8 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, values: dict[str, Tensor] | None = None,
                         wrt: list[str] | None = None, block_io: bool = False, dtype: torch.dtype | None = None,
-                        consume: Callable[[str, Tensor], None] | None = None) -> ObjectiveGradients:
+                        consume: Callable[[str, Tensor], None] | None = None,
+                        details: bool = False) -> ObjectiveGradients:
     """Gradient of the objective on tokens (B, T) (inputs tokens[:, :-1], targets tokens[:, 1:]) with respect to
     the parameters named in `wrt` (default all), at the model's weights or at `values` (name -> tensor); with
     block_io, also every block's input and the gradient at its output.
@@ -72,7 +74,9 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
     keeping each block's input, then each block from the last recomputed and pulled by its output's gradient plus
     its own router loss), which holds one block's copy, activations and gradient besides the block inputs. With
     `consume`, each parameter's gradient is handed to consume(name, grad) as soon as it is final and not kept in
-    .grads (the checks judge it there and drop it).
+    .grads (the checks judge it there and drop it). With details, the forward's outputs are kept too, as
+    stream.forward_details would return them on tokens[:, :-1]: the checks that compare the models' outputs read
+    them instead of computing the same forward again.
     """
     dt = dtype or lookup(model, "embed.weight").dtype
     names = parameter_names(model)
@@ -89,17 +93,22 @@ def objective_gradients(model: nn.Module, tokens: Tensor, tc: TrainConfig, value
 
     x_ids, y = tokens[:, :-1], tokens[:, 1:]
     run = _one_graph if stream.blocks_fit(model, dt) else _block_by_block
-    ce, total, routed, inputs, output_grads = run(model, x_ids, y, tc, dt, values, wanted, give, block_io)
+    ce, total, routed, inputs, output_grads, last, logits = run(model, x_ids, y, tc, dt, values, wanted, give, block_io,
+                                                                  details)
+    out = ModelOutput(logits, inputs + [last.detach()], [r.detach() for r in routed]) if details else None
     return ObjectiveGradients(
         grads={n: kept[n] for n in wrt if n in kept}, ce=ce.item(), total=total.item(),
         expert_tokens=[expert_load(r, model.config.top_k) for r in routed], input_ids=x_ids.unique(),
-        block_inputs=inputs if block_io else None, block_output_grads=output_grads if block_io else None)
+        block_inputs=inputs if block_io else None, block_output_grads=output_grads if block_io else None,
+        details=out)
 
 
-def _head_ce(model: nn.Module, h: Tensor, y: Tensor, dt: torch.dtype, norm_leaf: Tensor, head_leaf: Tensor) -> Tensor:
-    """The cross-entropy of the final norm and LM head on the last hidden state h, as objective() takes it."""
+def _head_ce(model: nn.Module, h: Tensor, y: Tensor, dt: torch.dtype, norm_leaf: Tensor,
+             head_leaf: Tensor) -> tuple[Tensor, Tensor]:
+    """(cross-entropy as objective() takes it, logits) of the final norm and LM head on the last hidden state h."""
     logits = F.linear(functional_call(stream.final_norm(model, dt), {"weight": norm_leaf}, (h,)), head_leaf)
-    return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), y.flatten())
+    return ce, logits
 
 
 def _edge_leaves(model, values, dt, wanted, which=("embed.weight", "norm.weight", "lm_head.weight")):
@@ -115,7 +124,7 @@ def _edge_leaves(model, values, dt, wanted, which=("embed.weight", "norm.weight"
     return leaves
 
 
-def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io):
+def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io, details):
     """The whole model in one autograd graph (a model whose float64 blocks fit stream.REUSE_BYTES): each block
     cast once, its activations kept through backward, one backward pass."""
     k, names = model.config.top_k, parameter_names(model)
@@ -139,7 +148,7 @@ def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io):
             outputs.append(x)
             if r is not None:
                 routed.append(r)
-        ce = _head_ce(model, x, y, dt, norm_leaf, head_leaf)
+        ce, logits = _head_ce(model, x, y, dt, norm_leaf, head_leaf)
         total = ce
         for r in routed:
             total = total + router_loss(r, k, tc)
@@ -148,10 +157,11 @@ def _one_graph(model, x_ids, y, tc, dt, values, wanted, give, block_io):
         grads = torch.autograd.grad(total, tensors + (outputs if block_io else []), allow_unused=True)
     for n, t, g in zip(order, tensors, grads):
         give(n, g, t)
-    return ce.detach(), total.detach(), [r.detach() for r in routed], inputs, list(grads[len(order):])
+    return (ce.detach(), total.detach(), [r.detach() for r in routed], inputs, list(grads[len(order):]), x.detach(),
+            logits.detach() if details else None)
 
 
-def _block_by_block(model, x_ids, y, tc, dt, values, wanted, give, block_io):
+def _block_by_block(model, x_ids, y, tc, dt, values, wanted, give, block_io, details):
     """One block at a time: a forward keeping each block's input, the head's gradient, then each block from the
     last, recomputed from its input and pulled by its output's gradient plus its own router loss. The embedding and
     LM head are cast to dt only while their own gradient is taken (the forward gathers the embedding's rows)."""
@@ -171,11 +181,12 @@ def _block_by_block(model, x_ids, y, tc, dt, values, wanted, give, block_io):
     edges = _edge_leaves(model, values, dt, wanted, head)
     with torch.enable_grad():
         h = x.requires_grad_(True)
-        ce = _head_ce(model, h, y, dt, edges["norm.weight"], edges["lm_head.weight"])
+        ce, logits = _head_ce(model, h, y, dt, edges["norm.weight"], edges["lm_head.weight"])
         differentiated = [n for n in head if n in wanted and (n != "lm_head.weight" or not tied)]
         grads = torch.autograd.grad(ce, [h] + [edges[n] for n in differentiated])
     g_out, head_grads = grads[0], dict(zip(differentiated, grads[1:]))
     del grads
+    logits = logits.detach() if details else None  # (B, T, V): kept through the blocks' backward only if asked
     for n in ("norm.weight", "lm_head.weight"):
         if n in head_grads:
             give(n, head_grads.pop(n), edges[n])
@@ -204,7 +215,7 @@ def _block_by_block(model, x_ids, y, tc, dt, values, wanted, give, block_io):
         if "embed.weight" in head_grads:
             g_embed = head_grads.pop("embed.weight") + g_embed
         give("embed.weight", g_embed, embed_leaf)
-    return ce, total, routed, inputs, output_grads
+    return ce, total, routed, inputs, output_grads, x, logits
 
 
 def _value(model: nn.Module, values: dict[str, Tensor], name: str, dt: torch.dtype) -> Tensor:

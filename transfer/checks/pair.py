@@ -9,6 +9,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from models import ModelOutput
 from transfer.checks.clones import positional, residual_map, tiling_index
 from transfer.checks import stream
 from transfer.checks.ownership import lookup, measure_ownership, own_tensors
@@ -106,6 +107,7 @@ class ModelPair:
         self._tiled = torch.equal(self.residual, positional(self.s, self.oc.dim))
         self.config_changes = config_changes(self.oc, self.nc)
         self._outputs = None
+        self._known_new: ModelOutput | None = None  # the new model's outputs on the first rows, computed elsewhere
         self._copies: dict[str, nn.Module] = {}
 
     @property
@@ -132,11 +134,23 @@ class ModelPair:
         model = self.models[which]
         return stream.rope(model, n or model.rope_cos.shape[0], self.dtype)
 
-    def outputs(self):
-        """(old, new) forward outputs with per-layer hidden states and router logits, computed once, block by block."""
+    def outputs(self) -> tuple[ModelOutput, ModelOutput]:
+        """(old, new) forward outputs with per-layer hidden states and router logits, computed once, block by block
+        (the new model's first rows taken from share_new where given)."""
         if self._outputs is None:
-            self._outputs = tuple(stream.forward_details(self.models[w], self.tokens, self.dtype) for w in ("old", "new"))
+            old = stream.forward_details(self.models["old"], self.tokens, self.dtype)
+            known, self._known_new = self._known_new, None
+            n = 0 if known is None else known.logits.shape[0]
+            rest = stream.forward_details(self.models["new"], self.tokens[n:], self.dtype) if n < len(self.tokens) else None
+            self._outputs = old, stream.join_outputs(known, rest)
         return self._outputs
+
+    def share_new(self, known: ModelOutput) -> None:
+        """The new model's outputs on the first rows of the pair's tokens, in the pair's dtype, from a forward the
+        caller made anyway (the objective's gradient, objective_gradients(..., details=True)): outputs() computes
+        only the other rows."""
+        assert self._outputs is None and known.logits.shape[1] == self.tokens.shape[1], "rows of the pair's tokens"
+        self._known_new = known
 
     def embedding_drift(self, rows: int = 4096) -> float:
         """relative_drift of the new embedding table against the old one tiled, over every row (ids the batch

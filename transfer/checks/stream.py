@@ -87,12 +87,13 @@ def _kept(model: nn.Module, dtype: torch.dtype) -> bool:
     return decided[key]
 
 
-def cast_weight(model: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
-    """The tensor at a dotted name (parameter, buffer or plain attribute), detached, in `dtype`."""
+def cast_weight(model: nn.Module, name: str, dtype: torch.dtype, copy: bool = False) -> Tensor:
+    """The tensor at a dotted name (parameter, buffer or plain attribute), detached, in `dtype` (with copy, never
+    the model's own storage, even in its own dtype)."""
     t = lookup(model, name)
     if t is None:
         raise KeyError(f"the model has no weight {name}")
-    return t.detach().to(dtype)
+    return t.detach().to(dtype, copy=copy)
 
 
 def cast_weight_rows(model: nn.Module, name: str, rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -132,3 +133,12 @@ def forward_details(model: nn.Module, tokens: Tensor, dtype: torch.dtype) -> Mod
             router_logits.append(logits)
     logits = torch.nn.functional.linear(final_norm(model, dtype)(x), cast_weight(model, "lm_head.weight", dtype))
     return ModelOutput(logits, hidden, router_logits)
+
+
+def join_outputs(first: ModelOutput | None, rest: ModelOutput | None) -> ModelOutput:
+    """Two forward_details outputs on consecutive rows of one batch as the batch's (either may be None)."""
+    if first is None or rest is None:
+        return first if rest is None else rest
+    return ModelOutput(torch.cat([first.logits, rest.logits]),
+                       [torch.cat(pair) for pair in zip(first.hidden_states, rest.hidden_states)],
+                       [torch.cat(pair) for pair in zip(first.router_logits, rest.router_logits)])

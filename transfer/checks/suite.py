@@ -38,15 +38,19 @@ def detailed_growth_check(old_model: nn.Module, new_model: nn.Module, tokens: Te
     if rejected:
         return _report({"pair": rejected}, verbose)
     tc = train_config or TrainConfig()
-    pair = ModelPair(old_model, new_model, tokens, dtype, layout)
-    results = {"rope": judge_rope(measure_rope(pair, tolerance), RopeLimits(tolerance)),
-               "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
-    batch, new = pair.tokens[:GRADIENT_SEQUENCES], pair.models["new"]
+    # The outputs are compared on the objective's inputs (tokens[:, :-1]), so that the gradient's forward serves
+    # as the new model's forward on its rows.
+    pair = ModelPair(old_model, new_model, tokens[:, :-1], dtype, layout)
+    batch, new = tokens[:GRADIENT_SEQUENCES].to(pair.tokens.device), pair.models["new"]
     symmetry = SymmetryMeter(new, pair.s, dtype) if not scale_problem(new, pair.s) else None
     first = FirstGradient(new, batch, keeps_block_gradients(new, dtype))
     # One gradient of the objective, block by block, read by both checks as it comes and dropped.
-    gradients = objective_gradients(new, batch, tc, block_io=True, dtype=dtype,
+    gradients = objective_gradients(new, batch, tc, block_io=True, dtype=dtype, details=True,
                                     consume=lambda n, g: (first(n, g), symmetry and symmetry(n, g)))
+    pair.share_new(gradients.details)
+    gradients.details = None
+    results = {"rope": judge_rope(measure_rope(pair, tolerance), RopeLimits(tolerance)),
+               "router": judge_router(measure_router(pair, tolerance), RouterLimits(tolerance))}
     trainability = _trainability(pair, batch, tc, DEFAULT_STEP_LR if lr is None else lr, gradients, first)
     stats = symmetry.finish(gradients.ce, trainability.later_grads) if symmetry else None
     results["symmetry"] = symmetry_result(new, None, pair.s, SymmetryLimits(min_relative_difference), stats=stats)

@@ -149,10 +149,10 @@ def _family_parameters(model: nn.Module, j: int) -> list[str]:
 
 
 def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: CloneGroups,
-                    blocks: list[int] | None = None, residual: bool = True) -> list[tuple[str, Tensor]]:
-    """(label, grads shaped (s, units, ...)) for every family of width clones, the copies of each unit found by
-    what they compute (CloneGroups), not by position; only `blocks` (default all) and, with residual, the
-    embedding's columns."""
+                    blocks: list[int] | None = None, residual: bool = True) -> list[tuple[str, Tensor | list[Tensor]]]:
+    """(label, grads shaped (s, units, ...), or a list of such pieces: an MoE block's experts) for every family of
+    width clones, the copies of each unit found by what they compute (CloneGroups), not by position; only `blocks`
+    (default all) and, with residual, the embedding's columns."""
     cfg = model.config
     fams = [(RESIDUAL_LABEL, by_groups(grads["embed.weight"].t(), groups.residual))] if residual else []
     for j in range(cfg.n_layers) if blocks is None else blocks:
@@ -160,9 +160,9 @@ def _clone_families(model: nn.Module, grads: dict[str, Tensor], s: int, groups: 
             if g_heads is None:  # a single shared KV head (MQA) kept as it is: nothing cloned
                 continue
             fams.append((f"block {j} {proj}-heads", by_groups(grads[f"blocks.{j}.attention.{proj}_proj.weight"], g_heads)))
-        if cfg.is_moe:  # per expert: neuron i of expert e and its copies, experts side by side
+        if cfg.is_moe:  # per expert: neuron i of expert e and its copies, one piece per expert (never gathered whole)
             g = grads[f"blocks.{j}.ffn.gate_proj"]
-            g = torch.cat([by_groups(g[e], groups.neurons[j][e]) for e in range(len(g))], dim=1)
+            g = [by_groups(g[e], groups.neurons[j][e]) for e in range(len(g))]
         else:
             g = by_groups(grads[f"blocks.{j}.ffn.gate_proj.weight"], groups.neurons[j])
         fams.append((f"block {j} FFN neurons", g))
@@ -188,23 +188,41 @@ def _column_differences(grad: Tensor, groups: Tensor, rows: int = 4096) -> tuple
     return (diff.sqrt() / scale.clamp(min=1e-300)).flatten(), zero.flatten()
 
 
-def _relative_differences(g: Tensor) -> tuple[Tensor, Tensor]:
+def _relative_differences(g: Tensor | list[Tensor]) -> tuple[Tensor, Tensor]:
     """For g (s, units, ...): |g_a - g_b| / max(|g_a|, |g_b|) for every unit and every pair of copies a < b,
-    and a mask of pairs where both gradients are exactly zero (nothing reached them: untested, not identical)."""
+    and a mask of pairs where both gradients are exactly zero (nothing reached them: untested, not identical).
+    A list of such pieces gives theirs in turn. One pair's difference at a time: no gathered copy of g."""
+    if isinstance(g, list):
+        parts = [_relative_differences(piece) for piece in g]
+        return torch.cat([r for r, _ in parts]), torch.cat([z for _, z in parts])
     g = g.flatten(2)
-    a, b = torch.triu_indices(g.shape[0], g.shape[0], offset=1)
-    diff = (g[a] - g[b]).norm(dim=-1)  # (pairs, units)
-    norms = g.norm(dim=-1)
-    scale = torch.maximum(norms[a], norms[b])
+    pairs = [(a, b) for a in range(g.shape[0]) for b in range(a + 1, g.shape[0])]
+    norms = g.norm(dim=-1)  # (s, units)
+    diff = torch.stack([(g[a] - g[b]).norm(dim=-1) for a, b in pairs])  # (pairs, units)
+    scale = torch.stack([torch.maximum(norms[a], norms[b]) for a, b in pairs])
     zero = scale == 0
     return (diff / scale.clamp(min=1e-300)).flatten(), zero.flatten()
 
 
-def _identical_experts(block: nn.Module) -> list[tuple[int, int]]:
-    """Pairs of experts of an MoE block whose weights are exactly equal (e.g. right after upcycling)."""
+def _identical_experts(block: nn.Module, probes: int = 64) -> list[tuple[int, int]]:
+    """Pairs (a < b) of experts of an MoE block whose weights are exactly equal (e.g. right after upcycling).
+    Experts are grouped by the values at a few fixed places (equal experts hold equal values there), and each is
+    compared whole (torch.equal) with the first of each class of its group: equality is transitive, so at most a
+    few comparisons per expert, and the weights are never copied."""
     f = block.ffn
-    w = torch.cat([f.gate_proj.flatten(1), f.up_proj.flatten(1), f.down_proj.flatten(1)], dim=1)
-    return [(a, b) for a in range(len(w)) for b in range(a + 1, len(w)) if torch.equal(w[a], w[b])]
+    weights = [t.detach() for t in (f.gate_proj, f.up_proj, f.down_proj)]
+    n = len(weights[0])
+    places = [torch.linspace(0, w[0].numel() - 1, probes).long().unique().to(w.device) for w in weights]
+    groups: dict[bytes, list[list[int]]] = {}
+    for e in range(n):
+        key = b"".join(w[e].flatten()[i].cpu().view(torch.uint8).numpy().tobytes() for w, i in zip(weights, places))
+        classes = groups.setdefault(key, [])
+        same = next((c for c in classes if all(torch.equal(w[c[0]], w[e]) for w in weights)), None)
+        if same is None:
+            classes.append([e])
+        else:
+            same.append(e)
+    return sorted((a, b) for classes in groups.values() for c in classes for i, a in enumerate(c) for b in c[i + 1:])
 
 
 def judge_symmetry(stats: SymmetryStats, limits: SymmetryLimits = SymmetryLimits()) -> CheckResult:

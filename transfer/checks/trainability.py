@@ -33,6 +33,11 @@ NAME = "Trainability"
 QUANTITY = "weights the batch reached that never receive gradient"  # limit: <= max_dead_weights
 FIX_INHERITED = ("the growth copied them faithfully: re-initialise those units in the source model (or in the "
                  "grown one) with small random weights on one side of each product, then grow again")
+STEP_SLAB = 1 << 20  # elements of AdamW's step computed at once (_adamw_first_step)
+# Sequences of the batch the later evaluation of waiting blocks reads (their stepped inputs, pulled by their step-1
+# output gradients): an inserted block's units and clones only have to show that gradient arrives and differs, which
+# half the batch shows as well as all of it; the step-1 gradient, which everything else is judged on, reads all.
+LATER_SEQUENCES = 2
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which training.loop.make_optimizer keeps
 
 
@@ -175,7 +180,7 @@ def measure_trainability(model: nn.Module, tokens: Tensor, tc: TrainConfig, step
         if local is None:
             g = objective_gradients(model, tokens, tc, values=stepper.whole(), wrt=waiting, dtype=dt)
         else:
-            inputs = stepper.inputs(max(local))  # from the weights stepped once, before the blocks step again
+            inputs = stepper.inputs(max(local), LATER_SEQUENCES)  # stepped once, before the blocks step again
             g = _block_gradients(model, first, stepper.blocks(local), waiting, local, tc, inputs)
         stepper.latest.update(g.grads)
         done += 1
@@ -226,10 +231,13 @@ class _Stepper:
         self.values: dict[str, Tensor] = {}  # name -> stepped weights of the blocks a later step differentiates
         self._inputs: list[Tensor] | None = None
 
-    def _step(self, name: str, grad: Tensor, again: bool = True) -> Tensor:
-        """AdamW's first step from the weights stepped so far (again) or from the model's own."""
-        w = self.values[name] if again and name in self.values else stream.cast_weight(self.model, name, self.dtype)
-        return _adamw_first_step(w, grad, self.lr, self.tc)
+    def _step(self, name: str, grad: Tensor, again: bool = True, dtype: torch.dtype | None = None) -> Tensor:
+        """AdamW's first step from the weights stepped so far (again) or from the model's own, in `dtype` (default
+        the check's)."""
+        if again and name in self.values:
+            return _adamw_first_step(self.values[name], grad, self.lr, self.tc)
+        w = stream.cast_weight(self.model, name, dtype or self.dtype, copy=True)  # private: stepped in place
+        return _adamw_first_step(w, grad.to(w.dtype), self.lr, self.tc, out=w)
 
     def _block_grads(self, j: int) -> dict[str, Tensor]:
         """Block j's newest gradients: kept, or its step-1 gradients recomputed."""
@@ -244,23 +252,28 @@ class _Stepper:
         return {n: self.latest.get(n, grads[n[len(prefix):]]) for n in names}
 
     def blocks(self, local: list[int]) -> dict[str, Tensor]:
-        """The stepped weights of the blocks in `local`, stepped once more from their newest gradients."""
+        """The stepped weights of the blocks in `local`, stepped once more from their newest gradients; a weight
+        whose gradient is exactly zero and that no step has moved yet is left out (its block's own value is used:
+        see _moves)."""
         for j in local:
-            self.values.update({n: self._step(n, gr) for n, gr in self._block_grads(j).items()})
+            self.values.update({n: self._step(n, gr) for n, gr in self._block_grads(j).items()
+                                if n in self.values or _moves(gr)})
         return self.values
 
-    def inputs(self, last: int) -> list[Tensor]:
+    def inputs(self, last: int, rows: int | None = None) -> list[Tensor]:
         """Each block's input hidden state (up to block `last`) with every weight stepped once: blocks only, no LM
         head, no gradient. After the first step the residual stream is no longer exactly tiled, which is what lets
         noisy clones in an inserted block (equal on tiled input) tell themselves apart; pure clones stay equal on
         any input. In float32: the inputs only have to carry the first step's departure from tiling (relative
-        ~1e-4, far above fp32 rounding), and pure clones stay bit-equal on any input; half the cost of float64."""
+        ~1e-4, far above fp32 rounding), and pure clones stay bit-equal on any input; half the cost of float64.
+        Of the first `rows` sequences of the batch (default all)."""
         if self._inputs is not None:
             return self._inputs
-        ids = self.tokens[:, :-1]
+        ids = self.tokens[:rows, :-1]
         rows, where = ids.unique(return_inverse=True)  # stepping is elementwise: the batch's rows stepped alone
         kept = self.latest.get("embed.weight")
-        grad_rows = kept[rows] if kept is not None else self.meter.embed_rows
+        # without kept gradients, the meter's rows of the whole batch's ids (sorted): these ids are among them
+        grad_rows = kept[rows] if kept is not None else self.meter.embed_rows[torch.searchsorted(self.meter.rows, rows)]
         w = stream.cast_weight_rows(self.model, "embed.weight", rows, self.dtype)
         x, inputs = _adamw_first_step(w, grad_rows, self.lr, self.tc)[where].float(), []
         cos, sin = (t.float() for t in stream.rope(self.model, ids.shape[1], self.dtype))
@@ -268,8 +281,8 @@ class _Stepper:
             for j in range(last + 1):
                 inputs.append(x.to(self.dtype))
                 prefix = f"blocks.{j}."
-                stepped = {n[len(prefix):]: self._step(n, gr, again=False).float()
-                           for n, gr in self._block_grads(j).items()}
+                stepped = {n[len(prefix):]: self._step(n, gr, again=False, dtype=torch.float32) if _moves(gr) else
+                           stream.cast_weight(self.model, n, torch.float32) for n, gr in self._block_grads(j).items()}
                 # every weight is passed, so the block copy is only the function: no float32 cast of it
                 x, _ = functional_call(stream.cast_block(self.model, j, self.dtype), stepped, (x, cos, sin))
         self._inputs = inputs
@@ -314,6 +327,7 @@ def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[s
     of its product gets none whatever its input and output gradient."""
     grads, expert_tokens, k = {}, list(first.expert_tokens), model.config.top_k
     inputs = first.block_inputs if inputs is None else inputs
+    rows = len(inputs[0])  # the stepped inputs may hold the batch's first sequences only (LATER_SEQUENCES)
     dtype = first.block_inputs[0].dtype
     cos, sin = stream.rope(model, inputs[0].shape[1], dtype)
     for j in blocks:
@@ -322,12 +336,21 @@ def _block_gradients(model: nn.Module, first: ObjectiveGradients, values: dict[s
         names = [n for n in waiting if n.startswith(prefix)]
         block = stream.cast_block(model, j, dtype)
         g, _, logits = block_backward(block, local, [n[len(prefix):] for n in names], inputs[j],
-                                      first.block_output_grads[j], cos, sin, k, tc, input_grad=False)
+                                      first.block_output_grads[j][:rows], cos, sin, k, tc, input_grad=False)
         if logits is not None:
             expert_tokens[j] = expert_load(logits.detach(), k)
-        grads.update({n: torch.zeros_like(local[n[len(prefix):]]) if g[n[len(prefix):]] is None else g[n[len(prefix):]]
-                      for n in names})
+        grads.update({n: torch.zeros_like(block.get_parameter(n[len(prefix):])) if g[n[len(prefix):]] is None
+                      else g[n[len(prefix):]] for n in names})
     return ObjectiveGradients(grads, first.ce, first.total, expert_tokens, first.input_ids)
+
+
+def _moves(grad: Tensor) -> bool:
+    """Whether AdamW's step from this gradient moves the weight by more than weight decay. Where the gradient is
+    exactly zero (an inserted block's q/k/v and experts' gate/up at step 1) decay alone scales the weight by
+    1 - lr * weight_decay (1 - 6e-7 at the default step): a uniform scaling of a whole weight, which can neither
+    make nor break a clone's symmetry nor silence a unit, so the later evaluation keeps the weight as it is and
+    spares a stepped copy of the largest weights of every inserted block."""
+    return bool(grad.any())
 
 
 def _unit_rms(name: str, g: Tensor, cfg) -> Tensor:
@@ -358,11 +381,21 @@ def _reached_units(model: nn.Module, g: ObjectiveGradients) -> dict[str, Tensor]
     return reached
 
 
-def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig) -> Tensor:
-    """AdamW's first update (bias-corrected moments are g and g^squared), decay on matrices as make_optimizer."""
+def _adamw_first_step(w: Tensor, g: Tensor, lr: float, tc: TrainConfig, out: Tensor | None = None) -> Tensor:
+    """AdamW's first update (bias-corrected moments are g and g^squared), decay on matrices as make_optimizer:
+    w (1 - lr decay) - lr g / (|g| + eps), written into `out` (w itself, when the caller owns it) or a new tensor.
+    The denominator is made a slab of rows at a time: a temporary the size of a whole expert stack would be fresh
+    memory on every call (the allocator returns large blocks to the system), and faulting its pages in costs
+    more than the arithmetic."""
     decay = tc.weight_decay if w.dim() >= 2 else 0.0
-    step = (g * lr).div_(g.abs().add_(ADAM_EPS))  # lr * g / (|g| + eps), the same operations in place
-    return (w * (1 - lr * decay)).sub_(step)
+    if out is None:
+        out = torch.mul(w, 1 - lr * decay)
+    elif decay:
+        out.mul_(1 - lr * decay)
+    rows = max(1, STEP_SLAB // max(1, out[0].numel())) if out.dim() else 1
+    for o, gs in zip(out.split(rows), g.split(rows)) if out.dim() else [(out, g)]:
+        o.addcdiv_(gs, gs.abs().add_(ADAM_EPS), value=-lr)
+    return out
 
 
 def _unit_kind(name: str, p: Tensor) -> str:

@@ -124,3 +124,69 @@ def test_the_checks_copy_no_whole_model(monkeypatch):
     before = copy.deepcopy(new.state_dict())
     assert detailed_growth_check(old, new, story_tokens(), verbose=False).passed
     assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
+
+
+@pytest.mark.parametrize("one_graph", [True, False])
+def test_the_gradients_forward_is_the_forward_the_output_checks_read(monkeypatch, one_graph):
+    """objective_gradients(details=True) hands over the forward it made: stream.forward_details' outputs on the
+    objective's inputs, in both gradient paths; a pair given them for its first rows computes the rest alone."""
+    _, new = moe_pair(extra=1)
+    t = story_tokens(4, 33)
+    if not one_graph:
+        monkeypatch.setattr(stream, "REUSE_BYTES", 0)
+    got = objective_gradients(new, t[:2], TC, block_io=True, dtype=torch.float64, details=True).details
+    ref = stream.forward_details(new, t[:2, :-1], torch.float64)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-12, atol=1e-14)
+    assert len(got.hidden_states) == len(ref.hidden_states) == new.config.n_layers + 1
+    for a, b in zip(got.hidden_states + got.router_logits, ref.hidden_states + ref.router_logits):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert objective_gradients(new, t[:2], TC, dtype=torch.float64).details is None  # kept only when asked
+
+    old, _ = moe_pair(extra=1)
+    calls = []
+    real = stream.forward_details
+    monkeypatch.setattr(stream, "forward_details", lambda m, tok, dt: calls.append((m is new, len(tok))) or real(m, tok, dt))
+    pair = pair_module.ModelPair(old, new, t[:, :-1], torch.float64)
+    pair.share_new(got)
+    joined = pair.outputs()[1]
+    assert sorted(calls) == [(False, 4), (True, 2)]  # the new model's forward on the other two rows only
+    whole = real(new, t[:, :-1], torch.float64)
+    torch.testing.assert_close(joined.logits, whole.logits, rtol=1e-12, atol=1e-14)
+    for a, b in zip(joined.hidden_states + joined.router_logits, whole.hidden_states + whole.router_logits):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_first_step_in_slabs_equals_the_formula(monkeypatch):
+    """The step computed a slab of rows at a time, in place or not, is AdamW's first update to the last bit."""
+    tc = TrainConfig()
+    g = torch.randn(3, 7, 5, dtype=torch.float64)
+    g[1, 2] = 0
+    w = torch.randn(3, 7, 5, dtype=torch.float64)
+    lr = 1e-3
+    ref = w * (1 - lr * tc.weight_decay) - lr * g / (g.abs() + trainability.ADAM_EPS)
+    monkeypatch.setattr(trainability, "STEP_SLAB", 6)  # slabs of one row of 5 (a slab never splits a row)
+    torch.testing.assert_close(trainability._adamw_first_step(w, g, lr, tc), ref, rtol=1e-15, atol=0)
+    mine = w.clone()
+    assert trainability._adamw_first_step(mine, g, lr, tc, out=mine) is mine
+    torch.testing.assert_close(mine, ref, rtol=1e-15, atol=0)
+    v = torch.randn(5, dtype=torch.float64)  # a vector: no decay
+    gv = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(trainability._adamw_first_step(v, gv, lr, tc), v - lr * gv / (gv.abs() + 1e-8),
+                               rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.0])
+def test_the_later_step_keeps_unmoved_weights_with_the_same_verdicts(monkeypatch, noise):
+    """Weights whose step-1 gradient is exactly zero (an inserted block's q/k/v, gate and up) stay as they are in
+    the later evaluation instead of being scaled by weight decay: the same figures to within that scaling, and the
+    same verdicts, for noisy clones (pass) and pure clones (fail) in inserted blocks."""
+    old, new = moe_pair(extra=2) if noise else (source("moe"), scale_bilaterally(source("moe"), 2, 2, noise_std=0.0))
+    t = story_tokens()
+    got = _figures(detailed_growth_check(old, new, t, verbose=False))
+    monkeypatch.setattr(trainability, "_moves", lambda grad: True)  # every weight stepped, decay included
+    ref = _figures(detailed_growth_check(old, new, t, verbose=False))
+    assert {k: v[:2] for k, v in got.items()} == {k: v[:2] for k, v in ref.items()}
+    for k in ref:
+        if ref[k][2] is not None:
+            assert got[k][2] == pytest.approx(ref[k][2], rel=1e-4, abs=1e-12), k
+    assert got["symmetry"][0] is bool(noise)
