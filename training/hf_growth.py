@@ -332,14 +332,37 @@ def save_checkpoint(model: nn.Module, source: Source, dtype: torch.dtype, direct
 
 
 def load_logits(path: str, tokens: Tensor) -> Tensor:
-    """fp32 logits of a transformers directory loaded by AutoModelForCausalLM (no remote code)."""
+    """fp32 logits of a transformers directory loaded by AutoModelForCausalLM (no remote code). The weights stay in
+    the dtype they are stored in and each decoder layer is upcast to fp32 only while it runs (upcasting is exact):
+    the same logits as a model loaded in fp32, without a whole fp32 copy of a large model in memory."""
     from transformers import AutoModelForCausalLM
 
     with _no_empty_init_warning():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True,
                                                      trust_remote_code=False).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _layers_in_fp32_while_they_run(model):
         return model(tokens).logits.float()
+
+
+@contextmanager
+def _layers_in_fp32_while_they_run(model: nn.Module):
+    """Everything outside the decoder layers in fp32 for good; each layer cast to fp32 just before it runs and back
+    to its stored dtype after (exact both ways: the fp32 values are the stored ones)."""
+    layers = model.model.layers
+    stored = next(layers.parameters()).dtype
+    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in inside and t.is_floating_point():
+            t.data = t.data.float()
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.register_forward_pre_hook(lambda m, args: m.float() and None))
+        hooks.append(layer.register_forward_hook(lambda m, args, out: m.to(stored) and None))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()

@@ -137,6 +137,26 @@ def test_export_in_bfloat16_writes_bfloat16_safetensors(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_load_back_in_the_stored_dtype_gives_the_fp32_models_logits(tmp_path, name):
+    """grow_hf's load-back keeps a bf16 checkpoint in bf16 and runs each decoder layer in fp32 while it runs:
+    the logits of the same checkpoint loaded whole in fp32, for every family's transformers class."""
+    from transformers import AutoModelForCausalLM
+
+    from training.hf_growth import load_logits
+
+    hf_model(name).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    tokens = batch()
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(tokens).logits
+    got = load_logits(str(tmp_path), tokens)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype="auto")
+    assert next(loaded.model.layers.parameters()).dtype == torch.bfloat16  # "auto" reads the stored dtype
+
+
 # ------------------------------------------------------------------------------------------------------- growth
 def grown_models(name: str):
     """(source, each growth of it) in float64: dense families upcycle (4 experts, top 2) then widen x2 and add 2
