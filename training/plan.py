@@ -228,16 +228,16 @@ def fsdp_gathered_bytes(cfg: ModelConfig, precision: str) -> int:
 
 CALIBRATION_ROWS = 8  # training.pipeline.load_data: data.calibration is the first validation batch's first 8 rows
 GRADIENT_ROWS = 4  # transfer.checks.suite.GRADIENT_SEQUENCES
+LATER_ROWS = 2  # transfer.checks.trainability.LATER_SEQUENCES
 
 
 # transfer.checks' budgets (stream.REUSE_BYTES, trainability.KEEP_GRADIENT_BYTES): float64 block copies kept for
 # reuse, and the one-graph gradient with step-1 gradients kept, while the float64 blocks fit them.
 REUSE_BYTES = 2 << 30
 KEEP_GRADIENT_BYTES = 2 << 30
-# float64 FLOP/s the checks achieve on this 2-core machine, 2 threads (bench/grow_memory.py, with other jobs
-# running: load 2.3-4): 27e9 on SmolLM-360M's shape x2 (365 s), 55e9 on the mid shape (15 s). The time estimate
-# takes the large model's rate, so it errs long on smaller ones.
-CPU_CHECK_FLOPS = 27e9
+# float64 FLOP/s the checks achieve on this 2-core machine, 2 threads, quiet (bench/grow_memory.py, 2026-12-07):
+# 61e9 on SmolLM-360M's shape x2 (139 s), 55e9 on the mid shape (12 s). The estimate takes the lower.
+CPU_CHECK_FLOPS = 55e9
 
 
 @dataclass
@@ -265,6 +265,7 @@ def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
     bench/grow_memory.py (peak RSS of whole runs, which adds the process's own ~0.4 GiB and allocator slack)."""
     f64 = WIDTHS["float64"]
     n_out, n_grad = rows * seq_len, min(GRADIENT_ROWS, rows) * (seq_len - 1)
+    n_later = min(LATER_ROWS, rows) * (seq_len - 1)
     block_old, block_new = (c.n_layers * (2 * c.dim + block_matmul_weights(c)) for c in (old, new))
     P_new = parameter_count(new)
     edges_new = P_new - block_new  # embedding, LM head (untied), final norm
@@ -291,12 +292,13 @@ def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
         one = 8 * block_new // new.n_layers
         grads = block_io
         activations = max(2 * table + n_grad * head, 2 * one + n_grad * (per_block + block_backward_bytes(new, f64)))
-    if inserted:  # trainability's second evaluation, one inserted block at a time: all of them stepped (a
-        # float64 copy), the earlier ones' gradients of the weights still waiting (all but o_proj and down_proj,
-        # which were zero), and one block's activations
+    if inserted:  # trainability's second evaluation, one inserted block at a time on LATER_ROWS rows: the weights
+        # step 1 moved stepped (float64 copies of o_proj, down_proj and the router; the rest had zero gradient and
+        # stay), the earlier ones' gradients of the weights still waiting (all but those), one block's activations
         block = 2 * new.dim + block_matmul_weights(new)
-        waiting = block - new.dim * new.n_heads * new.head_dim - max(1, new.n_experts) * new.dim * new.hidden_dim
-        grads += 8 * inserted * block + 8 * (inserted - 1) * waiting + n_grad * per_block
+        moved = new.dim * new.n_heads * new.head_dim + max(1, new.n_experts) * new.dim * new.hidden_dim \
+            + new.n_experts * new.dim
+        grads += 8 * inserted * moved + 8 * (inserted - 1) * (block - moved) + n_later * per_block
     adds = {"check activations": activations, "check gradients": grads,
             # RoPE: attention probabilities (rows, heads, T, T) of an old and a new block, and their difference
             "RoPE probabilities": rows * seq_len ** 2 * 8 * (2 * old.n_heads + 3 * new.n_heads)
@@ -305,13 +307,14 @@ def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
         adds = {"check gradients and activations": activations + grads, "RoPE probabilities": adds["RoPE probabilities"]}
     name, extra = max(adds.items(), key=lambda kv: kv[1])
     terms[name] = extra
-    # float64 FLOPs: both forwards on every row, RoPE's and the router's second look at the attention (about one
-    # more forward of the attention weights), the gradient (forward + backward, and one more forward streamed)
-    forward = n_out * (flops_per_token(old, seq_len) + flops_per_token(new, seq_len)) / 3
+    # float64 FLOPs: the old model's forward on every row and the new one's on the rows the gradient does not read
+    # (its forward serves the others), RoPE's and the router's second look at the attention (about one more forward
+    # of the attention weights), the gradient (forward + backward, and one more forward streamed)
+    forward = (n_out * flops_per_token(old, seq_len) + (n_out - n_grad) * flops_per_token(new, seq_len)) / 3
     attention = n_out * 2 * (old.n_layers * attention_weights(old) + new.n_layers * attention_weights(new))
     gradient = n_grad * flops_per_token(new, seq_len) * (4 / 3 if streamed else 1)
-    if inserted:  # the stepped forward and the inserted blocks' second gradient
-        gradient += n_grad * flops_per_token(new, seq_len) / 3 * (1 + 3 * inserted / new.n_layers)
+    if inserted:  # the stepped forward (float32: half a float64 one) and the inserted blocks' second gradient
+        gradient += n_later * flops_per_token(new, seq_len) / 3 * (0.5 + 3 * inserted / new.n_layers)
     seconds = (forward + attention + gradient) / CPU_CHECK_FLOPS if device_type == "cpu" else None
     return CheckEstimate(terms, sum(terms.values()), seconds, streamed)
 
