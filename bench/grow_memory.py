@@ -1,7 +1,7 @@
 """Peak memory and time of widening a model x2 with the five checks, for a few shapes up to SmolLM-360M's.
 
     OMP_NUM_THREADS=2 python bench/grow_memory.py                    # tiny and mid (a minute or two)
-    OMP_NUM_THREADS=2 python bench/grow_memory.py --shapes smollm    # SmolLM-360M's shape x2 (~10 min, ~12 GB)
+    OMP_NUM_THREADS=2 python bench/grow_memory.py --shapes smollm    # SmolLM-360M's shape x2 (~4 min, ~12 GiB)
 
 Each shape runs in a child process capped at --cap-gib of address space (RLIMIT_AS), so a shape that needs more
 fails there instead of taking the machine down: it builds a random fp32 model of the shape, widens it x2
