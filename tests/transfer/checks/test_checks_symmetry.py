@@ -1,5 +1,7 @@
-"""Tests of transfer/checks/symmetry.py's judge on hand-made stats (no models), and that the check, sharing the
-pair's model, leaves no gradient or requires_grad change behind for the checks after it."""
+"""Tests of transfer/checks/symmetry.py's judge on hand-made stats (no models), that the check, sharing the
+pair's model, leaves no gradient or requires_grad change behind for the checks after it, and that its in-place
+search for identical experts finds what comparing every pair finds."""
+import pytest
 import torch
 
 from config import TrainConfig
@@ -59,3 +61,34 @@ def test_symmetry_on_a_shared_pair_leaves_nothing_behind():
     assert all(p.grad is None for p in pair.new.parameters())
     after = judge_functional(measure_functional(pair))
     assert after.metrics["layer_drift"] == before.metrics["layer_drift"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_identical_experts_are_found_in_place_exactly_as_by_comparing_every_pair(dtype):
+    """The in-place search (values at fixed places, then torch.equal against each class's first) finds exactly the
+    pairs a comparison of every pair finds: classes of equal experts, one element changed off the probes, NaN."""
+    from types import SimpleNamespace
+
+    from transfer.checks.symmetry import _identical_experts
+
+    def every_pair(f):
+        w = [t.flatten(1) for t in (f.gate_proj, f.up_proj, f.down_proj)]
+        n = len(w[0])
+        return [(a, b) for a in range(n) for b in range(a + 1, n) if all(torch.equal(x[a], x[b]) for x in w)]
+
+    gen = torch.Generator().manual_seed(0)
+    found_any = False
+    for trial in range(24):
+        base = torch.randn(3, 4, 5, 7, generator=gen).to(dtype)
+        which = torch.randint(0, 4, (8,), generator=gen)
+        gate, up = base[0][which].clone(), base[1][which].clone()
+        down = base[2][which].clone().transpose(1, 2).contiguous()
+        if trial % 3 == 0:
+            gate[1, 2, 3] += 1  # off the probed places: only the whole comparison tells
+        if trial % 5 == 0:
+            up[2] = float("nan")  # NaN equals nothing, itself included
+        ffn = SimpleNamespace(gate_proj=gate, up_proj=up, down_proj=down)
+        got = _identical_experts(SimpleNamespace(ffn=ffn))
+        assert got == every_pair(ffn), trial
+        found_any = found_any or bool(got)
+    assert found_any
