@@ -45,7 +45,7 @@ def peak_flops(gpu_name: str, precision: str) -> float | None:
 def parameter_count(cfg: ModelConfig, active: bool = False) -> int:
     """Transformer.num_parameters(active) from the config alone."""
     D, L = cfg.dim, cfg.n_layers
-    total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * D + L * block_matmul_weights(cfg)
+    total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D + L * block_parameters(cfg)
     if active and cfg.is_moe:
         total -= L * (cfg.n_experts - cfg.top_k) * 3 * D * cfg.hidden_dim
     return total
@@ -61,6 +61,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 def attention_weights(cfg: ModelConfig) -> int:
     q = cfg.n_heads * cfg.head_dim
     return 2 * cfg.dim * q + 2 * cfg.dim * cfg.kv_heads * cfg.head_dim
+
+
+def block_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one block: its two norms and its matrix weights."""
+    return 2 * cfg.dim + block_matmul_weights(cfg)
 
 
 def block_matmul_weights(cfg: ModelConfig) -> int:

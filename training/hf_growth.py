@@ -34,7 +34,7 @@ from common.files import (NotEnoughSpace, WriteFailed, check_free_space, existin
 from common.formats import human
 from common.safe_load import UnsafeFile
 from config import ConfigError, GrowthConfig, ModelConfig
-from training.costs import block_matmul_weights, parameter_count
+from training.costs import block_parameters, parameter_count
 from training.plan import CPU_CHECK_FLOPS, check_estimate
 from training.reporting.html_report import render_pair_report
 from transfer import dense_to_moe, detailed_growth_check, grown_config, scale_bilaterally, upcycling_check
@@ -273,7 +273,7 @@ def estimate(source: ModelConfig, grown: ModelConfig, dtype: torch.dtype) -> Pla
     largest = max(grown.vocab_size * grown.dim, max(1, grown.n_experts) * grown.hidden_dim * grown.dim)
     transient = {"growth's float64 work": 3 * 8 * largest}
     checking = models | max(transient, checks.terms, key=lambda t: sum(t.values()))
-    edges = p_new - grown.n_layers * (2 * grown.dim + block_matmul_weights(grown))
+    edges = p_new - grown.n_layers * block_parameters(grown)
     size = torch.finfo(dtype).bits // 8
     load_back = {"written model": size * p_new, "its edges and one layer in fp32": 4 * edges + 4 * p_new // grown.n_layers,
                  "logits": 4 * 4 * BATCH * seq_len * grown.vocab_size}

@@ -44,7 +44,8 @@ from training import stages
 from training.run_state.disk import STATE_PER_TENSOR, checkpoint_bytes, peak_checkpoint_bytes
 from training.parallel.runtime import Runtime, resolve_precision
 from training.settings import RunRequest, Settings
-from training.costs import attention_weights, block_matmul_weights, flops_per_token, parameter_count, peak_flops
+from training.costs import (attention_weights, block_matmul_weights, block_parameters, flops_per_token, parameter_count,
+                            peak_flops)
 from training.roofline import expected_mfu
 from training.stages import stage_configs
 
@@ -222,7 +223,7 @@ def fsdp_gathered_bytes(cfg: ModelConfig, precision: str) -> int:
     about 10% between runs and ranks."""
     compute = 2 if precision == "bf16" else 4
     root = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
-    block = block_matmul_weights(cfg) + 2 * cfg.dim
+    block = block_parameters(cfg)
     return compute * (root + 2 * block) + 2 * 4 * block
 
 
@@ -266,7 +267,7 @@ def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
     f64 = WIDTHS["float64"]
     n_out, n_grad = rows * seq_len, min(GRADIENT_ROWS, rows) * (seq_len - 1)
     n_later = min(LATER_ROWS, rows) * (seq_len - 1)
-    block_old, block_new = (c.n_layers * (2 * c.dim + block_matmul_weights(c)) for c in (old, new))
+    block_old, block_new = (c.n_layers * block_parameters(c) for c in (old, new))
     P_new = parameter_count(new)
     edges_new = P_new - block_new  # embedding, LM head (untied), final norm
     streamed = 8 * block_new > min(REUSE_BYTES, KEEP_GRADIENT_BYTES)
@@ -295,7 +296,7 @@ def check_estimate(old: ModelConfig, new: ModelConfig, rows: int, seq_len: int,
     if inserted:  # trainability's second evaluation, one inserted block at a time on LATER_ROWS rows: the weights
         # step 1 moved stepped (float64 copies of o_proj, down_proj and the router; the rest had zero gradient and
         # stay), the earlier ones' gradients of the weights still waiting (all but those), one block's activations
-        block = 2 * new.dim + block_matmul_weights(new)
+        block = block_parameters(new)
         moved = new.dim * new.n_heads * new.head_dim + max(1, new.n_experts) * new.dim * new.hidden_dim \
             + new.n_experts * new.dim
         grads += 8 * inserted * moved + 8 * (inserted - 1) * (block - moved) + n_later * per_block
@@ -350,7 +351,7 @@ def eval_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, clones: bool,
 
 def clone_divergence_bytes(cfg: ModelConfig) -> int:
     """What measure_clone_divergence holds at its peak: folded and re-laid-out copies of the block weights."""
-    return int(CLONE_COPIES * 4 * cfg.n_layers * (2 * cfg.dim + block_matmul_weights(cfg)))
+    return int(CLONE_COPIES * 4 * cfg.n_layers * block_parameters(cfg))
 
 
 # ------------------------------------------------------------------------------------------ the plan
